@@ -1,0 +1,194 @@
+"""Accounts, principals and access keys: who may call openkms.
+
+Secret access keys are sealed under the root key in the store (SigV4 needs the secret itself on
+the server side, so a one-way hash will not do). The signing path looks access keys up through a
+small in-process cache; changes made through this node take effect at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .crypto.root import RootKey
+from .errors import (
+    AlreadyExistsException,
+    InvalidCiphertextException,
+    KMSInternalException,
+    NotFoundException,
+    ValidationException,
+)
+from .model import Account, Principal, SecretStr
+from .storage import Store
+from .storage.store import from_ts
+
+ACCOUNT_ID_RE = re.compile(r"^\d{12}$")
+ACCESS_KEY_ID_RE = re.compile(r"^[A-Z0-9]{16,128}$")
+USER_NAME_RE = re.compile(r"^[\w+=,.@-]{1,64}$")
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+def new_account_id() -> str:
+    return str(secrets.randbelow(9 * 10**11) + 10**11)
+
+
+def new_access_key_id() -> str:
+    return "AKIA" + "".join(secrets.choice(_B32) for _ in range(16))
+
+
+def new_secret_access_key() -> str:
+    return base64.b64encode(secrets.token_bytes(30)).decode()
+
+
+def secret_aad(access_key_id: str) -> bytes:
+    return f"openkms:access-key:{access_key_id}".encode()
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A freshly made access key pair, returned once to whoever asked for it."""
+
+    access_key_id: str
+    secret: SecretStr
+    principal: Principal
+
+
+class Accounts:
+    def __init__(self, store: Store, root: RootKey, cache_ttl: float = 5.0) -> None:
+        self._store = store
+        self._root = root
+        self._ttl = cache_ttl
+        self._cache: dict[str, tuple[float, tuple[SecretStr, Principal] | None]] = {}
+
+    # -- the signing path -------------------------------------------------------------------
+    def credentials(self, access_key_id: str) -> tuple[SecretStr, Principal] | None:
+        """The secret and principal of an active access key, or None if there is none."""
+        now = time.monotonic()
+        hit = self._cache.get(access_key_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found: tuple[SecretStr, Principal] | None = None
+        with self._store.begin() as tx:
+            row = tx.accounts.access_key_row(access_key_id)
+            if row is not None and row.status == "Active":
+                principal = tx.accounts.principal(row.principal_id)
+                if principal is not None:
+                    try:
+                        secret = self._root.unseal(bytes(row.sealed_secret), secret_aad(access_key_id)).decode()
+                    except InvalidCiphertextException:
+                        raise KMSInternalException("An access key failed its integrity check.") from None
+                    found = (SecretStr(secret), principal)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[access_key_id] = (now + self._ttl, found)
+        return found
+
+    def _forget(self, access_key_id: str | None = None) -> None:
+        if access_key_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(access_key_id, None)
+
+    # -- bootstrap --------------------------------------------------------------------------
+    def is_empty(self) -> bool:
+        with self._store.begin() as tx:
+            return tx.accounts.count() == 0
+
+    def bootstrap(self, account_id: str | None, access_key_id: str | None, secret: str | None) -> IssuedKey:
+        """First start: one account, an admin user in it, and that user's access key."""
+        account = self.create_account(name="admin", account_id=account_id)
+        self.create_user(account.account_id, "admin", is_admin=True)
+        return self.create_access_key(account.account_id, "admin", access_key_id=access_key_id, secret=secret)
+
+    # -- administration ---------------------------------------------------------------------
+    def create_account(self, name: str, account_id: str | None = None) -> Account:
+        account_id = account_id or new_account_id()
+        if not ACCOUNT_ID_RE.match(account_id):
+            raise ValidationException("An account id is 12 digits.")
+        if not name or len(name) > 256:
+            raise ValidationException("An account name is 1 to 256 characters.")
+        account = Account(account_id, name, datetime.now(UTC))
+        with self._store.begin() as tx:
+            if tx.accounts.get(account_id) is not None:
+                raise AlreadyExistsException(f"Account {account_id} already exists.")
+            tx.accounts.insert(account)
+        return account
+
+    def list_accounts(self) -> list[Account]:
+        with self._store.begin() as tx:
+            return tx.accounts.list()
+
+    def account(self, account_id: str) -> Account:
+        with self._store.begin() as tx:
+            account = tx.accounts.get(account_id)
+        if account is None:
+            raise NotFoundException(f"Account {account_id} does not exist.")
+        return account
+
+    def create_user(self, account_id: str, name: str, is_admin: bool = False) -> Principal:
+        if not USER_NAME_RE.match(name):
+            raise ValidationException("A user name is 1 to 64 characters of letters, digits and +=,.@_-")
+        principal = Principal(uuid.uuid4().hex, account_id, name, is_admin, datetime.now(UTC))
+        with self._store.begin() as tx:
+            if tx.accounts.get(account_id) is None:
+                raise NotFoundException(f"Account {account_id} does not exist.")
+            if tx.accounts.principal_by_name(account_id, name) is not None:
+                raise AlreadyExistsException(f"User {name} already exists in account {account_id}.")
+            tx.accounts.insert_principal(principal)
+        return principal
+
+    def list_users(self, account_id: str) -> list[Principal]:
+        with self._store.begin() as tx:
+            if tx.accounts.get(account_id) is None:
+                raise NotFoundException(f"Account {account_id} does not exist.")
+            return tx.accounts.principals(account_id)
+
+    def _user(self, account_id: str, name: str) -> Principal:
+        with self._store.begin() as tx:
+            principal = tx.accounts.principal_by_name(account_id, name)
+        if principal is None:
+            raise NotFoundException(f"User {name} does not exist in account {account_id}.")
+        return principal
+
+    def create_access_key(self, account_id: str, user_name: str, access_key_id: str | None = None,
+                          secret: str | None = None) -> IssuedKey:
+        principal = self._user(account_id, user_name)
+        access_key_id = access_key_id or new_access_key_id()
+        secret = secret or new_secret_access_key()
+        if not ACCESS_KEY_ID_RE.match(access_key_id):
+            raise ValidationException("An access key id is 16 to 128 upper-case letters and digits.")
+        if not 16 <= len(secret) <= 128:
+            raise ValidationException("A secret access key is 16 to 128 characters.")
+        sealed = self._root.seal(secret.encode(), secret_aad(access_key_id))
+        with self._store.begin() as tx:
+            if tx.accounts.access_key_row(access_key_id) is not None:
+                raise AlreadyExistsException("That access key id is already in use.")
+            tx.accounts.insert_access_key(access_key_id, principal.principal_id, sealed, datetime.now(UTC))
+        self._forget(access_key_id)
+        return IssuedKey(access_key_id, SecretStr(secret), principal)
+
+    def list_access_keys(self, account_id: str, user_name: str) -> list[dict[str, object]]:
+        principal = self._user(account_id, user_name)
+        with self._store.begin() as tx:
+            rows = tx.accounts.access_keys(principal.principal_id)
+        return [{"AccessKeyId": r.access_key_id, "Status": r.status, "CreateDate": from_ts(r.created),
+                 "UserName": principal.name, "AccountId": principal.account_id} for r in rows]
+
+    def set_access_key_status(self, access_key_id: str, status: str) -> None:
+        if status not in ("Active", "Inactive"):
+            raise ValidationException("Status must be Active or Inactive.")
+        with self._store.begin() as tx:
+            if not tx.accounts.set_access_key_status(access_key_id, status):
+                raise NotFoundException("That access key does not exist.")
+        self._forget(access_key_id)
+
+    def delete_access_key(self, access_key_id: str) -> None:
+        with self._store.begin() as tx:
+            if not tx.accounts.delete_access_key(access_key_id):
+                raise NotFoundException("That access key does not exist.")
+        self._forget(access_key_id)

@@ -1,0 +1,225 @@
+"""The HTTP application: AWS JSON 1.1 on `POST /`, `GET /health`, served over RSGI or ASGI.
+
+`App.handle` is one synchronous function from (method, path, headers, body) to a response, so
+the protocol adapters below stay a few lines each and tests can call it without a socket. Every
+failure becomes a JSON error body with an AWS error code; an unexpected exception is logged
+(type and traceback only, never request data) and answered with KMSInternalException.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from ..config import Settings
+from ..errors import (
+    KMSError,
+    KMSInternalException,
+    RequestEntityTooLarge,
+    SerializationException,
+    UnknownOperationException,
+    UnsupportedOperationException,
+)
+from ..model import Caller
+from ..node import Node, open_node
+from . import shapes
+from .admin import TARGET_PREFIX as ADMIN_PREFIX
+from .admin import AdminAPI
+from .sigv4 import SigV4Verifier
+
+log = logging.getLogger("openkms.api")
+
+KMS_PREFIX = "TrentService."
+MAX_BODY_BYTES = 256 * 1024
+JSON_HEADERS = "application/x-amz-json-1.1"
+Response = tuple[int, list[tuple[str, str]], bytes]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _error_body(exc: KMSError) -> bytes:
+    return orjson.dumps({"__type": exc.code, "message": exc.message})
+
+
+class App:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.settings = node.settings
+        self.admin = AdminAPI(node.accounts)
+        self.verifier = SigV4Verifier(node.settings.region, "kms", node.accounts.credentials)
+        self.operations = shapes.operations()
+        self.handlers: dict[str, Callable[[Caller, dict[str, Any]], dict[str, Any]]] = {}
+        for name in self.operations:
+            method = getattr(node.kms, _snake(name), None)
+            if method is not None:
+                self.handlers[name] = method
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # -- the protocol-independent core ------------------------------------------------------------
+    def handle(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
+               source_ip: str = "") -> Response:
+        request_id = str(uuid.uuid4())
+        out_headers = [("content-type", JSON_HEADERS), ("x-amzn-requestid", request_id)]
+        started = time.perf_counter()
+        target = headers.get("x-amz-target", "")
+        try:
+            if method == "GET" and path == "/health":
+                return 200, [("content-type", "application/json")], orjson.dumps(
+                    {"status": "ok", "region": self.settings.region})
+            if method != "POST" or path != "/":
+                raise UnknownOperationException(f"No operation at {method} {path}.")
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestEntityTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+            principal, access_key_id = self.verifier.verify(method, path, query, headers, body)
+            caller = Caller(principal, access_key_id, source_ip)
+            payload = self._parse_json(body)
+            result = self._dispatch(caller, target, payload)
+            status, data = 200, orjson.dumps(result)
+        except KMSError as exc:
+            status, data = exc.status, _error_body(exc)
+        except Exception:
+            log.exception("internal error in %s (request %s)", target or "-", request_id)
+            exc = KMSInternalException("An internal error occurred.")
+            status, data = exc.status, _error_body(exc)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %d %.1fms %s", request_id, target or path, status,
+                     (time.perf_counter() - started) * 1000, source_ip)
+        return status, out_headers, data
+
+    @staticmethod
+    def _parse_json(body: bytes) -> Any:
+        if not body.strip():
+            return {}
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise SerializationException("The request body is not valid JSON.") from None
+        if not isinstance(payload, dict):
+            raise SerializationException("The request body must be a JSON object.")
+        return payload
+
+    def _dispatch(self, caller: Caller, target: str, payload: dict[str, Any]) -> dict[str, Any]:
+        if target.startswith(KMS_PREFIX):
+            name = target[len(KMS_PREFIX):]
+            op = self.operations.get(name)
+            if op is None:
+                raise UnknownOperationException(f"Unknown operation {target}.")
+            handler = self.handlers.get(name)
+            if handler is None:
+                raise UnsupportedOperationException(f"{name} is not supported by this server yet.")
+            return op.render(handler(caller, op.parse(payload)))
+        if target.startswith(ADMIN_PREFIX) and self.admin.has(target[len(ADMIN_PREFIX):]):
+            return self.admin.call(caller, target[len(ADMIN_PREFIX):], payload)
+        raise UnknownOperationException(f"Unknown operation {target or '(no X-Amz-Target)'}.")
+
+    # -- background work --------------------------------------------------------------------------
+    async def _run_scheduler(self) -> None:
+        interval = self.settings.scheduler_interval
+        while True:
+            try:
+                deleted = self.node.kms.purge_due_keys()
+                if deleted:
+                    log.info("deleted %d key(s) whose deletion window ended", len(deleted))
+            except Exception:
+                log.exception("scheduler run failed; will retry")
+            await asyncio.sleep(interval)
+
+    def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._scheduler is None:
+            self._scheduler = loop.create_task(self._run_scheduler())
+
+    def stop_background(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            self._scheduler = None
+
+    # -- RSGI (granian) -------------------------------------------------------------------------
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.start_background(loop)
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.stop_background()
+        self.node.close()
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        if scope.proto != "http":
+            return
+        headers: dict[str, str] = {}
+        for name, value in scope.headers.items():
+            name = name.lower()
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) <= MAX_BODY_BYTES:
+            body = await proto()  # one await: the body's size is known and bounded
+        elif length is not None and length.isdigit():
+            body = b"x" * (MAX_BODY_BYTES + 1)  # rejected by handle() without reading the stream
+        else:
+            body = await _read_limited_rsgi(proto)
+        client = scope.client.rsplit(":", 1)[0] if scope.client else ""
+        status, out_headers, data = self.handle(scope.method, scope.path, scope.query_string, headers,
+                                                body, client)
+        proto.response_bytes(status, out_headers, data)
+
+    # -- ASGI (uvicorn and others) ------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self.start_background(asyncio.get_running_loop())
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    self.stop_background()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= MAX_BODY_BYTES + 1:
+                chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        client = scope.get("client") or ("", 0)
+        status, out_headers, data = self.handle(scope["method"], scope["path"],
+                                                scope.get("query_string", b"").decode("latin-1"),
+                                                headers, body, client[0])
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.encode(), v.encode()) for k, v in out_headers]})
+        await send({"type": "http.response.body", "body": data})
+
+
+async def _read_limited_rsgi(proto: Any) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in proto:
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return b"x" * (MAX_BODY_BYTES + 1)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(settings: Settings | None = None) -> App:
+    """Factory used by the server process (`openkms serve`), by tests and by other ASGI servers."""
+    logging.basicConfig(level=(settings or Settings.from_env()).log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return App(open_node(settings or Settings.from_env()))

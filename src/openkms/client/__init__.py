@@ -1,0 +1,1 @@
+"""Client-side helpers. Imports nothing from the server packages."""

@@ -1,0 +1,70 @@
+"""Typed settings. Every setting has an `OPENKMS_<NAME>` environment variable; flags override it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "./openkms-data"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    storage_url: str = ""  # empty: SQLite at <data_dir>/openkms.db
+    region: str = "us-east-1"
+    # Root key: a passphrase (stretched with scrypt) if set, else the key file <data_dir>/root.key.
+    root_passphrase: str = ""
+    # How often the background scheduler looks for keys whose deletion window has ended.
+    scheduler_interval: float = 60.0
+    # How long a node trusts its cached view of a key or access key before reading the store again.
+    # Changes made through this node are seen at once; changes made by another node sharing the
+    # same PostgreSQL store are seen within this many seconds.
+    cache_ttl: float = 5.0
+    log_level: str = "info"
+
+    def __repr__(self) -> str:  # the passphrase must never reach a log
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root_passphrase"}
+        shown["root_passphrase"] = "***" if self.root_passphrase else ""
+        return f"Settings({shown})"
+
+    @property
+    def database_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return f"sqlite:///{(self.data_dir / 'openkms.db').resolve()}"
+
+    @property
+    def is_embedded(self) -> bool:
+        return not self.storage_url or self.storage_url.startswith("sqlite")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from OPENKMS_* variables, then explicit overrides (flags) that are not None."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"OPENKMS_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = raw
+        for name, value in overrides.items():
+            if value is not None:
+                values[name] = value
+        converted: dict[str, object] = {}
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "int":
+                converted[f.name] = int(value)  # type: ignore[call-overload]
+            elif kind == "float":
+                converted[f.name] = float(value)  # type: ignore[arg-type]
+            elif kind == "Path":
+                converted[f.name] = Path(str(value))
+            else:
+                converted[f.name] = str(value)
+        return cls(**converted)  # type: ignore[arg-type]

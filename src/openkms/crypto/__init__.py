@@ -1,0 +1,1 @@
+"""All cryptography of openkms. The only package that imports cryptography.hazmat."""

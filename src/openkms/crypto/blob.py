@@ -1,0 +1,81 @@
+"""The symmetric ciphertext blob: what Encrypt and GenerateDataKey return and Decrypt accepts.
+
+Layout of format 1 (all integers big-endian)::
+
+    offset  size  field
+    0       1     format version, 0x01
+    1       16    key id (the key's UUID, raw bytes)
+    17      4     key version (uint32): which version of the key's material sealed this blob
+    21      16    salt: random per message; HKDF(material, salt) gives this message's key and nonce
+    37      n     AES-256-GCM ciphertext of the plaintext
+    37+n    16    GCM tag
+
+The GCM additional data is the 37-byte header followed by the canonical encoding of the
+encryption context, so a change to any header byte or to the context fails the tag check.
+The blob names its key and version, so Decrypt needs no KeyId and rotation costs callers nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import InvalidCiphertextException
+from .aead import TAG_BYTES, decrypt_with, derive_message_key, encrypt_with
+
+FORMAT_V1 = 1
+SALT_BYTES = 16
+HEADER = struct.Struct(">B16sI16s")
+HEADER_BYTES = HEADER.size  # 37
+MIN_BLOB_BYTES = HEADER_BYTES + TAG_BYTES
+_HKDF_INFO = b"openkms blob v1"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobHeader:
+    key_id: str
+    version: int
+    salt: bytes
+    raw: bytes
+
+
+def encode_context(context: Mapping[str, str] | None) -> bytes:
+    """Canonical, unambiguous bytes of an encryption context: count, then sorted length-prefixed
+    UTF-8 key/value pairs. The order a caller lists the pairs in does not matter, as in AWS."""
+    if not context:
+        return b"\x00\x00\x00\x00"
+    items = sorted((k.encode("utf-8", "surrogatepass"), v.encode("utf-8", "surrogatepass"))
+                   for k, v in context.items())
+    parts = [struct.pack(">I", len(items))]
+    for k, v in items:
+        parts.append(struct.pack(">I", len(k)))
+        parts.append(k)
+        parts.append(struct.pack(">I", len(v)))
+        parts.append(v)
+    return b"".join(parts)
+
+
+def parse_header(blob: bytes) -> BlobHeader:
+    """Read the header. Anything that is not a well-formed format-1 blob is InvalidCiphertext."""
+    if len(blob) < MIN_BLOB_BYTES or blob[0] != FORMAT_V1:
+        raise InvalidCiphertextException()
+    _, key_bytes, version, salt = HEADER.unpack_from(blob)
+    return BlobHeader(key_id=str(uuid.UUID(bytes=key_bytes)), version=version, salt=salt,
+                      raw=blob[:HEADER_BYTES])
+
+
+def seal(material: bytes, key_id: str, version: int, plaintext: bytes,
+         context: Mapping[str, str] | None) -> bytes:
+    salt = os.urandom(SALT_BYTES)
+    header = HEADER.pack(FORMAT_V1, uuid.UUID(key_id).bytes, version, salt)
+    msg_key, nonce = derive_message_key(material, salt, _HKDF_INFO)
+    return header + encrypt_with(msg_key, nonce, plaintext, header + encode_context(context))
+
+
+def open_blob(material: bytes, header: BlobHeader, blob: bytes,
+              context: Mapping[str, str] | None) -> bytes:
+    msg_key, nonce = derive_message_key(material, header.salt, _HKDF_INFO)
+    return decrypt_with(msg_key, nonce, blob[HEADER_BYTES:], header.raw + encode_context(context))

@@ -1,0 +1,162 @@
+"""The one error tree of openkms, named after the AWS KMS error codes.
+
+Every error the service raises on purpose is a subclass of :class:`KMSError`. Each class knows the
+``__type`` code a client sees and the HTTP status AWS uses for it, so the API layer renders any of
+them without a lookup table::
+
+    KMSError
+     +-- client errors (HTTP 400 unless noted)
+     |    ValidationException, SerializationException, UnknownOperationException,
+     |    UnrecognizedClientException, InvalidSignatureException,
+     |    MissingAuthenticationTokenException (403), IncompleteSignatureException,
+     |    AccessDeniedException, NotFoundException, AlreadyExistsException,
+     |    DisabledException, KMSInvalidStateException, InvalidCiphertextException,
+     |    IncorrectKeyException, InvalidKeyUsageException, InvalidAliasNameException,
+     |    InvalidArnException, InvalidMarkerException, InvalidGrantTokenException,
+     |    LimitExceededException, TagException, UnsupportedOperationException,
+     |    DryRunOperationException, RequestEntityTooLarge (413)
+     +-- server errors
+          KMSInternalException (500), DependencyTimeoutException (503)
+
+Messages are written for the caller and never carry key material, plaintext or secrets.
+Errors of libraries are translated into this tree where those libraries are called.
+"""
+
+from __future__ import annotations
+
+
+class KMSError(Exception):
+    """Base of every error openkms raises on purpose."""
+
+    code: str = "KMSInternalException"
+    status: int = 400
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class ValidationException(KMSError):
+    code = "ValidationException"
+
+
+class SerializationException(KMSError):
+    code = "SerializationException"
+
+
+class UnknownOperationException(KMSError):
+    code = "UnknownOperationException"
+
+
+class UnrecognizedClientException(KMSError):
+    code = "UnrecognizedClientException"
+
+
+class InvalidSignatureException(KMSError):
+    code = "InvalidSignatureException"
+
+
+class IncompleteSignatureException(KMSError):
+    code = "IncompleteSignatureException"
+
+
+class MissingAuthenticationTokenException(KMSError):
+    code = "MissingAuthenticationTokenException"
+    status = 403
+
+
+class AccessDeniedException(KMSError):
+    code = "AccessDeniedException"
+
+
+class NotFoundException(KMSError):
+    code = "NotFoundException"
+
+
+class AlreadyExistsException(KMSError):
+    code = "AlreadyExistsException"
+
+
+class DisabledException(KMSError):
+    code = "DisabledException"
+
+
+class KMSInvalidStateException(KMSError):
+    code = "KMSInvalidStateException"
+
+
+class InvalidCiphertextException(KMSError):
+    """Any failure to decrypt a blob. Deliberately says nothing about which check failed."""
+
+    code = "InvalidCiphertextException"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or "The ciphertext is invalid.")
+
+
+class IncorrectKeyException(KMSError):
+    code = "IncorrectKeyException"
+
+
+class InvalidKeyUsageException(KMSError):
+    code = "InvalidKeyUsageException"
+
+
+class InvalidAliasNameException(KMSError):
+    code = "InvalidAliasNameException"
+
+
+class InvalidArnException(KMSError):
+    code = "InvalidArnException"
+
+
+class InvalidMarkerException(KMSError):
+    code = "InvalidMarkerException"
+
+
+class InvalidGrantTokenException(KMSError):
+    code = "InvalidGrantTokenException"
+
+
+class LimitExceededException(KMSError):
+    code = "LimitExceededException"
+
+
+class TagException(KMSError):
+    code = "TagException"
+
+
+class UnsupportedOperationException(KMSError):
+    code = "UnsupportedOperationException"
+
+
+class DryRunOperationException(KMSError):
+    code = "DryRunOperationException"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or "The request would have succeeded, but the DryRun option is set.")
+
+
+class RequestEntityTooLarge(KMSError):
+    code = "RequestEntityTooLargeException"
+    status = 413
+
+
+class KMSInternalException(KMSError):
+    code = "KMSInternalException"
+    status = 500
+
+
+class DependencyTimeoutException(KMSError):
+    code = "DependencyTimeoutException"
+    status = 503
+
+
+class ConfigurationError(Exception):
+    """The server cannot start as configured (wrong root key, unreadable data dir, ...).
+
+    Not a KMSError: it never reaches a client; `openkms serve` prints it and exits non-zero.
+    """

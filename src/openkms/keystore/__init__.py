@@ -1,0 +1,1 @@
+"""Where key material lives and where cryptography with it runs."""

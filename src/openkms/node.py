@@ -1,0 +1,119 @@
+"""Assembles one openkms node from settings: store, root key, accounts, KMS service.
+
+Opening a node checks the root key against the store before anything else is written: a wrong
+key file or passphrase stops the start with a clear message and changes nothing on disk (a
+fresh store is only initialised, and a key file only created, when the store has no root yet).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .accounts import Accounts, IssuedKey
+from .config import Settings
+from .crypto import root as rootkey
+from .errors import ConfigurationError
+from .keystore.software import SoftwareKeyStore
+from .service import KMS
+from .storage import Store
+
+META_ROOT_SOURCE = "root_source"
+META_ROOT_CHECK = "root_check"
+META_ROOT_SALT = "root_salt"
+
+
+@dataclass
+class Node:
+    settings: Settings
+    store: Store
+    root: rootkey.RootKey
+    accounts: Accounts
+    kms: KMS
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _prepare_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot use data dir {path}: {exc.strerror}") from None
+
+
+def _open_root(settings: Settings, store: Store) -> rootkey.RootKey:
+    key_file = settings.data_dir / "root.key"
+    with store.begin() as tx:
+        source = tx.meta.get(META_ROOT_SOURCE)
+        check = tx.meta.get(META_ROOT_CHECK)
+        salt = tx.meta.get(META_ROOT_SALT)
+    if source is None:
+        # A fresh store: choose the root now and record a check value for later starts.
+        if settings.root_passphrase:
+            salt = rootkey.new_salt()
+            root = rootkey.from_passphrase(settings.root_passphrase, salt)
+        else:
+            root = rootkey.load_key_file(key_file, create=True)
+        with store.begin() as tx:
+            if tx.meta.get(META_ROOT_SOURCE) is None:
+                tx.meta.put(META_ROOT_SOURCE, root.source.encode())
+                tx.meta.put(META_ROOT_CHECK, root.make_check())
+                if salt is not None and root.source == "passphrase":
+                    tx.meta.put(META_ROOT_SALT, salt)
+        return _open_root(settings, store) if root.source == "passphrase" else _checked(root, store)
+    if source == b"passphrase":
+        if not settings.root_passphrase:
+            raise ConfigurationError(
+                "this store is sealed with a passphrase: set OPENKMS_ROOT_PASSPHRASE")
+        if salt is None:
+            raise ConfigurationError("the store has no passphrase salt; it is damaged")
+        root = rootkey.from_passphrase(settings.root_passphrase, salt)
+        if check is None or not root.verify_check(check):
+            raise ConfigurationError("wrong root passphrase: it does not open this store")
+        return root
+    if settings.root_passphrase:
+        raise ConfigurationError(
+            "this store is sealed with a root key file, not a passphrase: unset OPENKMS_ROOT_PASSPHRASE")
+    root = rootkey.load_key_file(key_file, create=False)
+    if check is None or not root.verify_check(check):
+        raise ConfigurationError(f"wrong root key: {key_file} does not open this store")
+    return root
+
+
+def _checked(root: rootkey.RootKey, store: Store) -> rootkey.RootKey:
+    with store.begin() as tx:
+        check = tx.meta.get(META_ROOT_CHECK)
+    if check is None or not root.verify_check(check):
+        raise ConfigurationError("wrong root key: it does not open this store")
+    return root
+
+
+def open_node(settings: Settings) -> Node:
+    if settings.is_embedded:
+        _prepare_data_dir(settings.data_dir)
+    store = Store.open(settings.database_url)
+    try:
+        root = _open_root(settings, store)
+    except BaseException:
+        store.close()
+        raise
+    accounts = Accounts(store, root, cache_ttl=settings.cache_ttl)
+    kms = KMS(store, SoftwareKeyStore(store, root), settings.region, cache_ttl=settings.cache_ttl)
+    return Node(settings, store, root, accounts, kms)
+
+
+def write_credentials(path: Path, issued: IssuedKey, region: str) -> None:
+    """The admin's key pair in the AWS shared credentials format, mode 0600, written atomically."""
+    text = (f"[default]\naws_access_key_id = {issued.access_key_id}\n"
+            f"aws_secret_access_key = {issued.secret.reveal()}\nregion = {region}\n")
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

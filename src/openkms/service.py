@@ -1,0 +1,549 @@
+"""One method per KMS operation: resolve the key -> check access, state and spec -> key store -> result.
+
+Methods take the caller and the request's members (already validated against botocore's model:
+blobs are bytes, required members are present) and return the response's members with Python
+values (bytes, datetime); the API layer renders them. Errors are types from errors.py.
+
+Key metadata is cached in-process for `cache_ttl` seconds. Every change made through this node
+updates the cache at once; a change made by another node on the same store is seen within the TTL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .crypto import blob
+from .errors import (
+    AlreadyExistsException,
+    DisabledException,
+    DryRunOperationException,
+    IncorrectKeyException,
+    InvalidAliasNameException,
+    InvalidCiphertextException,
+    InvalidKeyUsageException,
+    InvalidMarkerException,
+    KMSInvalidStateException,
+    LimitExceededException,
+    NotFoundException,
+    TagException,
+    UnsupportedOperationException,
+    ValidationException,
+)
+from .keystore.software import SoftwareKeyStore
+from .model import (
+    ALIAS_ARN_RE,
+    ALIAS_NAME_RE,
+    KEY_ARN_RE,
+    KEY_ID_RE,
+    KEY_SPECS,
+    Alias,
+    Caller,
+    Key,
+    KeyState,
+    KeyUsage,
+    Origin,
+    alias_arn,
+)
+from .storage import Store
+
+Params = Mapping[str, Any]
+Result = dict[str, Any]
+
+DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
+MAX_TAGS_PER_KEY = 50
+
+
+def _encode_marker(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode()
+
+
+def _decode_marker(marker: str | None) -> str | None:
+    if marker is None:
+        return None
+    try:
+        return base64.urlsafe_b64decode(marker.encode()).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        raise InvalidMarkerException("The marker is not valid.") from None
+
+
+class KMS:
+    def __init__(self, store: Store, keystore: SoftwareKeyStore, region: str, cache_ttl: float = 5.0,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.store = store
+        self.keystore = keystore
+        self.region = region
+        self._ttl = cache_ttl
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._keys: dict[str, tuple[float, Key | None]] = {}
+        self._aliases: dict[tuple[str, str], tuple[float, str | None]] = {}
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    # -- lookups (cached) --------------------------------------------------------------------
+    def _load_key(self, key_id: str) -> Key | None:
+        now = time.monotonic()
+        hit = self._keys.get(key_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with self.store.begin() as tx:
+            key = tx.keys.get(key_id)
+        if len(self._keys) > 100_000:
+            self._keys.clear()
+        self._keys[key_id] = (now + self._ttl, key)
+        return key
+
+    def _remember(self, key: Key) -> None:
+        self._keys[key.key_id] = (time.monotonic() + self._ttl, key)
+
+    def _alias_target(self, account_id: str, name: str) -> str | None:
+        now = time.monotonic()
+        hit = self._aliases.get((account_id, name))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with self.store.begin() as tx:
+            alias = tx.aliases.get(account_id, name)
+        target = alias.target_key_id if alias else None
+        if len(self._aliases) > 100_000:
+            self._aliases.clear()
+        self._aliases[(account_id, name)] = (now + self._ttl, target)
+        return target
+
+    def _forget_alias(self, account_id: str, name: str) -> None:
+        self._aliases.pop((account_id, name), None)
+
+    def _resolve(self, caller: Caller, key_ref: str, allow_alias: bool = True) -> Key:
+        """A key id, key ARN, alias name or alias ARN -> the key, if the caller may see it."""
+        account = caller.account_id
+        key_id: str | None
+        if key_ref.startswith("alias/") or ALIAS_ARN_RE.match(key_ref):
+            if not allow_alias:
+                raise NotFoundException(f"Invalid keyId '{key_ref}'. An alias is not accepted here.")
+            m = ALIAS_ARN_RE.match(key_ref)
+            if m:
+                region, alias_account, name = m.groups()
+                if alias_account != account or region != self.region:
+                    # Aliases never resolve across accounts or regions.
+                    raise NotFoundException(f"Alias {key_ref} is not found.")
+            else:
+                name = key_ref
+            key_id = self._alias_target(account, name)
+            if key_id is None:
+                raise NotFoundException(f"Alias {alias_arn(self.region, account, name)} is not found.")
+        else:
+            m = KEY_ARN_RE.match(key_ref)
+            if m:
+                region, key_account, key_id = m.groups()
+                if key_account != account or region != self.region:
+                    raise NotFoundException(f"Key '{key_ref}' does not exist")
+            elif KEY_ID_RE.match(key_ref):
+                key_id = key_ref
+            else:
+                raise NotFoundException(f"Invalid keyId '{key_ref}'")
+        key = self._load_key(key_id)
+        if key is None or key.account_id != account:
+            raise NotFoundException(f"Key 'arn:aws:kms:{self.region}:{account}:key/{key_id}' does not exist")
+        return key
+
+    @staticmethod
+    def _check_usable(key: Key) -> None:
+        if key.state is KeyState.ENABLED:
+            return
+        if key.state is KeyState.DISABLED:
+            raise DisabledException(f"{key.arn} is disabled.")
+        raise KMSInvalidStateException(f"{key.arn} is {_state_words(key.state)}.")
+
+    @staticmethod
+    def _check_not_pending_deletion(key: Key) -> None:
+        if key.state is KeyState.PENDING_DELETION:
+            raise KMSInvalidStateException(f"{key.arn} is pending deletion.")
+
+    def _crypto_key(self, caller: Caller, key_ref: str, usage: KeyUsage, algorithm: str | None) -> Key:
+        key = self._resolve(caller, key_ref)
+        if key.key_usage is not usage:
+            raise InvalidKeyUsageException(
+                f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
+        self._check_usable(key)
+        if algorithm is not None and algorithm not in key.spec.encryption_algorithms:
+            raise InvalidKeyUsageException(
+                f"The operation failed because {key.arn} does not support the {algorithm} algorithm.")
+        return key
+
+    def key_metadata(self, key: Key) -> Result:
+        spec = key.spec
+        md: Result = {
+            "AWSAccountId": key.account_id,
+            "KeyId": key.key_id,
+            "Arn": key.arn,
+            "CreationDate": key.created,
+            "Enabled": key.state is KeyState.ENABLED,
+            "Description": key.description,
+            "KeyUsage": key.key_usage.value,
+            "KeyState": key.state.value,
+            "Origin": key.origin.value,
+            "KeyManager": "CUSTOMER",
+            "CustomerMasterKeySpec": key.key_spec,
+            "KeySpec": key.key_spec,
+            "MultiRegion": False,
+        }
+        if spec.encryption_algorithms:
+            md["EncryptionAlgorithms"] = list(spec.encryption_algorithms)
+        if spec.signing_algorithms:
+            md["SigningAlgorithms"] = list(spec.signing_algorithms)
+        if spec.mac_algorithms:
+            md["MacAlgorithms"] = list(spec.mac_algorithms)
+        if spec.key_agreement_algorithms:
+            md["KeyAgreementAlgorithms"] = list(spec.key_agreement_algorithms)
+        if key.state is KeyState.PENDING_DELETION:
+            md["DeletionDate"] = key.deletion_date
+            md["PendingDeletionWindowInDays"] = key.pending_window_days
+        return md
+
+    def _save(self, key: Key) -> Key:
+        with self.store.begin() as tx:
+            tx.keys.update(key)
+        self._remember(key)
+        return key
+
+    # -- key lifecycle ----------------------------------------------------------------------
+    def create_key(self, caller: Caller, p: Params) -> Result:
+        spec_name = p.get("KeySpec")
+        legacy_spec = p.get("CustomerMasterKeySpec")
+        if spec_name and legacy_spec:
+            raise ValidationException("You cannot specify KeySpec and CustomerMasterKeySpec in the same request.")
+        spec_name = spec_name or legacy_spec or "SYMMETRIC_DEFAULT"
+        spec = KEY_SPECS.get(spec_name)
+        if spec is None:
+            raise UnsupportedOperationException(f"KeySpec {spec_name} is not supported by this server.")
+        usage = KeyUsage(p.get("KeyUsage") or spec.usages[0].value)
+        if usage not in spec.usages:
+            raise ValidationException(f"KeyUsage {usage.value} is not compatible with KeySpec {spec_name}.")
+        origin = p.get("Origin") or "AWS_KMS"
+        if origin != Origin.AWS_KMS.value:
+            raise UnsupportedOperationException(f"Origin {origin} is not supported by this server.")
+        if p.get("CustomKeyStoreId") or p.get("XksKeyId"):
+            raise UnsupportedOperationException("Custom key stores are not supported by this server.")
+        if p.get("MultiRegion"):
+            raise UnsupportedOperationException("Multi-Region keys are not supported by this server.")
+        tags = self._checked_tags(p.get("Tags") or [])
+        if len(tags) > MAX_TAGS_PER_KEY:
+            raise TagException(f"A key can have at most {MAX_TAGS_PER_KEY} tags.")
+        key = Key(key_id=str(uuid.uuid4()), account_id=caller.account_id, region=self.region,
+                  description=p.get("Description") or "", key_spec=spec_name, key_usage=usage,
+                  origin=Origin.AWS_KMS, state=KeyState.ENABLED, created=self.now(), current_version=1)
+        sealed = self.keystore.new_material(key.key_id, 1, spec.material_bytes)
+        with self.store.begin() as tx:
+            tx.keys.insert(key)
+            tx.versions.insert(key.key_id, 1, sealed, key.created)
+            for k, v in tags.items():
+                tx.tags.put(key.key_id, k, v)
+        self._remember(key)
+        return {"KeyMetadata": self.key_metadata(key)}
+
+    def describe_key(self, caller: Caller, p: Params) -> Result:
+        return {"KeyMetadata": self.key_metadata(self._resolve(caller, p["KeyId"]))}
+
+    def list_keys(self, caller: Caller, p: Params) -> Result:
+        limit = p.get("Limit") or 100
+        after = _decode_marker(p.get("Marker"))
+        with self.store.begin() as tx:
+            keys = tx.keys.list_ids(caller.account_id, after, limit + 1)
+        result: Result = {"Keys": [{"KeyId": k.key_id, "KeyArn": k.arn} for k in keys[:limit]],
+                          "Truncated": len(keys) > limit}
+        if len(keys) > limit:
+            result["NextMarker"] = _encode_marker(keys[limit - 1].key_id)
+        return result
+
+    def enable_key(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        if key.state is KeyState.DISABLED:
+            self._save(dataclasses.replace(key, state=KeyState.ENABLED))
+        elif key.state is not KeyState.ENABLED:
+            raise KMSInvalidStateException(f"{key.arn} is {_state_words(key.state)}.")
+        return {}
+
+    def disable_key(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        if key.state is KeyState.ENABLED:
+            self._save(dataclasses.replace(key, state=KeyState.DISABLED))
+        elif key.state is not KeyState.DISABLED:
+            raise KMSInvalidStateException(f"{key.arn} is {_state_words(key.state)}.")
+        return {}
+
+    def schedule_key_deletion(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        days = p.get("PendingWindowInDays")
+        days = 30 if days is None else days
+        if not 7 <= days <= 30:
+            raise ValidationException(
+                f"1 validation error detected: Value '{days}' at 'pendingWindowInDays' failed to satisfy "
+                "constraint: Member must have value between 7 and 30")
+        self._check_not_pending_deletion(key)
+        deletion = self.now() + timedelta(days=days)
+        key = self._save(dataclasses.replace(key, state=KeyState.PENDING_DELETION,
+                                             deletion_date=deletion, pending_window_days=days))
+        return {"KeyId": key.arn, "DeletionDate": deletion, "KeyState": key.state.value,
+                "PendingWindowInDays": days}
+
+    def cancel_key_deletion(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        if key.state is not KeyState.PENDING_DELETION:
+            raise KMSInvalidStateException(f"{key.arn} is not pending deletion.")
+        key = self._save(dataclasses.replace(key, state=KeyState.DISABLED, deletion_date=None,
+                                             pending_window_days=None))
+        return {"KeyId": key.arn}
+
+    def update_key_description(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        self._check_not_pending_deletion(key)
+        self._save(dataclasses.replace(key, description=p["Description"]))
+        return {}
+
+    def purge_due_keys(self) -> list[str]:
+        """Really delete every key whose deletion window has ended. Safe to run on many nodes."""
+        with self.store.begin() as tx:
+            due = tx.keys.due_for_deletion(self.now())
+        for key_id in due:
+            with self.store.begin() as tx:
+                key = tx.keys.get(key_id, for_update=True)
+                if key is None or key.state is not KeyState.PENDING_DELETION:
+                    continue
+                if key.deletion_date is None or key.deletion_date > self.now():
+                    continue
+                names = tx.aliases.names_for_key(key_id)
+                tx.keys.delete(key_id)
+            self._keys.pop(key_id, None)
+            for name in names:
+                self._forget_alias(key.account_id, name)
+            self.keystore.forget(key_id)
+        return due
+
+    # -- tags -------------------------------------------------------------------------------
+    @staticmethod
+    def _checked_tags(tags: list[Mapping[str, str]]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for tag in tags:
+            k, v = tag["TagKey"], tag["TagValue"]
+            if k.lower().startswith("aws:"):
+                raise TagException("Tag keys beginning with 'aws:' are reserved.")
+            if k in out:
+                raise TagException(f"Duplicate tag key {k}.")
+            out[k] = v
+        return out
+
+    def tag_resource(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        self._check_not_pending_deletion(key)
+        tags = self._checked_tags(p["Tags"])
+        with self.store.begin() as tx:
+            existing = dict(tx.tags.list(key.key_id))
+            if len(set(existing) | set(tags)) > MAX_TAGS_PER_KEY:
+                raise LimitExceededException(f"A key can have at most {MAX_TAGS_PER_KEY} tags.")
+            for k, v in tags.items():
+                tx.tags.put(key.key_id, k, v)
+        return {}
+
+    def untag_resource(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        self._check_not_pending_deletion(key)
+        with self.store.begin() as tx:
+            for k in p["TagKeys"]:
+                tx.tags.remove(key.key_id, k)
+        return {}
+
+    def list_resource_tags(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        limit = p.get("Limit") or 50
+        if limit > 50:
+            raise ValidationException("Limit must be between 1 and 50.")
+        after = _decode_marker(p.get("Marker"))
+        with self.store.begin() as tx:
+            tags = [(k, v) for k, v in tx.tags.list(key.key_id) if after is None or k > after]
+        page = tags[:limit]
+        result: Result = {"Tags": [{"TagKey": k, "TagValue": v} for k, v in page],
+                          "Truncated": len(tags) > limit}
+        if len(tags) > limit:
+            result["NextMarker"] = _encode_marker(page[-1][0])
+        return result
+
+    # -- aliases ----------------------------------------------------------------------------
+    def _check_alias_name(self, name: str) -> None:
+        if not ALIAS_NAME_RE.match(name):
+            raise InvalidAliasNameException(
+                f"Alias name {name} must begin with 'alias/' and contain only letters, digits, /, _ and -.")
+        if name == "alias/aws" or name.startswith("alias/aws/"):
+            raise InvalidAliasNameException("Alias names beginning with 'alias/aws/' are reserved.")
+
+    def create_alias(self, caller: Caller, p: Params) -> Result:
+        name = p["AliasName"]
+        self._check_alias_name(name)
+        key = self._resolve(caller, p["TargetKeyId"], allow_alias=False)
+        self._check_not_pending_deletion(key)
+        now = self.now()
+        with self.store.begin() as tx:
+            if tx.aliases.get(caller.account_id, name) is not None:
+                raise AlreadyExistsException(
+                    f"An alias with the name {alias_arn(self.region, caller.account_id, name)} already exists")
+            tx.aliases.insert(Alias(caller.account_id, name, key.key_id, now, now))
+        self._forget_alias(caller.account_id, name)
+        return {}
+
+    def update_alias(self, caller: Caller, p: Params) -> Result:
+        name = p["AliasName"]
+        self._check_alias_name(name)
+        key = self._resolve(caller, p["TargetKeyId"], allow_alias=False)
+        self._check_not_pending_deletion(key)
+        with self.store.begin() as tx:
+            alias = tx.aliases.get(caller.account_id, name)
+            if alias is None:
+                raise NotFoundException(f"Alias {alias_arn(self.region, caller.account_id, name)} is not found.")
+            current = tx.keys.get(alias.target_key_id)
+            if current is not None and (current.key_usage is not key.key_usage
+                                        or current.key_spec != key.key_spec):
+                raise ValidationException(
+                    "The new target key must have the same key spec and key usage as the current one.")
+            tx.aliases.retarget(caller.account_id, name, key.key_id, self.now())
+        self._forget_alias(caller.account_id, name)
+        return {}
+
+    def delete_alias(self, caller: Caller, p: Params) -> Result:
+        name = p["AliasName"]
+        with self.store.begin() as tx:
+            if tx.aliases.get(caller.account_id, name) is None:
+                raise NotFoundException(f"Alias {alias_arn(self.region, caller.account_id, name)} is not found.")
+            tx.aliases.delete(caller.account_id, name)
+        self._forget_alias(caller.account_id, name)
+        return {}
+
+    def list_aliases(self, caller: Caller, p: Params) -> Result:
+        limit = p.get("Limit") or 50
+        if limit > 100:
+            raise ValidationException("Limit must be between 1 and 100.")
+        key_id = self._resolve(caller, p["KeyId"], allow_alias=False).key_id if p.get("KeyId") else None
+        after = _decode_marker(p.get("Marker"))
+        with self.store.begin() as tx:
+            aliases = tx.aliases.list(caller.account_id, key_id, after, limit + 1)
+        result: Result = {
+            "Aliases": [{"AliasName": a.name, "AliasArn": alias_arn(self.region, a.account_id, a.name),
+                         "TargetKeyId": a.target_key_id, "CreationDate": a.created,
+                         "LastUpdatedDate": a.updated} for a in aliases[:limit]],
+            "Truncated": len(aliases) > limit}
+        if len(aliases) > limit:
+            result["NextMarker"] = _encode_marker(aliases[limit - 1].name)
+        return result
+
+    # -- cryptographic operations -----------------------------------------------------------
+    @staticmethod
+    def _dry_run(p: Params) -> None:
+        if p.get("DryRun"):
+            raise DryRunOperationException()
+
+    @staticmethod
+    def _no_recipient(p: Params) -> None:
+        if p.get("Recipient"):
+            raise UnsupportedOperationException("Recipient (Nitro Enclaves attestation) is not supported.")
+
+    def _encrypt(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
+        return self.keystore.encrypt(key.key_id, key.current_version, plaintext, context)
+
+    def _decrypt(self, caller: Caller, ciphertext: bytes, context: Mapping[str, str] | None,
+                 key_ref: str | None, algorithm: str | None) -> tuple[Key, bytes]:
+        header = blob.parse_header(ciphertext)
+        if key_ref is not None:
+            requested = self._resolve(caller, key_ref)
+            if requested.key_id != header.key_id:
+                raise IncorrectKeyException(
+                    "The key ID in the request does not identify a CMK that can perform this operation.")
+        key = self._load_key(header.key_id)
+        if key is None or key.account_id != caller.account_id:
+            raise InvalidCiphertextException()
+        if key.key_usage is not KeyUsage.ENCRYPT_DECRYPT:
+            raise InvalidKeyUsageException(
+                f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
+        self._check_usable(key)
+        if algorithm is not None and algorithm not in key.spec.encryption_algorithms:
+            raise InvalidKeyUsageException(
+                f"The operation failed because {key.arn} does not support the {algorithm} algorithm.")
+        if header.version > key.current_version:
+            raise InvalidCiphertextException()
+        return key, self.keystore.decrypt(header, ciphertext, context)
+
+    def encrypt(self, caller: Caller, p: Params) -> Result:
+        algorithm = p.get("EncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, algorithm)
+        self._dry_run(p)
+        ciphertext = self._encrypt(key, p["Plaintext"], p.get("EncryptionContext"))
+        return {"CiphertextBlob": ciphertext, "KeyId": key.arn, "EncryptionAlgorithm": algorithm}
+
+    def decrypt(self, caller: Caller, p: Params) -> Result:
+        self._no_recipient(p)
+        key, plaintext = self._decrypt(caller, p["CiphertextBlob"], p.get("EncryptionContext"),
+                                       p.get("KeyId"), p.get("EncryptionAlgorithm"))
+        self._dry_run(p)
+        return {"KeyId": key.arn, "Plaintext": plaintext,
+                "EncryptionAlgorithm": p.get("EncryptionAlgorithm") or "SYMMETRIC_DEFAULT"}
+
+    def re_encrypt(self, caller: Caller, p: Params) -> Result:
+        if "CiphertextBlob" not in p:
+            raise ValidationException(
+                "1 validation error detected: Value null at 'ciphertextBlob' failed to satisfy constraint: "
+                "Member must not be null")
+        dest_alg = p.get("DestinationEncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
+        dest = self._crypto_key(caller, p["DestinationKeyId"], KeyUsage.ENCRYPT_DECRYPT, dest_alg)
+        source, plaintext = self._decrypt(caller, p["CiphertextBlob"], p.get("SourceEncryptionContext"),
+                                          p.get("SourceKeyId"), p.get("SourceEncryptionAlgorithm"))
+        self._dry_run(p)
+        ciphertext = self._encrypt(dest, plaintext, p.get("DestinationEncryptionContext"))
+        return {"CiphertextBlob": ciphertext, "SourceKeyId": source.arn, "KeyId": dest.arn,
+                "SourceEncryptionAlgorithm": p.get("SourceEncryptionAlgorithm") or "SYMMETRIC_DEFAULT",
+                "DestinationEncryptionAlgorithm": dest_alg}
+
+    @staticmethod
+    def _data_key_length(p: Params) -> int:
+        nbytes, spec = p.get("NumberOfBytes"), p.get("KeySpec")
+        if (nbytes is None) == (spec is None):
+            raise ValidationException("Please specify either number of bytes or key spec.")
+        return nbytes if nbytes is not None else DATA_KEY_SPECS[spec]
+
+    def generate_data_key(self, caller: Caller, p: Params) -> Result:
+        self._no_recipient(p)
+        length = self._data_key_length(p)
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, None)
+        self._dry_run(p)
+        plaintext = os.urandom(length)
+        ciphertext = self._encrypt(key, plaintext, p.get("EncryptionContext"))
+        return {"CiphertextBlob": ciphertext, "Plaintext": plaintext, "KeyId": key.arn}
+
+    def generate_data_key_without_plaintext(self, caller: Caller, p: Params) -> Result:
+        length = self._data_key_length(p)
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, None)
+        self._dry_run(p)
+        ciphertext = self._encrypt(key, os.urandom(length), p.get("EncryptionContext"))
+        return {"CiphertextBlob": ciphertext, "KeyId": key.arn}
+
+    def generate_random(self, caller: Caller, p: Params) -> Result:
+        self._no_recipient(p)
+        if p.get("CustomKeyStoreId"):
+            raise UnsupportedOperationException("Custom key stores are not supported by this server.")
+        nbytes = p.get("NumberOfBytes")
+        if nbytes is None:
+            raise ValidationException("Please specify the number of bytes.")
+        return {"Plaintext": os.urandom(nbytes)}
+
+
+def _state_words(state: KeyState) -> str:
+    return {
+        KeyState.PENDING_DELETION: "pending deletion",
+        KeyState.PENDING_IMPORT: "pending import",
+        KeyState.DISABLED: "disabled",
+        KeyState.UNAVAILABLE: "unavailable",
+        KeyState.ENABLED: "enabled",
+    }[state]

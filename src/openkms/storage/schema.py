@@ -1,0 +1,100 @@
+"""Tables of the openkms store. Times are seconds since the epoch (double precision, UTC).
+
+Secrets are only ever stored sealed under the root key: `key_versions.sealed_material` and
+`access_keys.sealed_secret`. The database alone reveals no key material and no secret.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+meta = Table(
+    "openkms_meta", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)
+
+accounts = Table(
+    "accounts", metadata,
+    Column("account_id", String(12), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("created", Float, nullable=False),
+)
+
+principals = Table(
+    "principals", metadata,
+    Column("principal_id", String(32), primary_key=True),
+    Column("account_id", String(12), ForeignKey("accounts.account_id"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("created", Float, nullable=False),
+    Index("ux_principals_account_name", "account_id", "name", unique=True),
+)
+
+access_keys = Table(
+    "access_keys", metadata,
+    Column("access_key_id", String(32), primary_key=True),
+    Column("principal_id", String(32), ForeignKey("principals.principal_id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("sealed_secret", LargeBinary, nullable=False),
+    Column("created", Float, nullable=False),
+)
+
+keys = Table(
+    "kms_keys", metadata,
+    Column("key_id", String(36), primary_key=True),
+    Column("account_id", String(12), ForeignKey("accounts.account_id"), nullable=False),
+    Column("region", String(32), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("key_spec", String(32), nullable=False),
+    Column("key_usage", String(32), nullable=False),
+    Column("origin", String(16), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("deletion_date", Float, nullable=True),
+    Column("pending_window_days", Integer, nullable=True),
+    Column("current_version", Integer, nullable=False),
+    Index("ix_kms_keys_account", "account_id", "key_id"),
+    Index("ix_kms_keys_deletion", "state", "deletion_date"),
+)
+
+key_versions = Table(
+    "key_versions", metadata,
+    Column("key_id", String(36), ForeignKey("kms_keys.key_id", ondelete="CASCADE"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("sealed_material", LargeBinary, nullable=False),
+    Column("created", Float, nullable=False),
+)
+
+aliases = Table(
+    "aliases", metadata,
+    Column("account_id", String(12), primary_key=True),
+    Column("name", String(256), primary_key=True),
+    Column("target_key_id", String(36), ForeignKey("kms_keys.key_id", ondelete="CASCADE"), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("updated", Float, nullable=False),
+    Index("ix_aliases_target", "target_key_id"),
+)
+
+tags = Table(
+    "key_tags", metadata,
+    Column("key_id", String(36), ForeignKey("kms_keys.key_id", ondelete="CASCADE"), primary_key=True),
+    Column("tag_key", String(128), primary_key=True),
+    Column("tag_value", String(256), nullable=False),
+)

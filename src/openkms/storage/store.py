@@ -1,0 +1,310 @@
+"""Database access: one Store per process, one short transaction per unit of work.
+
+    store = Store.open(url)
+    with store.begin() as tx:          # commits on success, rolls back on any exception
+        tx.keys.insert(key)
+        tx.versions.insert(key.key_id, 1, sealed)
+
+SQLite runs in WAL mode with synchronous=FULL, so an acknowledged write survives a crash.
+PostgreSQL is reached through psycopg 3. Database errors are translated at this boundary.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from ..errors import AlreadyExistsException, ConfigurationError, DependencyTimeoutException
+from ..model import AccessKey, Account, Alias, Key, KeyState, KeyUsage, Origin, Principal, SecretStr
+from . import schema as t
+
+
+def to_ts(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
+
+
+def from_ts(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def _now_ts(dt: datetime) -> float:
+    return dt.timestamp()
+
+
+def normalize_url(url: str) -> str:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        url = normalize_url(url)
+        try:
+            if url.startswith("sqlite"):
+                engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+                @event.listens_for(engine, "connect")
+                def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+                    cur = dbapi_conn.cursor()
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    cur.execute("PRAGMA synchronous=FULL")
+                    cur.execute("PRAGMA foreign_keys=ON")
+                    cur.close()
+            elif url.startswith("postgresql"):
+                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+            else:
+                raise ConfigurationError(f"unsupported storage URL scheme: {url.split(':', 1)[0]}")
+            t.metadata.create_all(engine)
+        except SQLAlchemyError as exc:
+            raise ConfigurationError(f"cannot open the store: {type(exc).__name__}: {exc.args[0] if exc.args else ''}") from None
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def begin(self) -> Iterator[Tx]:
+        try:
+            with self.engine.begin() as conn:
+                yield Tx(conn)
+        except IntegrityError:
+            raise AlreadyExistsException("The resource already exists.") from None
+        except OperationalError:
+            raise DependencyTimeoutException("The key store is not available right now; try again.") from None
+
+
+class Tx:
+    """Repositories bound to one transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.meta = MetaRepo(conn)
+        self.accounts = AccountRepo(conn)
+        self.keys = KeyRepo(conn)
+        self.versions = VersionRepo(conn)
+        self.aliases = AliasRepo(conn)
+        self.tags = TagRepo(conn)
+
+
+class MetaRepo:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def get(self, name: str) -> bytes | None:
+        row = self.conn.execute(select(t.meta.c.value).where(t.meta.c.name == name)).first()
+        return None if row is None else bytes(row[0])
+
+    def put(self, name: str, value: bytes) -> None:
+        if self.get(name) is None:
+            self.conn.execute(insert(t.meta).values(name=name, value=value))
+        else:
+            self.conn.execute(update(t.meta).where(t.meta.c.name == name).values(value=value))
+
+
+class AccountRepo:
+    """Accounts, their principals and access keys."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def count(self) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(t.accounts)).scalar_one())
+
+    def insert(self, account: Account) -> None:
+        self.conn.execute(insert(t.accounts).values(
+            account_id=account.account_id, name=account.name, created=_now_ts(account.created)))
+
+    def get(self, account_id: str) -> Account | None:
+        row = self.conn.execute(select(t.accounts).where(t.accounts.c.account_id == account_id)).first()
+        return None if row is None else Account(row.account_id, row.name, from_ts(row.created))  # type: ignore[arg-type]
+
+    def list(self) -> list[Account]:
+        rows = self.conn.execute(select(t.accounts).order_by(t.accounts.c.account_id))
+        return [Account(r.account_id, r.name, from_ts(r.created)) for r in rows]  # type: ignore[arg-type]
+
+    def insert_principal(self, p: Principal) -> None:
+        self.conn.execute(insert(t.principals).values(
+            principal_id=p.principal_id, account_id=p.account_id, name=p.name,
+            is_admin=p.is_admin, created=_now_ts(p.created)))
+
+    @staticmethod
+    def _principal(row: Any) -> Principal:
+        return Principal(row.principal_id, row.account_id, row.name, bool(row.is_admin),
+                         from_ts(row.created))  # type: ignore[arg-type]
+
+    def principal(self, principal_id: str) -> Principal | None:
+        row = self.conn.execute(select(t.principals).where(t.principals.c.principal_id == principal_id)).first()
+        return None if row is None else self._principal(row)
+
+    def principal_by_name(self, account_id: str, name: str) -> Principal | None:
+        row = self.conn.execute(select(t.principals).where(and_(
+            t.principals.c.account_id == account_id, t.principals.c.name == name))).first()
+        return None if row is None else self._principal(row)
+
+    def principals(self, account_id: str) -> list[Principal]:
+        rows = self.conn.execute(select(t.principals).where(t.principals.c.account_id == account_id)
+                                 .order_by(t.principals.c.name))
+        return [self._principal(r) for r in rows]
+
+    def insert_access_key(self, access_key_id: str, principal_id: str, sealed_secret: bytes,
+                          created: datetime) -> None:
+        self.conn.execute(insert(t.access_keys).values(
+            access_key_id=access_key_id, principal_id=principal_id, status="Active",
+            sealed_secret=sealed_secret, created=_now_ts(created)))
+
+    def access_key_row(self, access_key_id: str) -> Any:
+        return self.conn.execute(select(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id)).first()
+
+    def access_keys(self, principal_id: str) -> list[Any]:
+        return list(self.conn.execute(select(t.access_keys).where(t.access_keys.c.principal_id == principal_id)
+                                      .order_by(t.access_keys.c.created)))
+
+    def set_access_key_status(self, access_key_id: str, status: str) -> bool:
+        res = self.conn.execute(update(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id)
+                                .values(status=status))
+        return res.rowcount > 0
+
+    def delete_access_key(self, access_key_id: str) -> bool:
+        res = self.conn.execute(delete(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id))
+        return res.rowcount > 0
+
+
+def access_key_from_row(row: Any, secret: str) -> AccessKey:
+    return AccessKey(row.access_key_id, row.principal_id, row.status, from_ts(row.created),  # type: ignore[arg-type]
+                     SecretStr(secret))
+
+
+class KeyRepo:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    @staticmethod
+    def _key(row: Any) -> Key:
+        return Key(
+            key_id=row.key_id, account_id=row.account_id, region=row.region, description=row.description,
+            key_spec=row.key_spec, key_usage=KeyUsage(row.key_usage), origin=Origin(row.origin),
+            state=KeyState(row.state), created=from_ts(row.created),  # type: ignore[arg-type]
+            deletion_date=from_ts(row.deletion_date), pending_window_days=row.pending_window_days,
+            current_version=row.current_version)
+
+    def insert(self, key: Key) -> None:
+        self.conn.execute(insert(t.keys).values(
+            key_id=key.key_id, account_id=key.account_id, region=key.region, description=key.description,
+            key_spec=key.key_spec, key_usage=key.key_usage.value, origin=key.origin.value,
+            state=key.state.value, created=_now_ts(key.created), deletion_date=to_ts(key.deletion_date),
+            pending_window_days=key.pending_window_days, current_version=key.current_version))
+
+    def get(self, key_id: str, for_update: bool = False) -> Key | None:
+        q = select(t.keys).where(t.keys.c.key_id == key_id)
+        if for_update:
+            q = q.with_for_update()
+        row = self.conn.execute(q).first()
+        return None if row is None else self._key(row)
+
+    def update(self, key: Key) -> None:
+        self.conn.execute(update(t.keys).where(t.keys.c.key_id == key.key_id).values(
+            description=key.description, state=key.state.value, deletion_date=to_ts(key.deletion_date),
+            pending_window_days=key.pending_window_days, current_version=key.current_version))
+
+    def list_ids(self, account_id: str, after: str | None, limit: int) -> list[Key]:
+        q = select(t.keys).where(t.keys.c.account_id == account_id)
+        if after is not None:
+            q = q.where(t.keys.c.key_id > after)
+        rows = self.conn.execute(q.order_by(t.keys.c.key_id).limit(limit))
+        return [self._key(r) for r in rows]
+
+    def due_for_deletion(self, now: datetime, limit: int = 100) -> list[str]:
+        rows = self.conn.execute(select(t.keys.c.key_id).where(and_(
+            t.keys.c.state == KeyState.PENDING_DELETION.value, t.keys.c.deletion_date <= _now_ts(now)))
+            .limit(limit))
+        return [r.key_id for r in rows]
+
+    def delete(self, key_id: str) -> None:
+        # Children first: SQLite only cascades when foreign_keys is on, PostgreSQL always does.
+        self.conn.execute(delete(t.aliases).where(t.aliases.c.target_key_id == key_id))
+        self.conn.execute(delete(t.tags).where(t.tags.c.key_id == key_id))
+        self.conn.execute(delete(t.key_versions).where(t.key_versions.c.key_id == key_id))
+        self.conn.execute(delete(t.keys).where(t.keys.c.key_id == key_id))
+
+
+class VersionRepo:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def insert(self, key_id: str, version: int, sealed_material: bytes, created: datetime) -> None:
+        self.conn.execute(insert(t.key_versions).values(
+            key_id=key_id, version=version, sealed_material=sealed_material, created=_now_ts(created)))
+
+    def get(self, key_id: str, version: int) -> bytes | None:
+        row = self.conn.execute(select(t.key_versions.c.sealed_material).where(and_(
+            t.key_versions.c.key_id == key_id, t.key_versions.c.version == version))).first()
+        return None if row is None else bytes(row[0])
+
+
+class AliasRepo:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    @staticmethod
+    def _alias(row: Any) -> Alias:
+        return Alias(row.account_id, row.name, row.target_key_id, from_ts(row.created),  # type: ignore[arg-type]
+                     from_ts(row.updated))  # type: ignore[arg-type]
+
+    def get(self, account_id: str, name: str) -> Alias | None:
+        row = self.conn.execute(select(t.aliases).where(and_(
+            t.aliases.c.account_id == account_id, t.aliases.c.name == name))).first()
+        return None if row is None else self._alias(row)
+
+    def insert(self, alias: Alias) -> None:
+        self.conn.execute(insert(t.aliases).values(
+            account_id=alias.account_id, name=alias.name, target_key_id=alias.target_key_id,
+            created=_now_ts(alias.created), updated=_now_ts(alias.updated)))
+
+    def retarget(self, account_id: str, name: str, key_id: str, now: datetime) -> None:
+        self.conn.execute(update(t.aliases).where(and_(
+            t.aliases.c.account_id == account_id, t.aliases.c.name == name))
+            .values(target_key_id=key_id, updated=_now_ts(now)))
+
+    def delete(self, account_id: str, name: str) -> None:
+        self.conn.execute(delete(t.aliases).where(and_(
+            t.aliases.c.account_id == account_id, t.aliases.c.name == name)))
+
+    def list(self, account_id: str, key_id: str | None, after: str | None, limit: int) -> list[Alias]:
+        q = select(t.aliases).where(t.aliases.c.account_id == account_id)
+        if key_id is not None:
+            q = q.where(t.aliases.c.target_key_id == key_id)
+        if after is not None:
+            q = q.where(t.aliases.c.name > after)
+        return [self._alias(r) for r in self.conn.execute(q.order_by(t.aliases.c.name).limit(limit))]
+
+    def names_for_key(self, key_id: str) -> list[str]:
+        rows = self.conn.execute(select(t.aliases.c.name).where(t.aliases.c.target_key_id == key_id))
+        return [r.name for r in rows]
+
+
+class TagRepo:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def list(self, key_id: str) -> list[tuple[str, str]]:
+        rows = self.conn.execute(select(t.tags.c.tag_key, t.tags.c.tag_value)
+                                 .where(t.tags.c.key_id == key_id).order_by(t.tags.c.tag_key))
+        return [(r.tag_key, r.tag_value) for r in rows]
+
+    def put(self, key_id: str, tag_key: str, tag_value: str) -> None:
+        self.conn.execute(delete(t.tags).where(and_(t.tags.c.key_id == key_id, t.tags.c.tag_key == tag_key)))
+        self.conn.execute(insert(t.tags).values(key_id=key_id, tag_key=tag_key, tag_value=tag_value))
+
+    def remove(self, key_id: str, tag_key: str) -> None:
+        self.conn.execute(delete(t.tags).where(and_(t.tags.c.key_id == key_id, t.tags.c.tag_key == tag_key)))
