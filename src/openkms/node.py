@@ -92,8 +92,7 @@ def _checked(root: rootkey.RootKey, store: Store) -> rootkey.RootKey:
 
 
 def open_node(settings: Settings) -> Node:
-    if settings.is_embedded:
-        _prepare_data_dir(settings.data_dir)
+    _prepare_data_dir(settings.data_dir)  # holds the root key file and credentials on every store
     store = Store.open(settings.database_url)
     try:
         root = _open_root(settings, store)

@@ -42,6 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
     except KMSError as exc:
         print(f"openkms: cannot start: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"openkms: cannot start: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
 
     endpoint = f"http://{settings.host}:{settings.port}"
     storage = "sqlite (embedded)" if settings.is_embedded else "postgresql"
@@ -95,6 +98,10 @@ def _admin_client(args: argparse.Namespace) -> Any:
         if not parser.read(creds_path):
             raise SystemExit(f"openkms admin: no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                              f"or pass --credentials-file (looked for {creds_path})")
+        if not parser.has_option(args.profile, "aws_access_key_id") or \
+                not parser.has_option(args.profile, "aws_secret_access_key"):
+            raise SystemExit(f"openkms admin: {creds_path} has no profile [{args.profile}] with "
+                             "aws_access_key_id and aws_secret_access_key")
         section = parser[args.profile]
         akid, secret = section["aws_access_key_id"], section["aws_secret_access_key"]
         region = region or section.get("region")

@@ -1,0 +1,114 @@
+"""A real `openkms serve` process on a free loopback port, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, storage_url: str | None = None, env: dict[str, str] | None = None,
+                 port: int | None = None, extra_args: list[str] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.storage_url = storage_url
+        self.env = dict(env or {})
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server-{self.port}.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def access_key_id(self) -> str:
+        return self.env.get("OPENKMS_BOOTSTRAP_ACCESS_KEY_ID") or self._credentials()[0]
+
+    @property
+    def secret_access_key(self) -> str:
+        return self.env.get("OPENKMS_BOOTSTRAP_SECRET_ACCESS_KEY") or self._credentials()[1]
+
+    def _credentials(self) -> tuple[str, str]:
+        import configparser
+
+        parser = configparser.ConfigParser()
+        parser.read(self.data_dir / "credentials")
+        return parser["default"]["aws_access_key_id"], parser["default"]["aws_secret_access_key"]
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "openkms.cli.main", "serve", "--port", str(self.port),
+               "--data-dir", str(self.data_dir)]
+        if self.storage_url:
+            cmd += ["--storage-url", self.storage_url]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 30.0, expect_failure: bool = False) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENKMS_")}
+        env.update(self.env)
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        if expect_failure:
+            self.proc.wait(timeout=timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"openkms exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"openkms did not become healthy:\n{self.output()}")
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        self.log.close()
+        self.proc = None
+
+    def client(self, access_key_id: str | None = None, secret: str | None = None, service: str = "kms",
+               validate: bool = True) -> Any:
+        return boto3.client(
+            service, endpoint_url=self.endpoint, region_name=REGION,
+            aws_access_key_id=access_key_id or self.access_key_id,
+            aws_secret_access_key=secret or self.secret_access_key,
+            config=Config(retries={"max_attempts": 1}, parameter_validation=validate))
