@@ -11,6 +11,7 @@ them without a lookup table::
      |    MissingAuthenticationTokenException (403), IncompleteSignatureException,
      |    AccessDeniedException, NotFoundException, AlreadyExistsException,
      |    DisabledException, KMSInvalidStateException, InvalidCiphertextException,
+     |    KMSInvalidSignatureException, KMSInvalidMacException,
      |    IncorrectKeyException, InvalidKeyUsageException, InvalidAliasNameException,
      |    InvalidArnException, InvalidMarkerException, InvalidGrantTokenException,
      |    LimitExceededException, TagException, UnsupportedOperationException,
@@ -95,6 +96,14 @@ class InvalidCiphertextException(KMSError):
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or "The ciphertext is invalid.")
+
+
+class KMSInvalidSignatureException(KMSError):
+    code = "KMSInvalidSignatureException"
+
+
+class KMSInvalidMacException(KMSError):
+    code = "KMSInvalidMacException"
 
 
 class IncorrectKeyException(KMSError):

@@ -33,22 +33,40 @@ class KeySpecInfo:
     """What one key spec is and what it supports. New specs are new rows, not new branches."""
 
     name: str
-    usages: tuple[KeyUsage, ...]
-    encryption_algorithms: tuple[str, ...] = ()
-    signing_algorithms: tuple[str, ...] = ()
-    mac_algorithms: tuple[str, ...] = ()
-    key_agreement_algorithms: tuple[str, ...] = ()
-    material_bytes: int = 0
+    algorithms: dict[KeyUsage, tuple[str, ...]]  # usage -> algorithms it allows with that usage
+    symmetric: bool = False
+    material_bytes: int = 0  # generated material length for symmetric specs
 
+    @property
+    def usages(self) -> tuple[KeyUsage, ...]:
+        return tuple(self.algorithms)
+
+    def allowed(self, usage: KeyUsage) -> tuple[str, ...]:
+        return self.algorithms.get(usage, ())
+
+
+_RSA_SIGN = tuple(f"RSASSA_{p}_SHA_{n}" for p in ("PSS", "PKCS1_V1_5") for n in (256, 384, 512))
+_RSA_ENCRYPT = ("RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
+_SIGN, _ENCRYPT = KeyUsage.SIGN_VERIFY, KeyUsage.ENCRYPT_DECRYPT
+_MAC, _AGREE = KeyUsage.GENERATE_VERIFY_MAC, KeyUsage.KEY_AGREEMENT
 
 KEY_SPECS: dict[str, KeySpecInfo] = {
-    "SYMMETRIC_DEFAULT": KeySpecInfo(
-        name="SYMMETRIC_DEFAULT",
-        usages=(KeyUsage.ENCRYPT_DECRYPT,),
-        encryption_algorithms=("SYMMETRIC_DEFAULT",),
-        material_bytes=32,
-    ),
+    "SYMMETRIC_DEFAULT": KeySpecInfo("SYMMETRIC_DEFAULT", {_ENCRYPT: ("SYMMETRIC_DEFAULT",)},
+                                     symmetric=True, material_bytes=32),
+    **{f"RSA_{bits}": KeySpecInfo(f"RSA_{bits}", {_ENCRYPT: _RSA_ENCRYPT, _SIGN: _RSA_SIGN})
+       for bits in (2048, 3072, 4096)},
+    **{f"ECC_NIST_P{n}": KeySpecInfo(f"ECC_NIST_P{n}", {_SIGN: (f"ECDSA_SHA_{h}",), _AGREE: ("ECDH",)})
+       for n, h in ((256, 256), (384, 384), (521, 512))},
+    "ECC_SECG_P256K1": KeySpecInfo("ECC_SECG_P256K1", {_SIGN: ("ECDSA_SHA_256",)}),
+    # ED25519_PH_SHA_512 (pre-hashed Ed25519) is not offered: pyca/cryptography has no Ed25519ph.
+    "ECC_NIST_EDWARDS25519": KeySpecInfo("ECC_NIST_EDWARDS25519", {_SIGN: ("ED25519_SHA_512",)}),
+    **{f"HMAC_{n}": KeySpecInfo(f"HMAC_{n}", {_MAC: (f"HMAC_SHA_{n}",)}) for n in (224, 256, 384, 512)},
+    **{f"ML_DSA_{n}": KeySpecInfo(f"ML_DSA_{n}", {_SIGN: ("ML_DSA_SHAKE_256",)}) for n in (44, 65, 87)},
 }
+
+# Key pair specs GenerateDataKeyPair can make (SM2 is left out).
+DATA_KEY_PAIR_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096", "ECC_NIST_P256", "ECC_NIST_P384",
+                       "ECC_NIST_P521", "ECC_SECG_P256K1", "ECC_NIST_EDWARDS25519")
 
 
 class PrincipalType(str, enum.Enum):

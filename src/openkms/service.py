@@ -26,6 +26,8 @@ from .errors import (
     DisabledException,
     DryRunOperationException,
     IncorrectKeyException,
+    KMSInvalidMacException,
+    KMSInvalidSignatureException,
     InvalidAliasNameException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
@@ -43,6 +45,7 @@ from .model import (
     ALIAS_NAME_RE,
     KEY_ARN_RE,
     KEY_ID_RE,
+    DATA_KEY_PAIR_SPECS,
     KEY_SPECS,
     Alias,
     Caller,
@@ -58,6 +61,12 @@ Params = Mapping[str, Any]
 Result = dict[str, Any]
 
 DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
+ALGORITHM_FIELDS = {
+    KeyUsage.ENCRYPT_DECRYPT: "EncryptionAlgorithms",
+    KeyUsage.SIGN_VERIFY: "SigningAlgorithms",
+    KeyUsage.GENERATE_VERIFY_MAC: "MacAlgorithms",
+    KeyUsage.KEY_AGREEMENT: "KeyAgreementAlgorithms",
+}
 MAX_TAGS_PER_KEY = 50
 
 
@@ -172,10 +181,15 @@ class KMS:
             raise InvalidKeyUsageException(
                 f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
         self._check_usable(key)
-        if algorithm is not None and algorithm not in key.spec.encryption_algorithms:
+        if algorithm is not None:
+            self._check_algorithm(key, algorithm)
+        return key
+
+    @staticmethod
+    def _check_algorithm(key: Key, algorithm: str) -> None:
+        if algorithm not in key.spec.allowed(key.key_usage):
             raise InvalidKeyUsageException(
                 f"The operation failed because {key.arn} does not support the {algorithm} algorithm.")
-        return key
 
     def key_metadata(self, key: Key) -> Result:
         spec = key.spec
@@ -194,14 +208,7 @@ class KMS:
             "KeySpec": key.key_spec,
             "MultiRegion": False,
         }
-        if spec.encryption_algorithms:
-            md["EncryptionAlgorithms"] = list(spec.encryption_algorithms)
-        if spec.signing_algorithms:
-            md["SigningAlgorithms"] = list(spec.signing_algorithms)
-        if spec.mac_algorithms:
-            md["MacAlgorithms"] = list(spec.mac_algorithms)
-        if spec.key_agreement_algorithms:
-            md["KeyAgreementAlgorithms"] = list(spec.key_agreement_algorithms)
+        md[ALGORITHM_FIELDS[key.key_usage]] = list(spec.allowed(key.key_usage))
         if key.state is KeyState.PENDING_DELETION:
             md["DeletionDate"] = key.deletion_date
             md["PendingDeletionWindowInDays"] = key.pending_window_days
@@ -221,9 +228,9 @@ class KMS:
             raise ValidationException("You cannot specify KeySpec and CustomerMasterKeySpec in the same request.")
         spec_name = spec_name or legacy_spec or "SYMMETRIC_DEFAULT"
         spec = KEY_SPECS.get(spec_name)
-        if spec is None:
+        if spec is None or not self.keystore.supports(spec_name):
             raise UnsupportedOperationException(f"KeySpec {spec_name} is not supported by this server.")
-        usage = KeyUsage(p.get("KeyUsage") or spec.usages[0].value)
+        usage = KeyUsage(p.get("KeyUsage") or KeyUsage.ENCRYPT_DECRYPT.value)
         if usage not in spec.usages:
             raise ValidationException(f"KeyUsage {usage.value} is not compatible with KeySpec {spec_name}.")
         origin = p.get("Origin") or "AWS_KMS"
@@ -239,7 +246,7 @@ class KMS:
         key = Key(key_id=str(uuid.uuid4()), account_id=caller.account_id, region=self.region,
                   description=p.get("Description") or "", key_spec=spec_name, key_usage=usage,
                   origin=Origin.AWS_KMS, state=KeyState.ENABLED, created=self.now(), current_version=1)
-        sealed = self.keystore.new_material(key.key_id, 1, spec.material_bytes)
+        sealed = self.keystore.new_material(key.key_id, 1, spec_name)
         with self.store.begin() as tx:
             tx.keys.insert(key)
             tx.versions.insert(key.key_id, 1, sealed, key.created)
@@ -451,45 +458,52 @@ class KMS:
         if p.get("Recipient"):
             raise UnsupportedOperationException("Recipient (Nitro Enclaves attestation) is not supported.")
 
-    def _encrypt(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
-        return self.keystore.encrypt(key.key_id, key.current_version, plaintext, context)
+    def _encrypt(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None, algorithm: str) -> bytes:
+        if key.spec.symmetric:
+            return self.keystore.encrypt(key, plaintext, context)
+        if context:
+            raise ValidationException("EncryptionContext is not supported with asymmetric keys.")
+        return self.keystore.rsa_encrypt(key, algorithm, plaintext)
 
     def _decrypt(self, caller: Caller, ciphertext: bytes, context: Mapping[str, str] | None,
-                 key_ref: str | None, algorithm: str | None) -> tuple[Key, bytes]:
+                 key_ref: str | None, algorithm: str | None) -> tuple[Key, bytes, str]:
+        """Decrypt a symmetric blob (it names its key) or an RSA ciphertext (KeyId required)."""
+        algorithm = algorithm or "SYMMETRIC_DEFAULT"
+        requested = self._resolve(caller, key_ref) if key_ref is not None else None
+        if requested is not None and not requested.spec.symmetric:
+            key = self._crypto_key(caller, requested.arn, KeyUsage.ENCRYPT_DECRYPT, algorithm)
+            if context:
+                raise ValidationException("EncryptionContext is not supported with asymmetric keys.")
+            return key, self.keystore.rsa_decrypt(key, algorithm, ciphertext), algorithm
         header = blob.parse_header(ciphertext)
-        if key_ref is not None:
-            requested = self._resolve(caller, key_ref)
-            if requested.key_id != header.key_id:
-                raise IncorrectKeyException(
-                    "The key ID in the request does not identify a CMK that can perform this operation.")
+        if requested is not None and requested.key_id != header.key_id:
+            raise IncorrectKeyException(
+                "The key ID in the request does not identify a CMK that can perform this operation.")
         key = self._load_key(header.key_id)
-        if key is None or key.account_id != caller.account_id:
+        if key is None or key.account_id != caller.account_id or not key.spec.symmetric:
             raise InvalidCiphertextException()
         if key.key_usage is not KeyUsage.ENCRYPT_DECRYPT:
             raise InvalidKeyUsageException(
                 f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
         self._check_usable(key)
-        if algorithm is not None and algorithm not in key.spec.encryption_algorithms:
-            raise InvalidKeyUsageException(
-                f"The operation failed because {key.arn} does not support the {algorithm} algorithm.")
+        self._check_algorithm(key, algorithm)
         if header.version > key.current_version:
             raise InvalidCiphertextException()
-        return key, self.keystore.decrypt(header, ciphertext, context)
+        return key, self.keystore.decrypt(key, header, ciphertext, context), algorithm
 
     def encrypt(self, caller: Caller, p: Params) -> Result:
         algorithm = p.get("EncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
         key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, algorithm)
         self._dry_run(p)
-        ciphertext = self._encrypt(key, p["Plaintext"], p.get("EncryptionContext"))
+        ciphertext = self._encrypt(key, p["Plaintext"], p.get("EncryptionContext"), algorithm)
         return {"CiphertextBlob": ciphertext, "KeyId": key.arn, "EncryptionAlgorithm": algorithm}
 
     def decrypt(self, caller: Caller, p: Params) -> Result:
         self._no_recipient(p)
-        key, plaintext = self._decrypt(caller, p["CiphertextBlob"], p.get("EncryptionContext"),
-                                       p.get("KeyId"), p.get("EncryptionAlgorithm"))
+        key, plaintext, algorithm = self._decrypt(caller, p["CiphertextBlob"], p.get("EncryptionContext"),
+                                                  p.get("KeyId"), p.get("EncryptionAlgorithm"))
         self._dry_run(p)
-        return {"KeyId": key.arn, "Plaintext": plaintext,
-                "EncryptionAlgorithm": p.get("EncryptionAlgorithm") or "SYMMETRIC_DEFAULT"}
+        return {"KeyId": key.arn, "Plaintext": plaintext, "EncryptionAlgorithm": algorithm}
 
     def re_encrypt(self, caller: Caller, p: Params) -> Result:
         if "CiphertextBlob" not in p:
@@ -498,13 +512,13 @@ class KMS:
                 "Member must not be null")
         dest_alg = p.get("DestinationEncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
         dest = self._crypto_key(caller, p["DestinationKeyId"], KeyUsage.ENCRYPT_DECRYPT, dest_alg)
-        source, plaintext = self._decrypt(caller, p["CiphertextBlob"], p.get("SourceEncryptionContext"),
-                                          p.get("SourceKeyId"), p.get("SourceEncryptionAlgorithm"))
+        source, plaintext, source_alg = self._decrypt(
+            caller, p["CiphertextBlob"], p.get("SourceEncryptionContext"), p.get("SourceKeyId"),
+            p.get("SourceEncryptionAlgorithm"))
         self._dry_run(p)
-        ciphertext = self._encrypt(dest, plaintext, p.get("DestinationEncryptionContext"))
+        ciphertext = self._encrypt(dest, plaintext, p.get("DestinationEncryptionContext"), dest_alg)
         return {"CiphertextBlob": ciphertext, "SourceKeyId": source.arn, "KeyId": dest.arn,
-                "SourceEncryptionAlgorithm": p.get("SourceEncryptionAlgorithm") or "SYMMETRIC_DEFAULT",
-                "DestinationEncryptionAlgorithm": dest_alg}
+                "SourceEncryptionAlgorithm": source_alg, "DestinationEncryptionAlgorithm": dest_alg}
 
     @staticmethod
     def _data_key_length(p: Params) -> int:
@@ -516,17 +530,17 @@ class KMS:
     def generate_data_key(self, caller: Caller, p: Params) -> Result:
         self._no_recipient(p)
         length = self._data_key_length(p)
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, None)
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT")
         self._dry_run(p)
         plaintext = os.urandom(length)
-        ciphertext = self._encrypt(key, plaintext, p.get("EncryptionContext"))
+        ciphertext = self._encrypt(key, plaintext, p.get("EncryptionContext"), "SYMMETRIC_DEFAULT")
         return {"CiphertextBlob": ciphertext, "Plaintext": plaintext, "KeyId": key.arn}
 
     def generate_data_key_without_plaintext(self, caller: Caller, p: Params) -> Result:
         length = self._data_key_length(p)
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, None)
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT")
         self._dry_run(p)
-        ciphertext = self._encrypt(key, os.urandom(length), p.get("EncryptionContext"))
+        ciphertext = self._encrypt(key, os.urandom(length), p.get("EncryptionContext"), "SYMMETRIC_DEFAULT")
         return {"CiphertextBlob": ciphertext, "KeyId": key.arn}
 
     def generate_random(self, caller: Caller, p: Params) -> Result:
@@ -537,6 +551,76 @@ class KMS:
         if nbytes is None:
             raise ValidationException("Please specify the number of bytes.")
         return {"Plaintext": os.urandom(nbytes)}
+
+    # -- asymmetric and HMAC operations -------------------------------------------------------
+    def get_public_key(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"])
+        if key.spec.symmetric or key.key_usage is KeyUsage.GENERATE_VERIFY_MAC:
+            raise UnsupportedOperationException(f"{key.arn} is not an asymmetric key; it has no public key.")
+        self._check_usable(key)
+        return {"KeyId": key.arn, "PublicKey": self.keystore.public_key(key),
+                "CustomerMasterKeySpec": key.key_spec, "KeySpec": key.key_spec, "KeyUsage": key.key_usage.value,
+                ALGORITHM_FIELDS[key.key_usage]: list(key.spec.allowed(key.key_usage))}
+
+    def sign(self, caller: Caller, p: Params) -> Result:
+        algorithm = p["SigningAlgorithm"]
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.SIGN_VERIFY, algorithm)
+        self._dry_run(p)
+        signature = self.keystore.sign(key, algorithm, p["Message"], p.get("MessageType") or "RAW")
+        return {"KeyId": key.arn, "Signature": signature, "SigningAlgorithm": algorithm}
+
+    def verify(self, caller: Caller, p: Params) -> Result:
+        algorithm = p["SigningAlgorithm"]
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.SIGN_VERIFY, algorithm)
+        valid = self.keystore.verify(key, algorithm, p["Message"], p.get("MessageType") or "RAW", p["Signature"])
+        if not valid:
+            raise KMSInvalidSignatureException("The signature is not valid for this message, key and algorithm.")
+        self._dry_run(p)
+        return {"KeyId": key.arn, "SignatureValid": True, "SigningAlgorithm": algorithm}
+
+    def generate_mac(self, caller: Caller, p: Params) -> Result:
+        algorithm = p["MacAlgorithm"]
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.GENERATE_VERIFY_MAC, algorithm)
+        self._dry_run(p)
+        return {"Mac": self.keystore.mac(key, algorithm, p["Message"]), "MacAlgorithm": algorithm, "KeyId": key.arn}
+
+    def verify_mac(self, caller: Caller, p: Params) -> Result:
+        algorithm = p["MacAlgorithm"]
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.GENERATE_VERIFY_MAC, algorithm)
+        if not self.keystore.mac_matches(key, algorithm, p["Message"], p["Mac"]):
+            raise KMSInvalidMacException("The MAC is not valid for this message, key and algorithm.")
+        self._dry_run(p)
+        return {"KeyId": key.arn, "MacValid": True, "MacAlgorithm": algorithm}
+
+    def derive_shared_secret(self, caller: Caller, p: Params) -> Result:
+        self._no_recipient(p)
+        algorithm = p["KeyAgreementAlgorithm"]
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.KEY_AGREEMENT, algorithm)
+        secret = self.keystore.derive_shared_secret(key, p["PublicKey"])
+        self._dry_run(p)
+        return {"KeyId": key.arn, "SharedSecret": secret, "KeyAgreementAlgorithm": algorithm,
+                "KeyOrigin": key.origin.value}
+
+    def _data_key_pair(self, caller: Caller, p: Params) -> tuple[Key, bytes, bytes, bytes]:
+        pair_spec = p["KeyPairSpec"]
+        if pair_spec not in DATA_KEY_PAIR_SPECS:
+            raise UnsupportedOperationException(f"KeyPairSpec {pair_spec} is not supported by this server.")
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT")
+        self._dry_run(p)
+        private_der, public_der = self.keystore.new_key_pair(pair_spec)
+        wrapped = self._encrypt(key, private_der, p.get("EncryptionContext"), "SYMMETRIC_DEFAULT")
+        return key, private_der, public_der, wrapped
+
+    def generate_data_key_pair(self, caller: Caller, p: Params) -> Result:
+        self._no_recipient(p)
+        key, private_der, public_der, wrapped = self._data_key_pair(caller, p)
+        return {"PrivateKeyCiphertextBlob": wrapped, "PrivateKeyPlaintext": private_der, "PublicKey": public_der,
+                "KeyId": key.arn, "KeyPairSpec": p["KeyPairSpec"]}
+
+    def generate_data_key_pair_without_plaintext(self, caller: Caller, p: Params) -> Result:
+        key, _, public_der, wrapped = self._data_key_pair(caller, p)
+        return {"PrivateKeyCiphertextBlob": wrapped, "PublicKey": public_der, "KeyId": key.arn,
+                "KeyPairSpec": p["KeyPairSpec"]}
 
 
 def _state_words(state: KeyState) -> str:

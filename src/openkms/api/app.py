@@ -39,6 +39,11 @@ log = logging.getLogger("openkms.api")
 KMS_PREFIX = "TrentService."
 MAX_BODY_BYTES = 256 * 1024
 JSON_HEADERS = "application/x-amz-json-1.1"
+# Operations that may take a second of CPU (RSA key generation) run on a worker thread so they do
+# not stall every other request on the event loop. The service's caches are plain dicts whose
+# single operations are atomic, and SQLAlchemy's pool is thread-safe.
+SLOW_TARGETS = frozenset(f"TrentService.{op}" for op in (
+    "CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"))
 Response = tuple[int, list[tuple[str, str]], bytes]
 
 
@@ -165,9 +170,16 @@ class App:
         else:
             body = await _read_limited_rsgi(proto)
         client = scope.client.rsplit(":", 1)[0] if scope.client else ""
-        status, out_headers, data = self.handle(scope.method, scope.path, scope.query_string, headers,
-                                                body, client)
+        status, out_headers, data = await self._handle_async(scope.method, scope.path, scope.query_string,
+                                                             headers, body, client)
         proto.response_bytes(status, out_headers, data)
+
+    async def _handle_async(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
+                            client: str) -> Response:
+        if headers.get("x-amz-target") in SLOW_TARGETS:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self.handle, method, path, query, headers, body, client)
+        return self.handle(method, path, query, headers, body, client)
 
     # -- ASGI (uvicorn and others) ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -199,9 +211,9 @@ class App:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         client = scope.get("client") or ("", 0)
-        status, out_headers, data = self.handle(scope["method"], scope["path"],
-                                                scope.get("query_string", b"").decode("latin-1"),
-                                                headers, body, client[0])
+        status, out_headers, data = await self._handle_async(
+            scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"), headers, body,
+            client[0])
         await send({"type": "http.response.start", "status": status,
                     "headers": [(k.encode(), v.encode()) for k, v in out_headers]})
         await send({"type": "http.response.body", "body": data})

@@ -43,7 +43,8 @@ def _canonical_query(query: str) -> str:
     if not query:
         return ""
     pairs = parse_qsl(query, keep_blank_values=True)
-    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(pairs))
+    encoded = sorted((quote(k, safe='-_.~'), quote(v, safe='-_.~')) for k, v in pairs)  # SigV4 sorts encoded
+    return "&".join(f"{k}={v}" for k, v in encoded)
 
 
 def _canonical_value(value: str) -> str:
@@ -134,7 +135,7 @@ class SigV4Verifier:
         string_to_sign = "\n".join((ALGORITHM, amz_date, f"{date}/{region}/{service}/aws4_request",
                                     hashlib.sha256(canonical.encode()).hexdigest()))
         expected = hmac.new(self._key_for(secret.reveal(), date), string_to_sign.encode(), "sha256").hexdigest()
-        if not hmac.compare_digest(expected, signature):
+        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogatepass")):
             raise InvalidSignatureException(
                 "The request signature we calculated does not match the signature you provided. "
                 "Check your AWS Secret Access Key and signing method.")

@@ -1,18 +1,21 @@
 """The software key store: key material generated here and sealed under the root key in the store.
 
 Material of a key version never changes, so unsealed versions are cached for the life of the
-process (evicted when a key is deleted): a warm key costs no database read and no unseal.
+process (evicted when a key is deleted) as ready-to-use handles: a warm key costs no database
+read, no unseal and no key parsing.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
-from ..crypto import blob
+from ..crypto import asymmetric, blob
 from ..crypto.material import KeyMaterial
 from ..crypto.root import RootKey
 from ..errors import InvalidCiphertextException, KMSInternalException
+from ..model import KEY_SPECS, Key
 from ..storage import Store
 
 
@@ -27,16 +30,36 @@ class SoftwareKeyStore:
     def __init__(self, store: Store, root: RootKey) -> None:
         self._store = store
         self._root = root
-        self._cache: dict[tuple[str, int], KeyMaterial] = {}
+        # (key id, version) -> KeyMaterial (symmetric and HMAC) or a pyca private key object
+        self._handles: dict[tuple[str, int], Any] = {}
 
-    def new_material(self, key_id: str, version: int, nbytes: int) -> bytes:
-        """Fresh random material for a key version, returned sealed for the store."""
-        material = KeyMaterial(os.urandom(nbytes))
-        self._cache[(key_id, version)] = material
-        return self._root.seal(material.reveal(), material_aad(key_id, version))
+    # -- material -----------------------------------------------------------------------------
+    def new_material(self, key_id: str, version: int, spec_name: str) -> bytes:
+        """Fresh material for a key version, returned sealed for the store."""
+        spec = KEY_SPECS[spec_name]
+        raw = os.urandom(spec.material_bytes) if spec.symmetric else asymmetric.generate(spec_name)
+        self._handles[(key_id, version)] = self._make_handle(spec_name, raw)
+        return self._root.seal(raw, material_aad(key_id, version))
 
-    def _material(self, key_id: str, version: int) -> KeyMaterial:
-        cached = self._cache.get((key_id, version))
+    @staticmethod
+    def supports(spec_name: str) -> bool:
+        return spec_name in KEY_SPECS and (not spec_name.startswith("ML_DSA_") or asymmetric.ML_DSA_SUPPORTED)
+
+    @staticmethod
+    def new_key_pair(spec_name: str) -> tuple[bytes, bytes]:
+        """A data key pair that is handed out, never stored: (PKCS#8 DER private, SPKI DER public)."""
+        private_der = asymmetric.generate(spec_name)
+        return private_der, asymmetric.public_key_der(asymmetric.load(spec_name, private_der))
+
+    @staticmethod
+    def _make_handle(spec_name: str, raw: bytes) -> Any:
+        spec = KEY_SPECS[spec_name]
+        if spec.symmetric or spec_name.startswith("HMAC_"):
+            return KeyMaterial(raw)
+        return asymmetric.load(spec_name, raw)
+
+    def _handle(self, key_id: str, version: int, spec_name: str) -> Any:
+        cached = self._handles.get((key_id, version))
         if cached is not None:
             return cached
         with self._store.begin() as tx:
@@ -44,19 +67,50 @@ class SoftwareKeyStore:
         if sealed is None:
             raise InvalidCiphertextException()
         try:
-            material = KeyMaterial(self._root.unseal(sealed, material_aad(key_id, version)))
+            raw = self._root.unseal(sealed, material_aad(key_id, version))
         except InvalidCiphertextException:
             # The row does not open under our root key: the store was tampered with.
             raise KMSInternalException("Key material failed its integrity check.") from None
-        self._cache[(key_id, version)] = material
-        return material
+        handle = self._handles[(key_id, version)] = self._make_handle(spec_name, raw)
+        return handle
+
+    def _current(self, key: Key) -> Any:
+        return self._handle(key.key_id, key.current_version, key.key_spec)
 
     def forget(self, key_id: str) -> None:
-        for k in [k for k in self._cache if k[0] == key_id]:
-            del self._cache[k]
+        for k in [k for k in self._handles if k[0] == key_id]:
+            del self._handles[k]
 
-    def encrypt(self, key_id: str, version: int, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
-        return blob.seal(self._material(key_id, version).reveal(), key_id, version, plaintext, context)
+    # -- symmetric ----------------------------------------------------------------------------
+    def encrypt(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
+        material = self._current(key).reveal()
+        return blob.seal(material, key.key_id, key.current_version, plaintext, context)
 
-    def decrypt(self, header: blob.BlobHeader, data: bytes, context: Mapping[str, str] | None) -> bytes:
-        return blob.open_blob(self._material(header.key_id, header.version).reveal(), header, data, context)
+    def decrypt(self, key: Key, header: blob.BlobHeader, data: bytes, context: Mapping[str, str] | None) -> bytes:
+        material = self._handle(header.key_id, header.version, key.key_spec).reveal()
+        return blob.open_blob(material, header, data, context)
+
+    # -- asymmetric and HMAC ------------------------------------------------------------------
+    def public_key(self, key: Key) -> bytes:
+        return asymmetric.public_key_der(self._current(key))
+
+    def sign(self, key: Key, algorithm: str, message: bytes, message_type: str) -> bytes:
+        return asymmetric.sign(self._current(key), algorithm, message, message_type)
+
+    def verify(self, key: Key, algorithm: str, message: bytes, message_type: str, signature: bytes) -> bool:
+        return asymmetric.verify(self._current(key), algorithm, message, message_type, signature)
+
+    def rsa_encrypt(self, key: Key, algorithm: str, plaintext: bytes) -> bytes:
+        return asymmetric.rsa_encrypt(self._current(key), algorithm, plaintext)
+
+    def rsa_decrypt(self, key: Key, algorithm: str, ciphertext: bytes) -> bytes:
+        return asymmetric.rsa_decrypt(self._current(key), algorithm, ciphertext)
+
+    def mac(self, key: Key, algorithm: str, message: bytes) -> bytes:
+        return asymmetric.mac(self._current(key).reveal(), algorithm, message)
+
+    def mac_matches(self, key: Key, algorithm: str, message: bytes, tag: bytes) -> bool:
+        return asymmetric.mac_matches(self._current(key).reveal(), algorithm, message, tag)
+
+    def derive_shared_secret(self, key: Key, peer_public_der: bytes) -> bytes:
+        return asymmetric.ecdh(self._current(key), peer_public_der)
