@@ -27,9 +27,9 @@ from .model import Account, Principal, SecretStr
 from .storage import Store
 from .storage.store import from_ts
 
-ACCOUNT_ID_RE = re.compile(r"^\d{12}$")
-ACCESS_KEY_ID_RE = re.compile(r"^[A-Z0-9]{16,128}$")
-USER_NAME_RE = re.compile(r"^[\w+=,.@-]{1,64}$")
+ACCOUNT_ID_RE = re.compile(r"^[0-9]{12}\Z")  # \Z: "$" would accept a trailing newline
+ACCESS_KEY_ID_RE = re.compile(r"^[A-Z0-9]{16,128}\Z")
+USER_NAME_RE = re.compile(r"^[\w+=,.@-]{1,64}\Z")
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 

@@ -11,7 +11,8 @@ them without a lookup table::
      |    MissingAuthenticationTokenException (403), IncompleteSignatureException,
      |    AccessDeniedException, NotFoundException, AlreadyExistsException,
      |    DisabledException, KMSInvalidStateException, InvalidCiphertextException,
-     |    KMSInvalidSignatureException, KMSInvalidMacException,
+     |    KMSInvalidSignatureException, KMSInvalidMacException, IncorrectKeyMaterialException,
+     |    ExpiredImportTokenException, InvalidImportTokenException,
      |    IncorrectKeyException, InvalidKeyUsageException, InvalidAliasNameException,
      |    InvalidArnException, InvalidMarkerException, InvalidGrantTokenException,
      |    LimitExceededException, TagException, UnsupportedOperationException,
@@ -104,6 +105,18 @@ class KMSInvalidSignatureException(KMSError):
 
 class KMSInvalidMacException(KMSError):
     code = "KMSInvalidMacException"
+
+
+class IncorrectKeyMaterialException(KMSError):
+    code = "IncorrectKeyMaterialException"
+
+
+class ExpiredImportTokenException(KMSError):
+    code = "ExpiredImportTokenException"
+
+
+class InvalidImportTokenException(KMSError):
+    code = "InvalidImportTokenException"
 
 
 class IncorrectKeyException(KMSError):

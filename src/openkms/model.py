@@ -141,6 +141,10 @@ class Key:
     deletion_date: datetime | None = None
     pending_window_days: int | None = None
     current_version: int = 1
+    rotation_period_days: int | None = None  # automatic rotation on when set
+    next_rotation: datetime | None = None
+    valid_to: datetime | None = None  # expiry of imported material in use
+    expiration_model: str | None = None
 
     @property
     def arn(self) -> str:
@@ -149,6 +153,23 @@ class Key:
     @property
     def spec(self) -> KeySpecInfo:
         return KEY_SPECS[self.key_spec]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersion:
+    """One version of a key's material (the material itself stays in the key store)."""
+
+    key_id: str
+    version: int
+    created: datetime
+    material_id: str
+    has_material: bool
+    rotation_type: str | None = None
+    rotated: datetime | None = None
+    import_state: str | None = None
+    valid_to: datetime | None = None
+    expiration_model: str | None = None
+    description: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

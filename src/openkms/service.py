@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import os
 import time
 import uuid
@@ -20,12 +21,15 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .crypto import blob
+from .crypto import blob, wrap
 from .errors import (
     AlreadyExistsException,
     DisabledException,
     DryRunOperationException,
+    ExpiredImportTokenException,
     IncorrectKeyException,
+    IncorrectKeyMaterialException,
+    InvalidImportTokenException,
     KMSInvalidMacException,
     KMSInvalidSignatureException,
     InvalidAliasNameException,
@@ -52,6 +56,7 @@ from .model import (
     Key,
     KeyState,
     KeyUsage,
+    KeyVersion,
     Origin,
     alias_arn,
 )
@@ -68,6 +73,9 @@ ALGORITHM_FIELDS = {
     KeyUsage.KEY_AGREEMENT: "KeyAgreementAlgorithms",
 }
 MAX_TAGS_PER_KEY = 50
+MAX_ON_DEMAND_ROTATIONS = 10  # per key, as in AWS
+IMPORT_PARAMETERS_VALID = timedelta(hours=24)
+MAX_IMPORT_VALIDITY = timedelta(days=365)
 
 
 def _encode_marker(value: str) -> str:
@@ -162,9 +170,12 @@ class KMS:
             raise NotFoundException(f"Key 'arn:aws:kms:{self.region}:{account}:key/{key_id}' does not exist")
         return key
 
-    @staticmethod
-    def _check_usable(key: Key) -> None:
+    def _check_usable(self, key: Key) -> None:
         if key.state is KeyState.ENABLED:
+            if key.valid_to is not None and self.now() >= key.valid_to:
+                # Imported material past its ValidTo is unusable at once, before the scheduler
+                # gets round to deleting it.
+                raise KMSInvalidStateException(f"{key.arn} is pending import.")
             return
         if key.state is KeyState.DISABLED:
             raise DisabledException(f"{key.arn} is disabled.")
@@ -209,6 +220,10 @@ class KMS:
             "MultiRegion": False,
         }
         md[ALGORITHM_FIELDS[key.key_usage]] = list(spec.allowed(key.key_usage))
+        if key.origin is Origin.EXTERNAL and key.expiration_model:
+            md["ExpirationModel"] = key.expiration_model
+            if key.valid_to is not None:
+                md["ValidTo"] = key.valid_to
         if key.state is KeyState.PENDING_DELETION:
             md["DeletionDate"] = key.deletion_date
             md["PendingDeletionWindowInDays"] = key.pending_window_days
@@ -234,7 +249,7 @@ class KMS:
         if usage not in spec.usages:
             raise ValidationException(f"KeyUsage {usage.value} is not compatible with KeySpec {spec_name}.")
         origin = p.get("Origin") or "AWS_KMS"
-        if origin != Origin.AWS_KMS.value:
+        if origin not in (Origin.AWS_KMS.value, Origin.EXTERNAL.value):
             raise UnsupportedOperationException(f"Origin {origin} is not supported by this server.")
         if p.get("CustomKeyStoreId") or p.get("XksKeyId"):
             raise UnsupportedOperationException("Custom key stores are not supported by this server.")
@@ -243,13 +258,16 @@ class KMS:
         tags = self._checked_tags(p.get("Tags") or [])
         if len(tags) > MAX_TAGS_PER_KEY:
             raise TagException(f"A key can have at most {MAX_TAGS_PER_KEY} tags.")
+        external = origin == Origin.EXTERNAL.value
         key = Key(key_id=str(uuid.uuid4()), account_id=caller.account_id, region=self.region,
                   description=p.get("Description") or "", key_spec=spec_name, key_usage=usage,
-                  origin=Origin.AWS_KMS, state=KeyState.ENABLED, created=self.now(), current_version=1)
-        sealed = self.keystore.new_material(key.key_id, 1, spec_name)
+                  origin=Origin(origin), state=KeyState.PENDING_IMPORT if external else KeyState.ENABLED,
+                  created=self.now(), current_version=0 if external else 1)
         with self.store.begin() as tx:
             tx.keys.insert(key)
-            tx.versions.insert(key.key_id, 1, sealed, key.created)
+            if not external:
+                sealed, material_id = self.keystore.new_material(key.key_id, 1, spec_name)
+                tx.versions.insert(KeyVersion(key.key_id, 1, key.created, material_id, True), sealed)
             for k, v in tags.items():
                 tx.tags.put(key.key_id, k, v)
         self._remember(key)
@@ -488,7 +506,11 @@ class KMS:
         self._check_usable(key)
         self._check_algorithm(key, algorithm)
         if header.version > key.current_version:
-            raise InvalidCiphertextException()
+            # Another node may have rotated the key since this node cached it.
+            self._keys.pop(key.key_id, None)
+            fresh = self._load_key(key.key_id)
+            if fresh is None or header.version > fresh.current_version:
+                raise InvalidCiphertextException()
         return key, self.keystore.decrypt(key, header, ciphertext, context), algorithm
 
     def encrypt(self, caller: Caller, p: Params) -> Result:
@@ -621,6 +643,268 @@ class KMS:
         key, _, public_der, wrapped = self._data_key_pair(caller, p)
         return {"PrivateKeyCiphertextBlob": wrapped, "PublicKey": public_der, "KeyId": key.arn,
                 "KeyPairSpec": p["KeyPairSpec"]}
+
+    # -- rotation -----------------------------------------------------------------------------
+    def _rotatable(self, caller: Caller, key_ref: str) -> Key:
+        key = self._resolve(caller, key_ref, allow_alias=False)
+        if not key.spec.symmetric:
+            raise UnsupportedOperationException(f"{key.arn} is not a symmetric encryption key; it cannot rotate.")
+        self._check_not_pending_deletion(key)
+        return key
+
+    def enable_key_rotation(self, caller: Caller, p: Params) -> Result:
+        key = self._rotatable(caller, p["KeyId"])
+        if key.origin is Origin.EXTERNAL:
+            raise UnsupportedOperationException(
+                f"{key.arn} has imported key material: automatic rotation is not available; "
+                "import new material and use RotateKeyOnDemand.")
+        self._check_usable(key)
+        period = p.get("RotationPeriodInDays") or 365
+        self._save(dataclasses.replace(key, rotation_period_days=period,
+                                       next_rotation=self.now() + timedelta(days=period)))
+        return {}
+
+    def disable_key_rotation(self, caller: Caller, p: Params) -> Result:
+        key = self._rotatable(caller, p["KeyId"])
+        if key.state is KeyState.DISABLED:
+            raise DisabledException(f"{key.arn} is disabled.")
+        self._save(dataclasses.replace(key, rotation_period_days=None, next_rotation=None))
+        return {}
+
+    def get_key_rotation_status(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"])
+        if not key.spec.symmetric:
+            raise UnsupportedOperationException(f"{key.arn} is not a symmetric encryption key; it cannot rotate.")
+        result: Result = {"KeyId": key.arn, "KeyRotationEnabled": key.rotation_period_days is not None}
+        if key.rotation_period_days is not None:
+            result["RotationPeriodInDays"] = key.rotation_period_days
+            result["NextRotationDate"] = key.next_rotation
+        return result
+
+    def rotate_key_on_demand(self, caller: Caller, p: Params) -> Result:
+        key = self._rotatable(caller, p["KeyId"])
+        self._check_usable(key)
+        with self.store.begin() as tx:
+            key = tx.keys.get(key.key_id, for_update=True) or key
+            versions = tx.versions.list(key.key_id)
+            if sum(v.rotation_type == "ON_DEMAND" for v in versions) >= MAX_ON_DEMAND_ROTATIONS:
+                raise LimitExceededException(
+                    f"{key.arn} has had {MAX_ON_DEMAND_ROTATIONS} on-demand rotations, the most allowed.")
+            key = self._add_version(tx, key, versions, "ON_DEMAND")
+        self._remember(key)
+        return {"KeyId": key.key_id}
+
+    def _add_version(self, tx: Any, key: Key, versions: list[KeyVersion], rotation_type: str) -> Key:
+        """Make a new version current, inside the caller's transaction; returns the updated key."""
+        now = self.now()
+        if key.origin is Origin.EXTERNAL:
+            pending = [v for v in versions if v.version > key.current_version and v.has_material]
+            if not pending:
+                raise KMSInvalidStateException(
+                    f"{key.arn} has no new key material to rotate to: import it with ImportType NEW_KEY_MATERIAL.")
+            new = pending[0]
+            tx.versions.set_rotation(key.key_id, new.version, rotation_type, now)
+            return self._write_key(tx, dataclasses.replace(
+                key, current_version=new.version, valid_to=new.valid_to, expiration_model=new.expiration_model))
+        version = max((v.version for v in versions), default=0) + 1
+        sealed, material_id = self.keystore.new_material(key.key_id, version, key.key_spec)
+        tx.versions.insert(KeyVersion(key.key_id, version, now, material_id, True, rotation_type=rotation_type),
+                           sealed)
+        return self._write_key(tx, dataclasses.replace(key, current_version=version))
+
+    @staticmethod
+    def _write_key(tx: Any, key: Key) -> Key:
+        tx.keys.update(key)
+        return key
+
+    def list_key_rotations(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        if not key.spec.symmetric:
+            raise UnsupportedOperationException(f"{key.arn} is not a symmetric encryption key; it cannot rotate.")
+        limit = p.get("Limit") or 100
+        after = _decode_marker(p.get("Marker"))
+        start = int(after) if after and after.isdigit() else 0
+        with self.store.begin() as tx:
+            versions = tx.versions.list(key.key_id)
+        if p.get("IncludeKeyMaterial") != "ALL_KEY_MATERIAL":
+            versions = [v for v in versions if v.rotation_type is not None]
+        versions = [v for v in versions if v.version > start]
+        page = versions[:limit]
+        entries = []
+        for v in page:
+            entry: Result = {"KeyId": key.key_id, "KeyMaterialId": v.material_id,
+                             "KeyMaterialState": ("CURRENT" if v.version == key.current_version else
+                                                  "PENDING_ROTATION" if v.version > key.current_version else
+                                                  "NON_CURRENT")}
+            if v.rotation_type is not None:
+                entry["RotationType"] = v.rotation_type
+                entry["RotationDate"] = v.rotated or v.created
+            if key.origin is Origin.EXTERNAL:
+                entry["ImportState"] = v.import_state
+                entry["ExpirationModel"] = v.expiration_model
+                entry["ValidTo"] = v.valid_to
+                entry["KeyMaterialDescription"] = v.description
+            entries.append(entry)
+        result: Result = {"Rotations": entries, "Truncated": len(versions) > limit}
+        if len(versions) > limit:
+            result["NextMarker"] = _encode_marker(str(page[-1].version))
+        return result
+
+    def rotate_due_keys(self) -> list[str]:
+        """Rotate every key whose automatic rotation is due. Each due key is rotated once, by one
+        node: the rows are locked for the transaction and other nodes skip locked rows."""
+        now = self.now()
+        rotated: list[Key] = []
+        with self.store.begin() as tx:
+            for key in tx.keys.due_for_rotation(now):
+                period = timedelta(days=key.rotation_period_days or 365)
+                next_rotation = (key.next_rotation or now) + period
+                if next_rotation <= now:  # the node was down for a whole period: rotate once
+                    next_rotation = now + period
+                if key.state is KeyState.ENABLED and key.origin is Origin.AWS_KMS:
+                    key = self._add_version(tx, key, tx.versions.list(key.key_id), "AUTOMATIC")
+                    rotated.append(key)
+                # Disabled keys and keys pending deletion do not rotate; their schedule moves on.
+                tx.keys.update(dataclasses.replace(key, next_rotation=next_rotation))
+        for key in rotated:
+            self._keys.pop(key.key_id, None)
+        return [k.key_id for k in rotated]
+
+    # -- BYOK: import of key material ----------------------------------------------------------
+    def _importable(self, caller: Caller, key_ref: str) -> Key:
+        key = self._resolve(caller, key_ref, allow_alias=False)
+        if key.origin is not Origin.EXTERNAL:
+            raise UnsupportedOperationException(f"{key.arn} was not created with Origin EXTERNAL.")
+        self._check_not_pending_deletion(key)
+        return key
+
+    def get_parameters_for_import(self, caller: Caller, p: Params) -> Result:
+        key = self._importable(caller, p["KeyId"])
+        wrap.check_supported(p["WrappingKeySpec"], p["WrappingAlgorithm"])
+        token = os.urandom(32)
+        token_id = hashlib.sha256(token).hexdigest()
+        public_der, sealed_private = self.keystore.new_wrapping_key(token_id, p["WrappingKeySpec"])
+        valid_to = self.now() + IMPORT_PARAMETERS_VALID
+        with self.store.begin() as tx:
+            tx.import_tokens.insert(token_id, key.key_id, p["WrappingAlgorithm"], p["WrappingKeySpec"],
+                                    sealed_private, valid_to)
+        return {"KeyId": key.arn, "ImportToken": token, "PublicKey": public_der, "ParametersValidTo": valid_to}
+
+    def import_key_material(self, caller: Caller, p: Params) -> Result:
+        key = self._importable(caller, p["KeyId"])
+        token_id = hashlib.sha256(p["ImportToken"]).hexdigest()
+        with self.store.begin() as tx:
+            token = tx.import_tokens.get(token_id)
+        if token is None or token.key_id != key.key_id:
+            raise InvalidImportTokenException("The import token is not valid for this key.")
+        if token.valid_to <= self.now().timestamp():
+            raise ExpiredImportTokenException("The import token has expired; call GetParametersForImport again.")
+        material = self.keystore.unwrap_import(token_id, bytes(token.sealed_private_key), token.wrapping_algorithm,
+                                               p["EncryptedKeyMaterial"])
+        wrap.check_material(key.key_spec, material)
+        model, valid_to = self._expiration(p)
+        material_id = wrap.material_id(key.key_id, material)
+        if p.get("KeyMaterialId") and p["KeyMaterialId"] != material_id:
+            raise IncorrectKeyMaterialException("The key material is not the material KeyMaterialId names.")
+        with self.store.begin() as tx:
+            key = tx.keys.get(key.key_id, for_update=True) or key
+            versions = tx.versions.list(key.key_id)
+            same = next((v for v in versions if v.material_id == material_id), None)
+            import_type = p.get("ImportType") or "EXISTING_KEY_MATERIAL"
+            if not versions:  # first import: version 1 becomes current
+                sealed = self.keystore.seal_material(key.key_id, 1, material)
+                tx.versions.insert(KeyVersion(key.key_id, 1, self.now(), material_id, True, import_state="IMPORTED",
+                                              valid_to=valid_to, expiration_model=model,
+                                              description=p.get("KeyMaterialDescription")), sealed)
+                key = dataclasses.replace(key, current_version=1)
+                version = 1
+            elif import_type == "EXISTING_KEY_MATERIAL":
+                if same is None:
+                    raise IncorrectKeyMaterialException(
+                        "The key material is not the material that was imported into this key before.")
+                version = same.version
+                tx.versions.set_material(key.key_id, version, self.keystore.seal_material(key.key_id, version, material),
+                                         "IMPORTED", valid_to, model)
+            else:
+                if not key.spec.symmetric:
+                    raise UnsupportedOperationException("Only symmetric keys can take new key material.")
+                if same is not None:
+                    raise IncorrectKeyMaterialException("That key material was already imported into this key.")
+                if any(v.version > key.current_version for v in versions):
+                    raise KMSInvalidStateException(
+                        f"{key.arn} already has new key material waiting for RotateKeyOnDemand.")
+                version = max(v.version for v in versions) + 1
+                tx.versions.insert(KeyVersion(key.key_id, version, self.now(), material_id, True,
+                                              import_state="IMPORTED", valid_to=valid_to, expiration_model=model,
+                                              description=p.get("KeyMaterialDescription")),
+                                   self.keystore.seal_material(key.key_id, version, material))
+            if version == key.current_version:
+                state = KeyState.ENABLED if key.state is KeyState.PENDING_IMPORT else key.state
+                key = dataclasses.replace(key, state=state, valid_to=valid_to, expiration_model=model)
+            tx.keys.update(key)
+        self.keystore.forget(key.key_id, version)
+        self._remember(key)
+        return {"KeyId": key.arn, "KeyMaterialId": material_id}
+
+    def _expiration(self, p: Params) -> tuple[str, datetime | None]:
+        model, valid_to = p.get("ExpirationModel"), p.get("ValidTo")
+        if model is None:
+            model = "KEY_MATERIAL_EXPIRES" if valid_to is not None else "KEY_MATERIAL_DOES_NOT_EXPIRE"
+        if model == "KEY_MATERIAL_DOES_NOT_EXPIRE":
+            if valid_to is not None:
+                raise ValidationException("ValidTo is not allowed with ExpirationModel KEY_MATERIAL_DOES_NOT_EXPIRE.")
+            return model, None
+        if valid_to is None:
+            raise ValidationException("ValidTo is required with ExpirationModel KEY_MATERIAL_EXPIRES.")
+        now = self.now()
+        if valid_to <= now or valid_to > now + MAX_IMPORT_VALIDITY:
+            raise ValidationException("ValidTo must be in the future and at most 365 days away.")
+        return model, valid_to
+
+    def delete_imported_key_material(self, caller: Caller, p: Params) -> Result:
+        key = self._importable(caller, p["KeyId"])
+        with self.store.begin() as tx:
+            versions = tx.versions.list(key.key_id)
+            target = p.get("KeyMaterialId")
+            chosen = [v for v in versions if target is None or v.material_id == target]
+            if target is not None and not chosen:
+                raise NotFoundException(f"{key.arn} has no key material {target}.")
+            for v in chosen:
+                tx.versions.drop_material(key.key_id, v.version)
+            if any(v.version == key.current_version for v in chosen):
+                key = dataclasses.replace(key, state=KeyState.PENDING_IMPORT, valid_to=None)
+                tx.keys.update(key)
+        self.keystore.forget(key.key_id)
+        self._remember(key)
+        result: Result = {"KeyId": key.arn}
+        if target is not None:
+            result["KeyMaterialId"] = target
+        return result
+
+    def expire_imported_material(self) -> list[str]:
+        """Delete imported material whose ValidTo has passed; its key goes to PendingImport."""
+        now = self.now()
+        with self.store.begin() as tx:
+            due = tx.keys.material_expired(now)
+        for key_id in due:
+            with self.store.begin() as tx:
+                key = tx.keys.get(key_id, for_update=True)
+                if key is None or key.valid_to is None or key.valid_to > now:
+                    continue
+                tx.versions.drop_material(key_id, key.current_version)
+                key = dataclasses.replace(key, state=KeyState.PENDING_IMPORT, valid_to=None)
+                tx.keys.update(key)
+            self.keystore.forget(key_id)
+            self._keys.pop(key_id, None)
+        return due
+
+    def run_scheduled_work(self) -> dict[str, list[str]]:
+        """What the background scheduler does on each run, on every node."""
+        done = {"deleted": self.purge_due_keys(), "rotated": self.rotate_due_keys(),
+                "expired": self.expire_imported_material()}
+        with self.store.begin() as tx:
+            tx.import_tokens.delete_expired(self.now())
+        return done
 
 
 def _state_words(state: KeyState) -> str:

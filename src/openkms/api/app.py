@@ -43,7 +43,7 @@ JSON_HEADERS = "application/x-amz-json-1.1"
 # not stall every other request on the event loop. The service's caches are plain dicts whose
 # single operations are atomic, and SQLAlchemy's pool is thread-safe.
 SLOW_TARGETS = frozenset(f"TrentService.{op}" for op in (
-    "CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"))
+    "CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GetParametersForImport"))
 Response = tuple[int, list[tuple[str, str]], bytes]
 
 
@@ -131,9 +131,10 @@ class App:
         interval = self.settings.scheduler_interval
         while True:
             try:
-                deleted = self.node.kms.purge_due_keys()
-                if deleted:
-                    log.info("deleted %d key(s) whose deletion window ended", len(deleted))
+                done = self.node.kms.run_scheduled_work()
+                for what, key_ids in done.items():
+                    if key_ids:
+                        log.info("scheduler: %s %d key(s)", what, len(key_ids))
             except Exception:
                 log.exception("scheduler run failed; will retry")
             await asyncio.sleep(interval)

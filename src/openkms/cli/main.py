@@ -147,6 +147,21 @@ def _admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _byok_wrap(args: argparse.Namespace) -> int:
+    from ..client.byok import wrap_key_material
+
+    try:
+        wrapped = wrap_key_material(Path(args.public_key).read_bytes(), args.algorithm,
+                                    Path(args.material).read_bytes())
+    except (OSError, ValueError) as exc:
+        print(f"openkms byok wrap: {exc}", file=sys.stderr)
+        return 1
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(wrapped)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openkms", description="A key management service that speaks the AWS KMS API.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, kwargs in options:
             cmd.add_argument(flag, **kwargs)
     admin.set_defaults(func=_admin)
+
+    byok = sub.add_parser("byok", help="customer-side tools for importing your own key material")
+    byok_sub = byok.add_subparsers(dest="byok_command", required=True)
+    wrap = byok_sub.add_parser("wrap", help="wrap key material with the wrapping key from GetParametersForImport")
+    wrap.add_argument("--public-key", required=True, help="the wrapping public key (DER or PEM)")
+    wrap.add_argument("--algorithm", required=True, choices=["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256",
+                                                             "RSA_AES_KEY_WRAP_SHA_1", "RSA_AES_KEY_WRAP_SHA_256"])
+    wrap.add_argument("--material", required=True, help="the raw key material (32 bytes, or PKCS#8 DER)")
+    wrap.add_argument("--out", required=True, help="where to write the wrapped material (mode 0600)")
+    wrap.set_defaults(func=_byok_wrap)
     return parser
 
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..crypto import asymmetric, blob
+from ..crypto import asymmetric, blob, wrap
 from ..crypto.material import KeyMaterial
 from ..crypto.root import RootKey
 from ..errors import InvalidCiphertextException, KMSInternalException
@@ -34,12 +34,31 @@ class SoftwareKeyStore:
         self._handles: dict[tuple[str, int], Any] = {}
 
     # -- material -----------------------------------------------------------------------------
-    def new_material(self, key_id: str, version: int, spec_name: str) -> bytes:
-        """Fresh material for a key version, returned sealed for the store."""
+    def new_material(self, key_id: str, version: int, spec_name: str) -> tuple[bytes, str]:
+        """Fresh material for a key version: (sealed for the store, material id).
+
+        Nothing is cached here: the version only exists once the caller's transaction commits,
+        and its first use unseals it from the store."""
         spec = KEY_SPECS[spec_name]
         raw = os.urandom(spec.material_bytes) if spec.symmetric else asymmetric.generate(spec_name)
-        self._handles[(key_id, version)] = self._make_handle(spec_name, raw)
+        return self._root.seal(raw, material_aad(key_id, version)), wrap.material_id(key_id, raw)
+
+    def seal_material(self, key_id: str, version: int, raw: bytes) -> bytes:
+        """Imported material, sealed for the store like generated material."""
         return self._root.seal(raw, material_aad(key_id, version))
+
+    # -- BYOK ---------------------------------------------------------------------------------
+    def new_wrapping_key(self, token_id: str, wrapping_key_spec: str) -> tuple[bytes, bytes]:
+        """(public key DER for the customer, the private key sealed for the store)."""
+        private_der, public_der = wrap.new_wrapping_key(wrapping_key_spec)
+        return public_der, self._root.seal(private_der, f"openkms:import-token:{token_id}".encode())
+
+    def unwrap_import(self, token_id: str, sealed_private_key: bytes, algorithm: str, wrapped: bytes) -> bytes:
+        try:
+            private_der = self._root.unseal(sealed_private_key, f"openkms:import-token:{token_id}".encode())
+        except InvalidCiphertextException:
+            raise KMSInternalException("A wrapping key failed its integrity check.") from None
+        return wrap.unwrap(private_der, algorithm, wrapped)
 
     @staticmethod
     def supports(spec_name: str) -> bool:
@@ -77,8 +96,8 @@ class SoftwareKeyStore:
     def _current(self, key: Key) -> Any:
         return self._handle(key.key_id, key.current_version, key.key_spec)
 
-    def forget(self, key_id: str) -> None:
-        for k in [k for k in self._handles if k[0] == key_id]:
+    def forget(self, key_id: str, version: int | None = None) -> None:
+        for k in [k for k in self._handles if k[0] == key_id and version in (None, k[1])]:
             del self._handles[k]
 
     # -- symmetric ----------------------------------------------------------------------------

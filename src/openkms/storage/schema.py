@@ -70,16 +70,43 @@ keys = Table(
     Column("deletion_date", Float, nullable=True),
     Column("pending_window_days", Integer, nullable=True),
     Column("current_version", Integer, nullable=False),
+    # Automatic rotation: period in days (NULL: off) and when the next rotation is due.
+    Column("rotation_period_days", Integer, nullable=True),
+    Column("next_rotation", Float, nullable=True),
+    # Imported material of the current version: its expiry, if any.
+    Column("valid_to", Float, nullable=True),
+    Column("expiration_model", String(32), nullable=True),
     Index("ix_kms_keys_account", "account_id", "key_id"),
     Index("ix_kms_keys_deletion", "state", "deletion_date"),
+    Index("ix_kms_keys_rotation", "next_rotation"),
+    Index("ix_kms_keys_valid_to", "valid_to"),
 )
 
 key_versions = Table(
     "key_versions", metadata,
     Column("key_id", String(36), ForeignKey("kms_keys.key_id", ondelete="CASCADE"), primary_key=True),
     Column("version", Integer, primary_key=True),
+    # Empty once imported material has expired or been deleted (the row stays: it remembers the
+    # material's id so that only the same material can be imported again).
     Column("sealed_material", LargeBinary, nullable=False),
     Column("created", Float, nullable=False),
+    Column("material_id", String(64), nullable=False),
+    Column("rotation_type", String(16), nullable=True),  # AUTOMATIC | ON_DEMAND; NULL for the first
+    Column("rotated", Float, nullable=True),              # when it became current by a rotation
+    Column("import_state", String(16), nullable=True),   # IMPORTED | PENDING_IMPORT; NULL if generated
+    Column("valid_to", Float, nullable=True),
+    Column("expiration_model", String(32), nullable=True),
+    Column("description", Text, nullable=True),
+)
+
+import_tokens = Table(
+    "import_tokens", metadata,
+    Column("token_id", String(64), primary_key=True),
+    Column("key_id", String(36), ForeignKey("kms_keys.key_id", ondelete="CASCADE"), nullable=False),
+    Column("wrapping_algorithm", String(32), nullable=False),
+    Column("wrapping_key_spec", String(16), nullable=False),
+    Column("sealed_private_key", LargeBinary, nullable=False),
+    Column("valid_to", Float, nullable=False),
 )
 
 aliases = Table(

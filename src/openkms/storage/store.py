@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, f
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from ..errors import AlreadyExistsException, ConfigurationError, DependencyTimeoutException
-from ..model import AccessKey, Account, Alias, Key, KeyState, KeyUsage, Origin, Principal, SecretStr
+from ..model import AccessKey, Account, Alias, Key, KeyState, KeyUsage, KeyVersion, Origin, Principal, SecretStr
 from . import schema as t
 
 
@@ -66,6 +66,14 @@ class Store:
             else:
                 raise ConfigurationError(f"unsupported storage URL scheme: {url.split(':', 1)[0]}")
             t.metadata.create_all(engine)
+            with engine.begin() as conn:
+                row = conn.execute(select(t.meta.c.value).where(t.meta.c.name == "schema_version")).first()
+                if row is None:
+                    conn.execute(insert(t.meta).values(name="schema_version", value=str(t.SCHEMA_VERSION).encode()))
+                elif bytes(row[0]).decode() != str(t.SCHEMA_VERSION):
+                    raise ConfigurationError(
+                        f"the store has schema version {bytes(row[0]).decode()}; this openkms expects "
+                        f"{t.SCHEMA_VERSION}")
         except SQLAlchemyError as exc:
             raise ConfigurationError(f"cannot open the store: {type(exc).__name__}: {exc.args[0] if exc.args else ''}") from None
         return cls(engine)
@@ -93,6 +101,7 @@ class Tx:
         self.accounts = AccountRepo(conn)
         self.keys = KeyRepo(conn)
         self.versions = VersionRepo(conn)
+        self.import_tokens = ImportTokenRepo(conn)
         self.aliases = AliasRepo(conn)
         self.tags = TagRepo(conn)
 
@@ -196,14 +205,22 @@ class KeyRepo:
             key_spec=row.key_spec, key_usage=KeyUsage(row.key_usage), origin=Origin(row.origin),
             state=KeyState(row.state), created=from_ts(row.created),  # type: ignore[arg-type]
             deletion_date=from_ts(row.deletion_date), pending_window_days=row.pending_window_days,
-            current_version=row.current_version)
+            current_version=row.current_version, rotation_period_days=row.rotation_period_days,
+            next_rotation=from_ts(row.next_rotation), valid_to=from_ts(row.valid_to),
+            expiration_model=row.expiration_model)
+
+    @staticmethod
+    def _mutable(key: Key) -> dict[str, Any]:
+        return dict(description=key.description, state=key.state.value, deletion_date=to_ts(key.deletion_date),
+                    pending_window_days=key.pending_window_days, current_version=key.current_version,
+                    rotation_period_days=key.rotation_period_days, next_rotation=to_ts(key.next_rotation),
+                    valid_to=to_ts(key.valid_to), expiration_model=key.expiration_model)
 
     def insert(self, key: Key) -> None:
         self.conn.execute(insert(t.keys).values(
-            key_id=key.key_id, account_id=key.account_id, region=key.region, description=key.description,
-            key_spec=key.key_spec, key_usage=key.key_usage.value, origin=key.origin.value,
-            state=key.state.value, created=_now_ts(key.created), deletion_date=to_ts(key.deletion_date),
-            pending_window_days=key.pending_window_days, current_version=key.current_version))
+            key_id=key.key_id, account_id=key.account_id, region=key.region, key_spec=key.key_spec,
+            key_usage=key.key_usage.value, origin=key.origin.value, created=_now_ts(key.created),
+            **self._mutable(key)))
 
     def get(self, key_id: str, for_update: bool = False) -> Key | None:
         q = select(t.keys).where(t.keys.c.key_id == key_id)
@@ -213,9 +230,7 @@ class KeyRepo:
         return None if row is None else self._key(row)
 
     def update(self, key: Key) -> None:
-        self.conn.execute(update(t.keys).where(t.keys.c.key_id == key.key_id).values(
-            description=key.description, state=key.state.value, deletion_date=to_ts(key.deletion_date),
-            pending_window_days=key.pending_window_days, current_version=key.current_version))
+        self.conn.execute(update(t.keys).where(t.keys.c.key_id == key.key_id).values(**self._mutable(key)))
 
     def list_ids(self, account_id: str, after: str | None, limit: int) -> list[Key]:
         q = select(t.keys).where(t.keys.c.account_id == account_id)
@@ -230,8 +245,21 @@ class KeyRepo:
             .limit(limit))
         return [r.key_id for r in rows]
 
+    def due_for_rotation(self, now: datetime, limit: int = 100) -> list[Key]:
+        """Keys whose automatic rotation is due, locked for this transaction. Rows another node
+        has locked are skipped (PostgreSQL), so each due key is rotated by exactly one node."""
+        q = (select(t.keys).where(and_(t.keys.c.next_rotation.is_not(None), t.keys.c.next_rotation <= _now_ts(now)))
+             .limit(limit).with_for_update(skip_locked=True))
+        return [self._key(r) for r in self.conn.execute(q)]
+
+    def material_expired(self, now: datetime, limit: int = 100) -> list[str]:
+        rows = self.conn.execute(select(t.keys.c.key_id).where(and_(
+            t.keys.c.valid_to.is_not(None), t.keys.c.valid_to <= _now_ts(now))).limit(limit))
+        return [r.key_id for r in rows]
+
     def delete(self, key_id: str) -> None:
         # Children first: SQLite only cascades when foreign_keys is on, PostgreSQL always does.
+        self.conn.execute(delete(t.import_tokens).where(t.import_tokens.c.key_id == key_id))
         self.conn.execute(delete(t.aliases).where(t.aliases.c.target_key_id == key_id))
         self.conn.execute(delete(t.tags).where(t.tags.c.key_id == key_id))
         self.conn.execute(delete(t.key_versions).where(t.key_versions.c.key_id == key_id))
@@ -242,14 +270,68 @@ class VersionRepo:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def insert(self, key_id: str, version: int, sealed_material: bytes, created: datetime) -> None:
+    def insert(self, v: KeyVersion, sealed_material: bytes) -> None:
         self.conn.execute(insert(t.key_versions).values(
-            key_id=key_id, version=version, sealed_material=sealed_material, created=_now_ts(created)))
+            key_id=v.key_id, version=v.version, sealed_material=sealed_material, created=_now_ts(v.created),
+            material_id=v.material_id, rotation_type=v.rotation_type,
+            rotated=to_ts(v.rotated or (v.created if v.rotation_type else None)), import_state=v.import_state,
+            valid_to=to_ts(v.valid_to), expiration_model=v.expiration_model, description=v.description))
 
     def get(self, key_id: str, version: int) -> bytes | None:
+        """The sealed material of a version; None if there is no such version or no material."""
         row = self.conn.execute(select(t.key_versions.c.sealed_material).where(and_(
             t.key_versions.c.key_id == key_id, t.key_versions.c.version == version))).first()
-        return None if row is None else bytes(row[0])
+        return bytes(row[0]) or None if row is not None else None
+
+    @staticmethod
+    def _version(row: Any) -> KeyVersion:
+        return KeyVersion(key_id=row.key_id, version=row.version, created=from_ts(row.created),  # type: ignore[arg-type]
+                          material_id=row.material_id, has_material=bool(row.sealed_material),
+                          rotation_type=row.rotation_type, rotated=from_ts(row.rotated),
+                          import_state=row.import_state,
+                          valid_to=from_ts(row.valid_to), expiration_model=row.expiration_model,
+                          description=row.description)
+
+    def list(self, key_id: str) -> list[KeyVersion]:
+        rows = self.conn.execute(select(t.key_versions).where(t.key_versions.c.key_id == key_id)
+                                 .order_by(t.key_versions.c.version))
+        return [self._version(r) for r in rows]
+
+    def set_material(self, key_id: str, version: int, sealed_material: bytes, import_state: str | None,
+                     valid_to: datetime | None, expiration_model: str | None) -> None:
+        self.conn.execute(update(t.key_versions).where(and_(
+            t.key_versions.c.key_id == key_id, t.key_versions.c.version == version)).values(
+            sealed_material=sealed_material, import_state=import_state, valid_to=to_ts(valid_to),
+            expiration_model=expiration_model))
+
+    def set_rotation(self, key_id: str, version: int, rotation_type: str, when: datetime) -> None:
+        self.conn.execute(update(t.key_versions).where(and_(
+            t.key_versions.c.key_id == key_id, t.key_versions.c.version == version)).values(
+            rotation_type=rotation_type, rotated=_now_ts(when)))
+
+    def drop_material(self, key_id: str, version: int | None = None) -> None:
+        """Forget imported material (all versions, or one); the rows remain as PENDING_IMPORT."""
+        q = update(t.key_versions).where(t.key_versions.c.key_id == key_id)
+        if version is not None:
+            q = q.where(t.key_versions.c.version == version)
+        self.conn.execute(q.values(sealed_material=b"", import_state="PENDING_IMPORT", valid_to=None))
+
+
+class ImportTokenRepo:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def insert(self, token_id: str, key_id: str, algorithm: str, spec: str, sealed_private_key: bytes,
+               valid_to: datetime) -> None:
+        self.conn.execute(insert(t.import_tokens).values(
+            token_id=token_id, key_id=key_id, wrapping_algorithm=algorithm, wrapping_key_spec=spec,
+            sealed_private_key=sealed_private_key, valid_to=_now_ts(valid_to)))
+
+    def get(self, token_id: str) -> Any:
+        return self.conn.execute(select(t.import_tokens).where(t.import_tokens.c.token_id == token_id)).first()
+
+    def delete_expired(self, now: datetime) -> None:
+        self.conn.execute(delete(t.import_tokens).where(t.import_tokens.c.valid_to <= _now_ts(now)))
 
 
 class AliasRepo:
