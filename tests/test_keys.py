@@ -107,7 +107,8 @@ def test_encrypt_decrypt_round_trip(kms: Any, key_id: str) -> None:
         out = kms.encrypt(KeyId=key_id, Plaintext=plaintext, EncryptionContext={"tenant": "t1", "app": "x"})
         assert out["KeyId"] == arn(key_id)
         assert out["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
-        assert plaintext not in out["CiphertextBlob"]
+        if size >= 32:  # a short plaintext can occur in random bytes by chance
+            assert plaintext not in out["CiphertextBlob"]
         back = kms.decrypt(CiphertextBlob=out["CiphertextBlob"], EncryptionContext={"app": "x", "tenant": "t1"})
         assert back["Plaintext"] == plaintext
         assert back["KeyId"] == arn(key_id)

@@ -25,6 +25,10 @@ class Settings:
     # same PostgreSQL store are seen within this many seconds.
     cache_ttl: float = 5.0
     log_level: str = "info"
+    # Audit: how often the writer signs a digest of its chain, and how many days records stay in
+    # the store before they are archived to files under <data_dir>/audit-archive (0: never).
+    audit_digest_interval: float = 60.0
+    audit_retention_days: float = 0.0
 
     def __repr__(self) -> str:  # the passphrase must never reach a log
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root_passphrase"}

@@ -8,6 +8,7 @@ fresh store is only initialised, and a key file only created, when the store has
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +117,16 @@ def write_credentials(path: Path, issued: IssuedKey, region: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def node_id(data_dir: Path) -> str:
+    """This node's id, kept in <data_dir>/node-id: it names the node's audit chain across restarts."""
+    path = data_dir / "node-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = str(uuid.uuid4())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(value + "\n")
+        os.replace(tmp, path)
+        return value

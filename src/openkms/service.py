@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .audit.context import note_key
+from .audit.usage import UsageTracker
 from .crypto import blob, wrap
 from .errors import (
     AlreadyExistsException,
@@ -29,13 +31,13 @@ from .errors import (
     ExpiredImportTokenException,
     IncorrectKeyException,
     IncorrectKeyMaterialException,
-    InvalidImportTokenException,
-    KMSInvalidMacException,
-    KMSInvalidSignatureException,
     InvalidAliasNameException,
     InvalidCiphertextException,
+    InvalidImportTokenException,
     InvalidKeyUsageException,
     InvalidMarkerException,
+    KMSInvalidMacException,
+    KMSInvalidSignatureException,
     KMSInvalidStateException,
     LimitExceededException,
     NotFoundException,
@@ -47,9 +49,9 @@ from .keystore.software import SoftwareKeyStore
 from .model import (
     ALIAS_ARN_RE,
     ALIAS_NAME_RE,
+    DATA_KEY_PAIR_SPECS,
     KEY_ARN_RE,
     KEY_ID_RE,
-    DATA_KEY_PAIR_SPECS,
     KEY_SPECS,
     Alias,
     Caller,
@@ -101,6 +103,7 @@ class KMS:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._keys: dict[str, tuple[float, Key | None]] = {}
         self._aliases: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self.usage: UsageTracker | None = None  # set by the API layer, which records uses
 
     def now(self) -> datetime:
         return self._clock()
@@ -168,6 +171,7 @@ class KMS:
         key = self._load_key(key_id)
         if key is None or key.account_id != account:
             raise NotFoundException(f"Key 'arn:aws:kms:{self.region}:{account}:key/{key_id}' does not exist")
+        note_key(key.arn, key.account_id)
         return key
 
     def _check_usable(self, key: Key) -> None:
@@ -271,6 +275,7 @@ class KMS:
             for k, v in tags.items():
                 tx.tags.put(key.key_id, k, v)
         self._remember(key)
+        note_key(key.arn, key.account_id)
         return {"KeyMetadata": self.key_metadata(key)}
 
     def describe_key(self, caller: Caller, p: Params) -> Result:
@@ -500,6 +505,7 @@ class KMS:
         key = self._load_key(header.key_id)
         if key is None or key.account_id != caller.account_id or not key.spec.symmetric:
             raise InvalidCiphertextException()
+        note_key(key.arn, key.account_id)
         if key.key_usage is not KeyUsage.ENCRYPT_DECRYPT:
             raise InvalidKeyUsageException(
                 f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
@@ -520,7 +526,16 @@ class KMS:
         ciphertext = self._encrypt(key, p["Plaintext"], p.get("EncryptionContext"), algorithm)
         return {"CiphertextBlob": ciphertext, "KeyId": key.arn, "EncryptionAlgorithm": algorithm}
 
+    @staticmethod
+    def _require(p: Params, member: str) -> None:
+        """For members the model leaves optional but the operation cannot do without."""
+        if p.get(member) is None:
+            path = member[0].lower() + member[1:]
+            raise ValidationException(f"1 validation error detected: Value null at '{path}' failed to satisfy "
+                                      "constraint: Member must not be null")
+
     def decrypt(self, caller: Caller, p: Params) -> Result:
+        self._require(p, "CiphertextBlob")
         self._no_recipient(p)
         key, plaintext, algorithm = self._decrypt(caller, p["CiphertextBlob"], p.get("EncryptionContext"),
                                                   p.get("KeyId"), p.get("EncryptionAlgorithm"))
@@ -528,10 +543,7 @@ class KMS:
         return {"KeyId": key.arn, "Plaintext": plaintext, "EncryptionAlgorithm": algorithm}
 
     def re_encrypt(self, caller: Caller, p: Params) -> Result:
-        if "CiphertextBlob" not in p:
-            raise ValidationException(
-                "1 validation error detected: Value null at 'ciphertextBlob' failed to satisfy constraint: "
-                "Member must not be null")
+        self._require(p, "CiphertextBlob")
         dest_alg = p.get("DestinationEncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
         dest = self._crypto_key(caller, p["DestinationKeyId"], KeyUsage.ENCRYPT_DECRYPT, dest_alg)
         source, plaintext, source_alg = self._decrypt(
@@ -569,10 +581,8 @@ class KMS:
         self._no_recipient(p)
         if p.get("CustomKeyStoreId"):
             raise UnsupportedOperationException("Custom key stores are not supported by this server.")
-        nbytes = p.get("NumberOfBytes")
-        if nbytes is None:
-            raise ValidationException("Please specify the number of bytes.")
-        return {"Plaintext": os.urandom(nbytes)}
+        self._require(p, "NumberOfBytes")
+        return {"Plaintext": os.urandom(p["NumberOfBytes"])}
 
     # -- asymmetric and HMAC operations -------------------------------------------------------
     def get_public_key(self, caller: Caller, p: Params) -> Result:
@@ -643,6 +653,12 @@ class KMS:
         key, _, public_der, wrapped = self._data_key_pair(caller, p)
         return {"PrivateKeyCiphertextBlob": wrapped, "PublicKey": public_der, "KeyId": key.arn,
                 "KeyPairSpec": p["KeyPairSpec"]}
+
+    def get_key_last_usage(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        last = self.usage.last(key.key_id) if self.usage is not None else None
+        return {"KeyId": key.key_id, "KeyLastUsage": last or {}, "TrackingStartDate": key.created,
+                "KeyCreationDate": key.created}
 
     # -- rotation -----------------------------------------------------------------------------
     def _rotatable(self, caller: Caller, key_ref: str) -> Key:

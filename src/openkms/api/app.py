@@ -14,10 +14,16 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from ..audit import context as audit_context
+from ..audit.log import AuditLog
+from ..audit.record import build_event
+from ..audit.usage import TRACKED_OPERATIONS, UsageTracker
+from ..audit.verify import archive as archive_audit
 from ..config import Settings
 from ..errors import (
     KMSError,
@@ -28,7 +34,7 @@ from ..errors import (
     UnsupportedOperationException,
 )
 from ..model import Caller
-from ..node import Node, open_node
+from ..node import Node, node_id, open_node
 from . import shapes
 from .admin import TARGET_PREFIX as ADMIN_PREFIX
 from .admin import AdminAPI
@@ -45,6 +51,8 @@ JSON_HEADERS = "application/x-amz-json-1.1"
 SLOW_TARGETS = frozenset(f"TrentService.{op}" for op in (
     "CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GetParametersForImport"))
 Response = tuple[int, list[tuple[str, str]], bytes]
+Event = dict[str, Any]
+_CREDENTIAL_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 
 
 def _snake(name: str) -> str:
@@ -59,7 +67,11 @@ class App:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.settings = node.settings
-        self.admin = AdminAPI(node.accounts)
+        self.usage = UsageTracker(node.store)
+        node.kms.usage = self.usage
+        self.audit = AuditLog(node.store, node.root, node_id(node.settings.data_dir),
+                              node.settings.audit_digest_interval, self.usage)
+        self.admin = AdminAPI(node.accounts, node.store, self.audit)
         self.verifier = SigV4Verifier(node.settings.region, "kms", node.accounts.credentials)
         self.operations = shapes.operations()
         self.handlers: dict[str, Callable[[Caller, dict[str, Any]], dict[str, Any]]] = {}
@@ -71,15 +83,21 @@ class App:
 
     # -- the protocol-independent core ------------------------------------------------------------
     def handle(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-               source_ip: str = "") -> Response:
+               source_ip: str = "") -> tuple[Response, Event | None]:
+        """The response, and the audit record of the call (None for requests that are not API calls)."""
+        if method == "GET" and path == "/health":
+            return (200, [("content-type", "application/json")],
+                    orjson.dumps({"status": "ok", "region": self.settings.region})), None
         request_id = str(uuid.uuid4())
         out_headers = [("content-type", JSON_HEADERS), ("x-amzn-requestid", request_id)]
         started = time.perf_counter()
         target = headers.get("x-amz-target", "")
+        principal = None
+        access_key_id: str | None = None
+        params = result = None
+        error: KMSError | None = None
+        touched = audit_context.touched.set([])
         try:
-            if method == "GET" and path == "/health":
-                return 200, [("content-type", "application/json")], orjson.dumps(
-                    {"status": "ok", "region": self.settings.region})
             if method != "POST" or path != "/":
                 raise UnknownOperationException(f"No operation at {method} {path}.")
             if len(body) > MAX_BODY_BYTES:
@@ -87,18 +105,38 @@ class App:
             principal, access_key_id = self.verifier.verify(method, path, query, headers, body)
             caller = Caller(principal, access_key_id, source_ip)
             payload = self._parse_json(body)
-            result = self._dispatch(caller, target, payload)
-            status, data = 200, orjson.dumps(result)
+            rendered, params, result = self._dispatch(caller, target, payload)
+            status, data = 200, orjson.dumps(rendered)
         except KMSError as exc:
+            error = exc
             status, data = exc.status, _error_body(exc)
         except Exception:
             log.exception("internal error in %s (request %s)", target or "-", request_id)
-            exc = KMSInternalException("An internal error occurred.")
-            status, data = exc.status, _error_body(exc)
+            error = KMSInternalException("An internal error occurred.")
+            status, data = error.status, _error_body(error)
+        finally:
+            resources = audit_context.touched.get() or []
+            audit_context.touched.reset(touched)
+        if access_key_id is None:
+            m = _CREDENTIAL_RE.search(headers.get("authorization", ""))
+            access_key_id = m.group(1) if m else None
+        name = target.rpartition(".")[2] if target.startswith((KMS_PREFIX, ADMIN_PREFIX)) else ""
+        event_id = str(uuid.uuid4())
+        now = time.time()
+        event = build_event(
+            request_id=request_id, event_id=event_id, event_time=datetime.fromtimestamp(now, UTC),
+            event_name=name or "Unknown", region=self.settings.region, source_ip=source_ip,
+            user_agent=headers.get("user-agent", ""), principal=principal, access_key_id=access_key_id,
+            request_parameters=params, response_elements=result,
+            error_code=error.code if error else None, error_message=error.message if error else None,
+            resources=resources, event_source="openkms.admin" if target.startswith(ADMIN_PREFIX) else None)
+        if error is None and name in TRACKED_OPERATIONS:
+            for arn, _ in resources:
+                self.usage.record(arn.rsplit("/", 1)[1], name, now, event_id, request_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %d %.1fms %s", request_id, target or path, status,
-                     (time.perf_counter() - started) * 1000, source_ip)
-        return status, out_headers, data
+                      (time.perf_counter() - started) * 1000, source_ip)
+        return (status, out_headers, data), event
 
     @staticmethod
     def _parse_json(body: bytes) -> Any:
@@ -112,7 +150,9 @@ class App:
             raise SerializationException("The request body must be a JSON object.")
         return payload
 
-    def _dispatch(self, caller: Caller, target: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _dispatch(self, caller: Caller, target: str, payload: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+        """(rendered response, redacted request parameters, redacted response elements)."""
         if target.startswith(KMS_PREFIX):
             name = target[len(KMS_PREFIX):]
             op = self.operations.get(name)
@@ -121,9 +161,14 @@ class App:
             handler = self.handlers.get(name)
             if handler is None:
                 raise UnsupportedOperationException(f"{name} is not supported by this server yet.")
-            return op.render(handler(caller, op.parse(payload)))
+            params = op.parse(payload)
+            result = handler(caller, params)
+            return (op.render(result), op.redact_input(params) if op.redact_input else None,
+                    op.redact_output(result) if op.redact_output else None)
         if target.startswith(ADMIN_PREFIX) and self.admin.has(target[len(ADMIN_PREFIX):]):
-            return self.admin.call(caller, target[len(ADMIN_PREFIX):], payload)
+            name = target[len(ADMIN_PREFIX):]
+            result = self.admin.call(caller, name, payload)
+            return result, self.admin.redact_input(name, payload), self.admin.redact_output(name, result)
         raise UnknownOperationException(f"Unknown operation {target or '(no X-Amz-Target)'}.")
 
     # -- background work --------------------------------------------------------------------------
@@ -135,9 +180,17 @@ class App:
                 for what, key_ids in done.items():
                     if key_ids:
                         log.info("scheduler: %s %d key(s)", what, len(key_ids))
+                if self.settings.audit_retention_days > 0:
+                    moved = await asyncio.get_running_loop().run_in_executor(None, self._archive_audit)
+                    if moved:
+                        log.info("scheduler: archived %d audit record(s)", moved)
             except Exception:
                 log.exception("scheduler run failed; will retry")
             await asyncio.sleep(interval)
+
+    def _archive_audit(self) -> int:
+        cutoff = time.time() - self.settings.audit_retention_days * 86400
+        return archive_audit(self.node.store, self.audit.node_id, cutoff, self.settings.data_dir / "audit-archive")
 
     def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._scheduler is None:
@@ -154,6 +207,7 @@ class App:
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop_background()
+        self.audit.close()  # flushes pending records and signs a final digest
         self.node.close()
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
@@ -178,9 +232,18 @@ class App:
     async def _handle_async(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
                             client: str) -> Response:
         if headers.get("x-amz-target") in SLOW_TARGETS:
-            return await asyncio.get_running_loop().run_in_executor(
+            response, event = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, method, path, query, headers, body, client)
-        return self.handle(method, path, query, headers, body, client)
+        else:
+            response, event = self.handle(method, path, query, headers, body, client)
+        if event is None:
+            return response
+        try:
+            await self.audit.submit(event)  # answered only once the record is durable
+        except Exception:
+            exc = KMSInternalException("The call could not be recorded in the audit log, so it is refused.")
+            return exc.status, response[1], _error_body(exc)
+        return response
 
     # -- ASGI (uvicorn and others) ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -192,6 +255,7 @@ class App:
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     self.stop_background()
+                    self.audit.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":

@@ -192,6 +192,45 @@ class ModelCompiler:
 
         raise ValueError(f"unsupported shape type {kind}")
 
+    # -- audit redaction ----------------------------------------------------------------------
+    def redactor(self, shape_name: str) -> Renderer:
+        """Parsed values -> JSON-safe values for the audit record, without blobs or sensitive members."""
+        key = "redact:" + shape_name
+        if key in self._renderers:
+            return self._renderers[key]
+        holder: list[Renderer] = []
+        self._renderers[key] = lambda v: holder[0](v)
+        compiled = self._compile_redactor(self.shapes[shape_name])
+        holder.append(compiled)
+        self._renderers[key] = compiled
+        return compiled
+
+    def _secret(self, shape_name: str) -> bool:
+        shape = self.shapes[shape_name]
+        return shape["type"] == "blob" or bool(shape.get("sensitive"))
+
+    def _compile_redactor(self, shape: dict[str, Any]) -> Renderer:
+        kind = shape["type"]
+        if kind == "structure":
+            members = {name: self.redactor(m["shape"]) for name, m in shape["members"].items()
+                       if not self._secret(m["shape"]) and not m.get("sensitive")}
+
+            def redact_structure(value: Any) -> Any:
+                return {name: members[name](v) for name, v in value.items() if v is not None and name in members}
+            return redact_structure
+        if kind == "timestamp":
+            return lambda v: v.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(v, datetime) else v
+        if kind == "list":
+            member_shape = shape["member"]["shape"]
+            if self._secret(member_shape):
+                return lambda v: None
+            member = self.redactor(member_shape)
+            return lambda v: [member(item) for item in v]
+        if kind == "map":
+            value_redactor = self.redactor(shape["value"]["shape"])
+            return lambda v: {k: value_redactor(item) for k, item in v.items()}
+        return lambda v: v
+
     # -- output -------------------------------------------------------------------------------
     def renderer(self, shape_name: str) -> Renderer:
         if shape_name in self._renderers:
@@ -227,12 +266,15 @@ class ModelCompiler:
 class Operation:
     """One operation of the model: its name, input parser and output renderer."""
 
-    __slots__ = ("name", "parse_input", "render_output")
+    __slots__ = ("name", "parse_input", "redact_input", "redact_output", "render_output")
 
-    def __init__(self, name: str, parse_input: Parser | None, render_output: Renderer | None) -> None:
+    def __init__(self, name: str, parse_input: Parser | None, render_output: Renderer | None,
+                 redact_input: Renderer | None = None, redact_output: Renderer | None = None) -> None:
         self.name = name
         self.parse_input = parse_input
         self.render_output = render_output
+        self.redact_input = redact_input
+        self.redact_output = redact_output
 
     def parse(self, body: Any) -> dict[str, Any]:
         if self.parse_input is None:
@@ -258,5 +300,7 @@ def operations() -> dict[str, Operation]:
     for name, op in model["operations"].items():
         parse_input = compiler.parser(op["input"]["shape"]) if "input" in op else None
         render_output = compiler.renderer(op["output"]["shape"]) if "output" in op else None
-        ops[name] = Operation(name, parse_input, render_output)
+        redact_input = compiler.redactor(op["input"]["shape"]) if "input" in op else None
+        redact_output = compiler.redactor(op["output"]["shape"]) if "output" in op else None
+        ops[name] = Operation(name, parse_input, render_output, redact_input, redact_output)
     return ops

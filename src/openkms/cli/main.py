@@ -7,6 +7,7 @@ import configparser
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,83 @@ def _byok_wrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    if args.audit_command == "verify":
+        return _audit_verify(args)
+    from ..client.admin import AdminError
+
+    client = _admin_client(args)
+    filters = {"StartTime": args.since, "EndTime": args.until, "AccountId": args.account_id,
+               "PrincipalArn": args.principal_arn, "KeyId": args.key_id, "EventName": args.event_name,
+               "ErrorCode": args.error_code} if args.audit_command != "public-key" else {}
+    try:
+        if args.audit_command == "public-key":
+            sys.stdout.write(client.call("GetAuditPublicKey")["PublicKeyPem"])
+            return 0
+        out = open(args.out, "w") if getattr(args, "out", None) else sys.stdout
+        try:
+            token = None
+            while True:
+                page = client.call("QueryAuditEvents", Limit=args.limit, NextToken=token, **filters)
+                for event in page["Events"]:
+                    out.write(json.dumps(event, sort_keys=True) + "\n")
+                out.flush()
+                if page.get("NextToken") and args.audit_command != "query":
+                    token = page["NextToken"]
+                    continue
+                if args.audit_command == "tail" and args.follow:
+                    token = page.get("Cursor") or token
+                    time.sleep(args.interval)
+                    continue
+                if args.audit_command == "query" and page.get("NextToken"):
+                    print(f"# more: --next-token {page['NextToken']}", file=sys.stderr)
+                return 0
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    except AdminError as exc:
+        print(f"openkms audit: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"openkms audit: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from ..audit.verify import summary, verify_store
+    from ..config import Settings
+    from ..errors import ConfigurationError
+    from ..storage import Store
+
+    settings = Settings.from_env(data_dir=Path(args.data_dir) if args.data_dir else None,
+                                 storage_url=args.storage_url)
+    if settings.is_embedded and not (settings.data_dir / "openkms.db").exists():
+        print(f"openkms audit verify: no store at {settings.data_dir}", file=sys.stderr)
+        return 2
+    try:
+        store = Store.open(settings.database_url)
+    except ConfigurationError as exc:
+        print(f"openkms audit verify: {exc}", file=sys.stderr)
+        return 2
+    try:
+        public_key = Path(args.public_key).read_bytes() if args.public_key else None
+        archive_dir = Path(args.archive_dir) if args.archive_dir else settings.data_dir / "audit-archive"
+        report = verify_store(store, public_key, archive_dir)
+    finally:
+        store.close()
+    print(summary(report))
+    return 0 if report.ok else 1
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint-url", help="server URL [OPENKMS_ENDPOINT_URL, http://127.0.0.1:8080]")
+    parser.add_argument("--credentials-file", help="AWS-format credentials file [<data-dir>/credentials]")
+    parser.add_argument("--profile", default="default", help="section of the credentials file")
+    parser.add_argument("--region", help="region to sign for [AWS_DEFAULT_REGION, the file's region]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openkms", description="A key management service that speaks the AWS KMS API.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,10 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     admin = sub.add_parser("admin", help="manage accounts, users and access keys through the admin API")
-    admin.add_argument("--endpoint-url", help="server URL [OPENKMS_ENDPOINT_URL, http://127.0.0.1:8080]")
-    admin.add_argument("--credentials-file", help="AWS-format credentials file [<data-dir>/credentials]")
-    admin.add_argument("--profile", default="default", help="section of the credentials file")
-    admin.add_argument("--region", help="region to sign for [AWS_DEFAULT_REGION, the file's region]")
+    _add_client_options(admin)
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     for name, (_, options) in ADMIN_COMMANDS.items():
         cmd = admin_sub.add_parser(name)
@@ -195,7 +270,45 @@ def build_parser() -> argparse.ArgumentParser:
     wrap.add_argument("--material", required=True, help="the raw key material (32 bytes, or PKCS#8 DER)")
     wrap.add_argument("--out", required=True, help="where to write the wrapped material (mode 0600)")
     wrap.set_defaults(func=_byok_wrap)
+
+    audit = sub.add_parser("audit", help="query, export, follow and verify the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    for name, text in (("query", "print matching records, one JSON object a line"),
+                       ("export", "write every matching record to a JSON Lines file (for a SIEM)"),
+                       ("tail", "print recent records; -f keeps following new ones")):
+        cmd = audit_sub.add_parser(name, help=text)
+        _add_client_options(cmd)
+        cmd.add_argument("--since", type=_epoch, help="start time (ISO 8601 or epoch seconds)")
+        cmd.add_argument("--until", type=_epoch, help="end time (ISO 8601 or epoch seconds)")
+        cmd.add_argument("--account-id")
+        cmd.add_argument("--principal-arn")
+        cmd.add_argument("--key-id", help="key id or key ARN")
+        cmd.add_argument("--event-name", help="operation, e.g. Decrypt")
+        cmd.add_argument("--error-code", help="e.g. AccessDeniedException")
+        cmd.add_argument("--limit", type=int, default=100, help="records per request (1-1000)")
+        if name == "export":
+            cmd.add_argument("--out", required=True, help="JSON Lines file to write")
+        if name == "tail":
+            cmd.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+            cmd.add_argument("--interval", type=float, default=1.0, help="seconds between polls with -f")
+    pub = audit_sub.add_parser("public-key", help="print the audit signing public key (PEM)")
+    _add_client_options(pub)
+    verify = audit_sub.add_parser("verify", help="check the hash chains, signed digests and archives")
+    verify.add_argument("--data-dir", help=f"data directory [OPENKMS_DATA_DIR, {DEFAULT_DATA_DIR}]")
+    verify.add_argument("--storage-url", help="the PostgreSQL store [OPENKMS_STORAGE_URL]")
+    verify.add_argument("--archive-dir", help="archived records [<data-dir>/audit-archive]")
+    verify.add_argument("--public-key", help="audit public key PEM (default: the one in the store)")
+    audit.set_defaults(func=_audit)
     return parser
+
+
+def _epoch(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        from datetime import datetime
+
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def main(argv: list[str] | None = None) -> int:

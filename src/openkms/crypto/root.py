@@ -36,6 +36,9 @@ class RootKey:
     def __repr__(self) -> str:
         return f"RootKey(source={self.source!r})"
 
+    def __reduce__(self) -> object:
+        raise TypeError("the root key cannot be pickled")
+
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         return SEAL_FORMAT_V1 + aead.seal(self._key, plaintext, aad)
 

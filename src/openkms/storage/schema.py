@@ -49,7 +49,7 @@ principals = Table(
 
 access_keys = Table(
     "access_keys", metadata,
-    Column("access_key_id", String(32), primary_key=True),
+    Column("access_key_id", String(128), primary_key=True),
     Column("principal_id", String(32), ForeignKey("principals.principal_id"), nullable=False),
     Column("status", String(16), nullable=False),
     Column("sealed_secret", LargeBinary, nullable=False),
@@ -124,4 +124,48 @@ tags = Table(
     Column("key_id", String(36), ForeignKey("kms_keys.key_id", ondelete="CASCADE"), primary_key=True),
     Column("tag_key", String(128), primary_key=True),
     Column("tag_value", String(256), nullable=False),
+)
+
+# -- audit ------------------------------------------------------------------------------------------
+# One hash chain per node. `record` is the canonical JSON that was hashed: it holds the sequence
+# number, the previous record's hash and the CloudTrail-shaped event. Rows are only ever inserted
+# (and, past the retention period, moved to archive files); there is no update path.
+audit_events = Table(
+    "audit_events", metadata,
+    Column("node_id", String(36), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("event_time", Float, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("event_name", String(64), nullable=False),
+    Column("caller_account", String(12), nullable=True),
+    Column("owner_account", String(12), nullable=True),
+    Column("principal_arn", String(256), nullable=True),
+    Column("key_id", String(36), nullable=True),
+    Column("error_code", String(64), nullable=True),
+    Column("record", Text, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_time", "event_time"),
+    Index("ix_audit_key", "key_id", "event_time"),
+    Index("ix_audit_caller", "caller_account", "event_time"),
+    Index("ix_audit_owner", "owner_account", "event_time"),
+)
+
+# Signed checkpoints of each chain: (node, seq, hash of that record), chained to the previous digest.
+audit_digests = Table(
+    "audit_digests", metadata,
+    Column("node_id", String(36), primary_key=True),
+    Column("digest_seq", Integer, primary_key=True, autoincrement=False),
+    Column("record_seq", Integer, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("body", Text, nullable=False),        # canonical JSON that was signed
+    Column("signature", LargeBinary, nullable=False),
+)
+
+key_last_usage = Table(
+    "key_last_usage", metadata,
+    Column("key_id", String(36), primary_key=True),
+    Column("operation", String(64), nullable=False),
+    Column("used_at", Float, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("request_id", String(36), nullable=False),
 )

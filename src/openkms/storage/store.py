@@ -18,9 +18,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 
-from ..errors import AlreadyExistsException, ConfigurationError, DependencyTimeoutException
+from ..errors import (
+    AlreadyExistsException,
+    ConfigurationError,
+    DependencyTimeoutException,
+    KMSInternalException,
+    ValidationException,
+)
 from ..model import AccessKey, Account, Alias, Key, KeyState, KeyUsage, KeyVersion, Origin, Principal, SecretStr
 from . import schema as t
 
@@ -86,10 +92,21 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 yield Tx(conn)
-        except IntegrityError:
-            raise AlreadyExistsException("The resource already exists.") from None
+        except IntegrityError as exc:
+            if _is_unique_violation(exc):
+                raise AlreadyExistsException("The resource already exists.") from None
+            raise KMSInternalException("The store refused a write.") from None
+        except DataError:
+            # PostgreSQL cannot hold some values SQLite takes (a NUL character in text, say).
+            raise ValidationException("The request holds a value the store cannot keep "
+                                      "(for example a NUL character).") from None
         except OperationalError:
             raise DependencyTimeoutException("The key store is not available right now; try again.") from None
+
+
+def _is_unique_violation(exc: IntegrityError) -> bool:
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) == "23505" or "UNIQUE constraint failed" in str(orig)
 
 
 class Tx:
@@ -102,6 +119,7 @@ class Tx:
         self.keys = KeyRepo(conn)
         self.versions = VersionRepo(conn)
         self.import_tokens = ImportTokenRepo(conn)
+        self.audit = AuditRepo(conn)
         self.aliases = AliasRepo(conn)
         self.tags = TagRepo(conn)
 
@@ -390,3 +408,88 @@ class TagRepo:
 
     def remove(self, key_id: str, tag_key: str) -> None:
         self.conn.execute(delete(t.tags).where(and_(t.tags.c.key_id == key_id, t.tags.c.tag_key == tag_key)))
+
+
+class AuditRepo:
+    """Append-only access to the audit chain: insert, read, query. No update, no delete of records
+    (other than `archive_up_to`, which the retention task calls after writing them to a file)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def head(self, node_id: str) -> tuple[int, str] | None:
+        row = self.conn.execute(select(t.audit_events.c.seq, t.audit_events.c.hash)
+                                .where(t.audit_events.c.node_id == node_id)
+                                .order_by(t.audit_events.c.seq.desc()).limit(1)).first()
+        return None if row is None else (int(row.seq), str(row.hash))
+
+    def insert_many(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.conn.execute(insert(t.audit_events), rows)
+
+    def digest_head(self, node_id: str) -> Any:
+        return self.conn.execute(select(t.audit_digests).where(t.audit_digests.c.node_id == node_id)
+                                 .order_by(t.audit_digests.c.digest_seq.desc()).limit(1)).first()
+
+    def insert_digest(self, row: dict[str, Any]) -> None:
+        self.conn.execute(insert(t.audit_digests).values(**row))
+
+    def nodes(self) -> list[str]:
+        ids = {r[0] for r in self.conn.execute(select(t.audit_events.c.node_id).distinct())}
+        ids |= {r[0] for r in self.conn.execute(select(t.audit_digests.c.node_id).distinct())}
+        return sorted(ids)
+
+    def chain(self, node_id: str, after_seq: int = 0, limit: int = 10_000) -> list[Any]:
+        return list(self.conn.execute(select(t.audit_events).where(and_(
+            t.audit_events.c.node_id == node_id, t.audit_events.c.seq > after_seq))
+            .order_by(t.audit_events.c.seq).limit(limit)))
+
+    def digests(self, node_id: str) -> list[Any]:
+        return list(self.conn.execute(select(t.audit_digests).where(t.audit_digests.c.node_id == node_id)
+                                      .order_by(t.audit_digests.c.digest_seq)))
+
+    def query(self, *, start: float | None, end: float | None, account: str | None, principal: str | None,
+              key_id: str | None, event_name: str | None, error_code: str | None,
+              after: tuple[float, str, int] | None, limit: int) -> list[Any]:
+        c = t.audit_events.c
+        conds = []
+        if start is not None:
+            conds.append(c.event_time >= start)
+        if end is not None:
+            conds.append(c.event_time < end)
+        if account is not None:
+            conds.append((c.caller_account == account) | (c.owner_account == account))
+        if principal is not None:
+            conds.append(c.principal_arn == principal)
+        if key_id is not None:
+            conds.append(c.key_id == key_id)
+        if event_name is not None:
+            conds.append(c.event_name == event_name)
+        if error_code is not None:
+            conds.append(c.error_code == error_code)
+        if after is not None:
+            t0, node, seq = after
+            conds.append((c.event_time > t0) | ((c.event_time == t0) & (
+                (c.node_id > node) | ((c.node_id == node) & (c.seq > seq)))))
+        q = select(t.audit_events)
+        if conds:
+            q = q.where(and_(*conds))
+        return list(self.conn.execute(q.order_by(c.event_time, c.node_id, c.seq).limit(limit)))
+
+    def archive_up_to(self, node_id: str, seq: int) -> None:
+        self.conn.execute(delete(t.audit_events).where(and_(
+            t.audit_events.c.node_id == node_id, t.audit_events.c.seq <= seq)))
+
+    def oldest_before(self, node_id: str, cutoff: float) -> int | None:
+        row = self.conn.execute(select(func.max(t.audit_events.c.seq)).where(and_(
+            t.audit_events.c.node_id == node_id, t.audit_events.c.event_time < cutoff))).first()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def put_last_usage(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.conn.execute(delete(t.key_last_usage).where(t.key_last_usage.c.key_id == row["key_id"]))
+        if rows:
+            self.conn.execute(insert(t.key_last_usage), rows)
+
+    def last_usage(self, key_id: str) -> Any:
+        return self.conn.execute(select(t.key_last_usage).where(t.key_last_usage.c.key_id == key_id)).first()

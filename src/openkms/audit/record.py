@@ -1,0 +1,54 @@
+"""The audit record of one API call, shaped like a CloudTrail event for KMS.
+
+Only non-secret values go in: request parameters and response elements pass through a redactor
+derived from botocore's model that drops every blob (plaintexts, ciphertexts, signatures, MACs,
+wrapped key material, import tokens) and every member the model marks sensitive.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+EVENT_SOURCE = "kms.amazonaws.com"
+READ_ONLY_PREFIXES = ("Describe", "List", "Get")
+
+
+def build_event(*, request_id: str, event_id: str, event_time: datetime, event_name: str, region: str,
+                source_ip: str, user_agent: str, principal: Any | None, access_key_id: str | None,
+                request_parameters: dict[str, Any] | None, response_elements: dict[str, Any] | None,
+                error_code: str | None, error_message: str | None,
+                resources: list[tuple[str, str]], event_source: str | None = None) -> dict[str, Any]:
+    identity: dict[str, Any]
+    if principal is not None:
+        identity = {"type": "IAMUser", "principalId": principal.principal_id, "arn": principal.arn,
+                    "accountId": principal.account_id, "accessKeyId": access_key_id, "userName": principal.name}
+    else:
+        identity = {"type": "Unknown"}
+        if access_key_id:
+            identity["accessKeyId"] = access_key_id
+    recipient = resources[0][1] if resources else (principal.account_id if principal is not None else None)
+    event: dict[str, Any] = {
+        "eventVersion": "1.08",
+        "eventTime": event_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "eventSource": event_source or EVENT_SOURCE,
+        "eventName": event_name,
+        "awsRegion": region,
+        "sourceIPAddress": source_ip,
+        "userAgent": user_agent,
+        "userIdentity": identity,
+        "requestParameters": request_parameters,
+        "responseElements": response_elements,
+        "requestID": request_id,
+        "eventID": event_id,
+        "readOnly": event_name.startswith(READ_ONLY_PREFIXES),
+        "resources": [{"accountId": account, "type": "AWS::KMS::Key", "ARN": arn} for arn, account in resources],
+        "eventType": "AwsApiCall",
+        "managementEvent": True,
+        "eventCategory": "Management",
+        "recipientAccountId": recipient,
+    }
+    if error_code is not None:
+        event["errorCode"] = error_code
+        event["errorMessage"] = error_message
+    return event

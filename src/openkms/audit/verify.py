@@ -1,0 +1,210 @@
+"""Checks audit chains, digests and archives, and says exactly what is wrong.
+
+For each node's chain, in sequence order (archived records first, then the store's):
+- a record whose text does not hash to its stored hash was **altered**;
+- a record that holds another sequence number than its place was **reordered** or records were
+  **inserted**/renumbered before it;
+- a gap in the sequence means records were **removed**;
+- a record whose "prev" is not the hash of the record before it does not follow it (a record was
+  removed, inserted or rewritten there);
+- every digest's Ed25519 signature must verify with the audit public key, each digest must chain
+  to the one before, and the record it names must exist with the hash it names: a digest naming
+  records past the end of the chain means the log was **truncated**.
+Records written after the newest digest are protected by the chain alone (a forger who can write
+the store can append to it); digests are written every `audit_digest_interval` and at shutdown.
+Verification needs the store (read only) and the public key, never the root key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..crypto import signing
+from ..storage import Store
+from .log import GENESIS, PUBLIC_KEY_META
+
+
+@dataclass
+class Row:
+    seq: int
+    record: str
+    hash: str
+
+
+@dataclass
+class Digest:
+    digest_seq: int
+    body: str
+    signature: bytes
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    records: int = 0
+    digests: int = 0
+    chains: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def archive_files(archive_dir: Path | None, node_id: str) -> list[Path]:
+    if archive_dir is None or not archive_dir.is_dir():
+        return []
+    files = list(archive_dir.glob(f"{node_id}-*.jsonl"))
+    return sorted(files, key=lambda p: int(p.stem.split("-")[-2]))
+
+
+def read_archive(path: Path) -> Iterator[Row | Digest]:
+    with path.open() as f:
+        for line in f:
+            item = json.loads(line)
+            if item["type"] == "record":
+                yield Row(item["seq"], item["record"], item["hash"])
+            else:
+                yield Digest(item["digest_seq"], item["body"], base64.b64decode(item["signature"]))
+
+
+def verify_chain(node_id: str, rows: Iterable[Row], digests: Iterable[Digest], public_key: bytes,
+                 report: Report) -> None:
+    prefix = f"node {node_id}: "
+    hashes: dict[int, str] = {}
+    expected_seq, prev = 1, GENESIS
+    for row in rows:
+        report.records += 1
+        problem_here = False
+        if row.seq > expected_seq:
+            span = f"record {expected_seq}" if row.seq == expected_seq + 1 else f"records {expected_seq}-{row.seq - 1}"
+            report.problems.append(f"{prefix}{span} removed (sequence jumps from {expected_seq - 1} to {row.seq})")
+            problem_here = True
+        elif row.seq < expected_seq:
+            report.problems.append(f"{prefix}record {row.seq} appears twice or out of order")
+            problem_here = True
+        try:
+            content = json.loads(row.record)
+            held_seq, held_prev = content.get("seq"), content.get("prev")
+        except (ValueError, AttributeError):
+            content, held_seq, held_prev = None, None, None
+        actual = _sha(row.record)
+        if content is None or actual != row.hash:
+            report.problems.append(f"{prefix}record {row.seq} altered (its content does not match its hash)")
+            problem_here = True
+            actual = row.hash  # judge the next link by the hash the chain had
+        elif held_seq != row.seq:
+            how = "inserted before it" if isinstance(held_seq, int) and held_seq < row.seq else "reordered"
+            report.problems.append(f"{prefix}record at position {row.seq} is record {held_seq}: records {how}")
+            problem_here = True
+        if not problem_here and held_prev != prev:
+            report.problems.append(
+                f"{prefix}record {row.seq} does not follow record {row.seq - 1} "
+                f"(a record was inserted, removed or rewritten between them)")
+        hashes[row.seq] = actual
+        prev, expected_seq = actual, max(expected_seq, row.seq + 1)
+    last_seq = expected_seq - 1
+    prev_digest = GENESIS
+    for d in digests:
+        report.digests += 1
+        name = f"{prefix}digest {d.digest_seq}"
+        if not signing.verify(public_key, d.signature, d.body.encode()):
+            report.problems.append(f"{name}: signature does not verify with the audit public key")
+            continue
+        body = json.loads(d.body)
+        if body.get("prev_digest") != prev_digest:
+            report.problems.append(f"{name}: does not follow the digest before it (a digest was removed)")
+        prev_digest = _sha(d.body)
+        seq, expected_hash = body["record_seq"], body["record_hash"]
+        if seq > last_seq:
+            report.problems.append(
+                f"{prefix}log truncated: digest {d.digest_seq} covers records up to {seq}, "
+                f"but the chain ends at record {last_seq}")
+        elif seq not in hashes:
+            report.problems.append(f"{name}: record {seq} that it covers is missing")
+        elif hashes[seq] != expected_hash:
+            report.problems.append(f"{name}: records up to {seq} do not match the signed digest (rewritten)")
+
+
+def verify_store(store: Store, public_key: bytes | None = None, archive_dir: Path | None = None) -> Report:
+    report = Report()
+    with store.begin() as tx:
+        if public_key is None:
+            public_key = tx.meta.get(PUBLIC_KEY_META)
+        nodes = tx.audit.nodes()
+    if public_key is None:
+        report.problems.append("no audit public key: pass --public-key or use the store that wrote the log")
+        return report
+    archived_nodes = {p.name.rsplit("-", 2)[0] for p in archive_dir.glob("*.jsonl")} if archive_dir and \
+        archive_dir.is_dir() else set()
+    for node_id in sorted(set(nodes) | archived_nodes):
+        report.chains += 1
+        rows: list[Row] = []
+        digests: dict[int, Digest] = {}
+        for path in archive_files(archive_dir, node_id):
+            for item in read_archive(path):
+                if isinstance(item, Row):
+                    rows.append(item)
+                else:
+                    digests[item.digest_seq] = item
+        after = rows[-1].seq if rows else 0
+        with store.begin() as tx:
+            while True:
+                batch = tx.audit.chain(node_id, after_seq=after, limit=10_000)
+                rows.extend(Row(int(r.seq), r.record, r.hash) for r in batch)
+                if len(batch) < 10_000:
+                    break
+                after = int(batch[-1].seq)
+            for d in tx.audit.digests(node_id):
+                digests[int(d.digest_seq)] = Digest(int(d.digest_seq), d.body, bytes(d.signature))
+        verify_chain(node_id, rows, [digests[k] for k in sorted(digests)], public_key, report)
+    return report
+
+
+def archive(store: Store, node_id: str, cutoff: float, archive_dir: Path) -> int:
+    """Move this node's records older than `cutoff` (epoch seconds) to a JSON Lines file, with the
+    digests that cover them, then delete them from the store. Returns how many were moved."""
+    with store.begin() as tx:
+        up_to = tx.audit.oldest_before(node_id, cutoff)
+        if up_to is None:
+            return 0
+        rows = tx.audit.chain(node_id, after_seq=0, limit=up_to + 1)
+        rows = [r for r in rows if r.seq <= up_to]
+        digests = [d for d in tx.audit.digests(node_id) if d.record_seq <= up_to]
+    if not rows:
+        return 0
+    archive_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = archive_dir / f"{node_id}-{rows[0].seq}-{rows[-1].seq}.jsonl"
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps({"type": "record", "seq": r.seq, "record": r.record, "hash": r.hash}) + "\n")
+        for d in digests:
+            f.write(json.dumps({"type": "digest", "digest_seq": d.digest_seq, "body": d.body,
+                                "signature": base64.b64encode(bytes(d.signature)).decode()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    with store.begin() as tx:
+        tx.audit.archive_up_to(node_id, rows[-1].seq)
+    return len(rows)
+
+
+def summary(report: Report) -> str:
+    head = (f"{report.chains} chain(s), {report.records} record(s), {report.digests} digest(s): "
+            + ("OK" if report.ok else f"{len(report.problems)} problem(s)"))
+    return "\n".join([head, *report.problems])
+
+
+def load_public_key(path: Path) -> bytes:
+    return path.read_bytes()
+
