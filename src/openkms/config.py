@@ -27,6 +27,7 @@ class Settings:
     log_level: str = "info"
     # Audit: how often the writer signs a digest of its chain, and how many days records stay in
     # the store before they are archived to files under <data_dir>/audit-archive (0: never).
+    audit: str = "on"  # "off" records nothing: for measuring what auditing costs, not for production
     audit_digest_interval: float = 60.0
     audit_retention_days: float = 0.0
 

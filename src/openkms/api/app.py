@@ -72,6 +72,9 @@ class App:
         self.audit = AuditLog(node.store, node.root, node_id(node.settings.data_dir),
                               node.settings.audit_digest_interval, self.usage)
         self.admin = AdminAPI(node.accounts, node.store, self.audit)
+        self.audit_enabled = node.settings.audit.lower() != "off"
+        if not self.audit_enabled:
+            log.warning("OPENKMS_AUDIT=off: API calls are NOT recorded in the audit log")
         self.verifier = SigV4Verifier(node.settings.region, "kms", node.accounts.credentials)
         self.operations = shapes.operations()
         self.handlers: dict[str, Callable[[Caller, dict[str, Any]], dict[str, Any]]] = {}
@@ -236,7 +239,7 @@ class App:
                 None, self.handle, method, path, query, headers, body, client)
         else:
             response, event = self.handle(method, path, query, headers, body, client)
-        if event is None:
+        if event is None or not self.audit_enabled:
             return response
         try:
             await self.audit.submit(event)  # answered only once the record is durable

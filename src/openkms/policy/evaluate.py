@@ -1,0 +1,275 @@
+"""Authorization decisions for KMS keys: key policy, identity policies and grants together.
+
+The rules (KMS developer guide, "Determining access" / "Default key policy"; IAM "Policy
+evaluation logic" and "Cross-account policy evaluation logic"), in the order applied:
+
+1. An explicit ``Deny`` that applies -- in the key policy or any identity policy -- denies, whatever
+   allows the request elsewhere, grants included.
+2. Same account (caller's account = key's account):
+   * a key policy statement that names the caller (its ARN, ``"*"``, or -- for the account's root
+     user -- the account) allows it outright;
+   * a key policy statement that names only the caller's *account* (``"111122223333"`` or
+     ``arn:aws:iam::111122223333:root``) delegates: the caller also needs an identity policy that
+     allows the action on the key. Without such a key policy statement, identity policies that
+     allow are ineffective (unlike most AWS resources -- this is KMS's rule).
+3. Another account: the key policy must allow the caller (its ARN, its account, or ``"*"``) AND
+   the caller's own identity policy must allow the action on the key ARN.
+4. A grant to the caller allows the operations it lists under its constraints, in either account.
+   A grant to the caller's account allows when the caller's identity policy also allows.
+5. Otherwise: denied (implicit deny).
+
+The account root user is not subject to identity policies: wherever an identity policy allow is
+needed, the root user has it. Operations without a key (``CreateKey``, ``ListKeys``, ...) are
+evaluated with ``key_policy=None``: identity policies alone decide.
+
+Denial messages follow AWS's AccessDeniedException text, e.g. ``User: <arn> is not authorized to
+perform: kms:Decrypt on resource: <key arn> because no identity-based policy allows the kms:Decrypt
+action``. When both a resource-based and an identity-based allow are missing, the message names
+the resource-based policy (the one checked first).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import AccessDeniedException, KMSInternalException
+from .document import Policy, PolicyKind, PrincipalMatch, Statement, parse_key_policy
+from .grants import Grant, grant_allows, grant_allows_via_account
+from .request import ContextValue, RequestContext, root_arn
+
+
+class Basis(enum.Enum):
+    """What a decision rests on (for audit records and tests)."""
+
+    KEY_POLICY = "key-policy"  # the key policy names the caller
+    KEY_AND_IDENTITY_POLICY = "key-policy+identity-policy"  # key policy delegates or is cross-account
+    IDENTITY_POLICY = "identity-policy"  # an operation without a key
+    GRANT = "grant"
+    ACCOUNT_GRANT_AND_IDENTITY_POLICY = "account-grant+identity-policy"
+    EXPLICIT_DENY_RESOURCE = "explicit-deny:resource-based"
+    EXPLICIT_DENY_IDENTITY = "explicit-deny:identity-based"
+    NO_RESOURCE_ALLOW = "implicit-deny:no-resource-based-allow"
+    NO_IDENTITY_ALLOW = "implicit-deny:no-identity-based-allow"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one :class:`RequestContext`.
+
+    ``reason`` is the AccessDeniedException message when denied, and a short description of what
+    allowed the request otherwise. ``sid`` names the deciding statement (or grant id) when known.
+    """
+
+    allowed: bool
+    reason: str
+    basis: Basis
+    sid: str | None = None
+
+    def raise_if_denied(self) -> None:
+        """Raise :class:`AccessDeniedException` with AWS's message when the request is denied."""
+        if not self.allowed:
+            raise AccessDeniedException(self.reason)
+
+
+def _conditions_hold(statement: Statement, request: RequestContext) -> bool:
+    keys = request.keys
+    return all(c.holds(keys.get(c.key)) for c in statement.conditions)
+
+
+def _applies(statement: Statement, request: RequestContext, check_resource: bool) -> PrincipalMatch:
+    """How a statement applies to a request: NONE, or how its principal names the caller."""
+    if not statement.action_applies(request.action_folded):
+        return PrincipalMatch.NONE
+    if check_resource and not statement.resource_applies(request.resource_arn):
+        return PrincipalMatch.NONE
+    return statement.principal_match(request.principal_ids, request.principal_account, request.is_root)
+
+
+def _find_deny(policy: Policy, request: RequestContext, check_resource: bool = True) -> Statement | None:
+    """The first Deny statement of ``policy`` that applies to the request (any principal match)."""
+    for statement in policy.denies:
+        if _applies(statement, request, check_resource) and _conditions_hold(statement, request):
+            return statement
+    return None
+
+
+def _allow_level(
+    policy: Policy, request: RequestContext, check_resource: bool = True
+) -> tuple[PrincipalMatch, Statement | None]:
+    """The strongest way an Allow statement of ``policy`` names the caller, and that statement."""
+    best, chosen = PrincipalMatch.NONE, None
+    for statement in policy.allows:
+        level = _applies(statement, request, check_resource)
+        if level > best and _conditions_hold(statement, request):
+            best, chosen = level, statement
+            if best is PrincipalMatch.DIRECT:
+                break
+    return best, chosen
+
+
+def _identity_allow(policies: Sequence[Policy], request: RequestContext) -> Statement | None:
+    for policy in policies:
+        level, statement = _allow_level(policy, request)
+        if level is not PrincipalMatch.NONE:
+            return statement
+    return None
+
+
+def _denied(request: RequestContext, tail: str, basis: Basis, sid: str | None = None) -> Decision:
+    message = (
+        f"User: {request.principal_arn} is not authorized to perform: {request.action} "
+        f"on resource: {request.resource_arn} {tail}"
+    )
+    return Decision(False, message, basis, sid)
+
+
+def _check_kinds(key_policy: Policy | None, identity_policies: Sequence[Policy]) -> None:
+    if key_policy is not None and key_policy.kind is not PolicyKind.KEY:
+        raise KMSInternalException("evaluate() needs a key policy as key_policy")
+    if any(p.kind is not PolicyKind.IDENTITY for p in identity_policies):
+        raise KMSInternalException("evaluate() needs identity policies as identity_policies")
+
+
+def evaluate(
+    request: RequestContext,
+    key_policy: Policy | None,
+    identity_policies: Iterable[Policy] = (),
+    grants: Iterable[Grant] = (),
+) -> Decision:
+    """Decide a request against the key's policy, the caller's identity policies and the key's grants.
+
+    ``key_policy`` is None for operations that involve no key. Default deny: the request is allowed
+    only as the module docstring lays out.
+    """
+    identities = tuple(identity_policies)
+    _check_kinds(key_policy, identities)
+    action = request.action
+
+    if key_policy is not None:
+        deny = _find_deny(key_policy, request)
+        if deny is not None:
+            return _denied(
+                request,
+                "with an explicit deny in a resource-based policy",
+                Basis.EXPLICIT_DENY_RESOURCE,
+                deny.sid,
+            )
+    for policy in identities:
+        deny = _find_deny(policy, request)
+        if deny is not None:
+            return _denied(
+                request,
+                "with an explicit deny in an identity-based policy",
+                Basis.EXPLICIT_DENY_IDENTITY,
+                deny.sid,
+            )
+
+    no_identity = f"because no identity-based policy allows the {action} action"
+    if key_policy is None:
+        if request.is_root:
+            return Decision(True, "allowed for the account root user", Basis.IDENTITY_POLICY)
+        statement = _identity_allow(identities, request)
+        if statement is not None:
+            return Decision(True, "allowed by an identity-based policy", Basis.IDENTITY_POLICY, statement.sid)
+        return _denied(request, no_identity, Basis.NO_IDENTITY_ALLOW)
+
+    level, key_statement = _allow_level(key_policy, request)
+    same_account = request.principal_account == request.resource_account
+    if same_account and level is PrincipalMatch.DIRECT:
+        assert key_statement is not None
+        return Decision(True, "allowed by the key policy", Basis.KEY_POLICY, key_statement.sid)
+
+    identity_checked = False
+    identity_statement: Statement | None = None
+
+    def identity_allows() -> bool:
+        nonlocal identity_checked, identity_statement
+        if not identity_checked:
+            identity_checked = True
+            identity_statement = None if request.is_root else _identity_allow(identities, request)
+        return request.is_root or identity_statement is not None
+
+    if level is not PrincipalMatch.NONE and identity_allows():
+        sid = identity_statement.sid if identity_statement is not None else None
+        return Decision(
+            True, "allowed by the key policy and an identity-based policy", Basis.KEY_AND_IDENTITY_POLICY, sid
+        )
+
+    grant_list = tuple(grants)
+    for grant in grant_list:
+        if grant_allows(grant, request):
+            return Decision(True, "allowed by a grant", Basis.GRANT, grant.grant_id or None)
+    for grant in grant_list:
+        if grant_allows_via_account(grant, request) and identity_allows():
+            return Decision(
+                True,
+                "allowed by a grant to the account and an identity-based policy",
+                Basis.ACCOUNT_GRANT_AND_IDENTITY_POLICY,
+                grant.grant_id or None,
+            )
+
+    if level is not PrincipalMatch.NONE:
+        return _denied(request, no_identity, Basis.NO_IDENTITY_ALLOW)
+    return _denied(
+        request, f"because no resource-based policy allows the {action} action", Basis.NO_RESOURCE_ALLOW
+    )
+
+
+def would_lock_out(
+    policy: Policy | str,
+    principal_arn: str,
+    principal_account: str,
+    *,
+    key_arn: str = "",
+    context: Mapping[str, ContextValue] | None = None,
+) -> bool:
+    """PutKeyPolicy/CreateKey's lockout safety check: True when ``policy`` would not let the caller
+    make a later ``kms:PutKeyPolicy`` call on the key.
+
+    The caller keeps access when a key policy Allow for ``kms:PutKeyPolicy`` names it directly
+    (its ARN, ``"*"``) or names its account (root delegation -- identity policies are not
+    consulted, as in AWS), and no Deny for ``kms:PutKeyPolicy`` applies to it. Conditions are
+    evaluated against ``context`` plus the caller's own keys; a statement whose conditions need
+    keys that are absent does not count. ``Resource`` elements are checked only when ``key_arn``
+    is given (CreateKey may not know the ARN yet).
+    """
+    compiled = parse_key_policy(policy) if isinstance(policy, str) else policy
+    if compiled.kind is not PolicyKind.KEY:
+        raise KMSInternalException("would_lock_out() needs a key policy")
+    request = RequestContext(
+        principal_arn=principal_arn,
+        principal_account=principal_account,
+        action="kms:PutKeyPolicy",
+        resource_arn=key_arn or "*",
+        resource_account=principal_account if not key_arn else "",
+        context=dict(context or {}),
+    )
+    check_resource = bool(key_arn)
+    if _find_deny(compiled, request, check_resource) is not None:
+        return True
+    level, _ = _allow_level(compiled, request, check_resource)
+    return level is PrincipalMatch.NONE
+
+
+_DEFAULT_KEY_POLICY = """{
+  "Version" : "2012-10-17",
+  "Id" : "key-default-1",
+  "Statement" : [ {
+    "Sid" : "Enable IAM User Permissions",
+    "Effect" : "Allow",
+    "Principal" : {
+      "AWS" : "%s"
+    },
+    "Action" : "kms:*",
+    "Resource" : "*"
+  } ]
+}"""
+
+
+def default_key_policy(account_id: str, partition: str = "aws") -> str:
+    """The key policy AWS gives a key created through the API without one, byte for byte as
+    GetKeyPolicy returns it: the account principal may do ``kms:*``, i.e. the account's root user
+    directly and its other principals through their identity policies."""
+    return _DEFAULT_KEY_POLICY % root_arn(account_id, partition)
