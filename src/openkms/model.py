@@ -145,6 +145,7 @@ class Key:
     next_rotation: datetime | None = None
     valid_to: datetime | None = None  # expiry of imported material in use
     expiration_model: str | None = None
+    policy: str | None = None  # the key policy's JSON; None: the default key policy
 
     @property
     def arn(self) -> str:

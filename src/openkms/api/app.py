@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..model import Caller
 from ..node import Node, node_id, open_node
-from . import shapes
+from . import shapes, sts
 from .admin import TARGET_PREFIX as ADMIN_PREFIX
 from .admin import AdminAPI
 from .sigv4 import SigV4Verifier
@@ -95,6 +95,7 @@ class App:
         out_headers = [("content-type", JSON_HEADERS), ("x-amzn-requestid", request_id)]
         started = time.perf_counter()
         target = headers.get("x-amz-target", "")
+        is_sts = sts.is_sts_request(headers)
         principal = None
         access_key_id: str | None = None
         params = result = None
@@ -105,18 +106,23 @@ class App:
                 raise UnknownOperationException(f"No operation at {method} {path}.")
             if len(body) > MAX_BODY_BYTES:
                 raise RequestEntityTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
-            principal, access_key_id = self.verifier.verify(method, path, query, headers, body)
+            principal, access_key_id = self.verifier.verify(method, path, query, headers, body,
+                                                            service="sts" if is_sts else "kms")
             caller = Caller(principal, access_key_id, source_ip)
-            payload = self._parse_json(body)
-            rendered, params, result = self._dispatch(caller, target, payload)
-            status, data = 200, orjson.dumps(rendered)
+            if is_sts:
+                _, data = sts.call(caller, body, request_id)
+                status = 200
+            else:
+                payload = self._parse_json(body)
+                rendered, params, result = self._dispatch(caller, target, payload)
+                status, data = 200, orjson.dumps(rendered)
         except KMSError as exc:
             error = exc
-            status, data = exc.status, _error_body(exc)
+            status, data = exc.status, (sts.error_document(exc, request_id) if is_sts else _error_body(exc))
         except Exception:
             log.exception("internal error in %s (request %s)", target or "-", request_id)
             error = KMSInternalException("An internal error occurred.")
-            status, data = error.status, _error_body(error)
+            status, data = error.status, (sts.error_document(error, request_id) if is_sts else _error_body(error))
         finally:
             resources = audit_context.touched.get() or []
             audit_context.touched.reset(touched)
@@ -124,6 +130,9 @@ class App:
             m = _CREDENTIAL_RE.search(headers.get("authorization", ""))
             access_key_id = m.group(1) if m else None
         name = target.rpartition(".")[2] if target.startswith((KMS_PREFIX, ADMIN_PREFIX)) else ""
+        if is_sts:
+            name = sts.action_of(body)[:64]
+            out_headers[0] = ("content-type", sts.CONTENT_TYPE)
         event_id = str(uuid.uuid4())
         now = time.time()
         event = build_event(
@@ -132,7 +141,8 @@ class App:
             user_agent=headers.get("user-agent", ""), principal=principal, access_key_id=access_key_id,
             request_parameters=params, response_elements=result,
             error_code=error.code if error else None, error_message=error.message if error else None,
-            resources=resources, event_source="openkms.admin" if target.startswith(ADMIN_PREFIX) else None)
+            resources=resources, event_source="sts.amazonaws.com" if is_sts else
+            "openkms.admin" if target.startswith(ADMIN_PREFIX) else None)
         if error is None and name in TRACKED_OPERATIONS:
             for arn, _ in resources:
                 self.usage.record(arn.rsplit("/", 1)[1], name, now, event_id, request_id)

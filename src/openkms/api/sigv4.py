@@ -56,20 +56,22 @@ class SigV4Verifier:
         self.region = region
         self.service = service
         self._lookup = lookup
-        self._keys: dict[tuple[str, str], bytes] = {}
+        self._keys: dict[tuple[str, str, str], bytes] = {}
 
-    def _key_for(self, secret: str, date: str) -> bytes:
-        cache_key = (secret, date)
+    def _key_for(self, secret: str, date: str, service: str) -> bytes:
+        cache_key = (secret, date, service)
         key = self._keys.get(cache_key)
         if key is None:
             if len(self._keys) > 4096:
                 self._keys.clear()
-            key = self._keys[cache_key] = _signing_key(secret, date, self.region, self.service)
+            key = self._keys[cache_key] = _signing_key(secret, date, self.region, service)
         return key
 
     def verify(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-               now: datetime | None = None) -> tuple[Principal, str]:
-        """Check the request's signature. `headers` has lower-case names (repeated ones joined by ',')."""
+               now: datetime | None = None, service: str | None = None) -> tuple[Principal, str]:
+        """Check the request's signature. `headers` has lower-case names (repeated ones joined by ',').
+        `service` is the signing service the request must be scoped to (default: this verifier's)."""
+        expected_service = service or self.service
         auth = headers.get("authorization")
         if not auth:
             raise MissingAuthenticationTokenException("Missing Authentication Token")
@@ -89,7 +91,7 @@ class SigV4Verifier:
         if len(scope) != 5 or scope[4] != "aws4_request":
             raise IncompleteSignatureException(
                 "Credential must have the form <AccessKeyId>/<date>/<region>/<service>/aws4_request.")
-        access_key_id, date, region, service, _ = scope
+        access_key_id, date, region, scope_service, _ = scope
         amz_date = headers.get("x-amz-date", "")
         try:
             signed_at = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
@@ -115,8 +117,8 @@ class SigV4Verifier:
         if date != amz_date[:8]:
             raise InvalidSignatureException(
                 "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP.")
-        if service != self.service:
-            raise InvalidSignatureException(f"Credential should be scoped to correct service: '{self.service}'.")
+        if scope_service != expected_service:
+            raise InvalidSignatureException(f"Credential should be scoped to correct service: '{expected_service}'.")
         if region != self.region:
             raise InvalidSignatureException(
                 f"Credential should be scoped to a valid region. This server serves '{self.region}'.")
@@ -132,9 +134,9 @@ class SigV4Verifier:
             lines.append(f"{name}:{_canonical_value(value)}\n")
         payload_hash = hashlib.sha256(body).hexdigest()
         canonical = "\n".join((method, path or "/", _canonical_query(query), "".join(lines), signed, payload_hash))
-        string_to_sign = "\n".join((ALGORITHM, amz_date, f"{date}/{region}/{service}/aws4_request",
+        string_to_sign = "\n".join((ALGORITHM, amz_date, f"{date}/{region}/{scope_service}/aws4_request",
                                     hashlib.sha256(canonical.encode()).hexdigest()))
-        expected = hmac.new(self._key_for(secret.reveal(), date), string_to_sign.encode(), "sha256").hexdigest()
+        expected = hmac.new(self._key_for(secret.reveal(), date, scope_service), string_to_sign.encode(), "sha256").hexdigest()
         if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogatepass")):
             raise InvalidSignatureException(
                 "The request signature we calculated does not match the signature you provided. "

@@ -79,12 +79,17 @@ def _conditions_hold(statement: Statement, request: RequestContext) -> bool:
 
 
 def _applies(statement: Statement, request: RequestContext, check_resource: bool) -> PrincipalMatch:
-    """How a statement applies to a request: NONE, or how its principal names the caller."""
-    if not statement.action_applies(request.action_folded):
+    """How a statement applies to a request: NONE, or how its principal names the caller.
+
+    The principal is checked first: in a key policy most statements name someone else, and a set
+    lookup rules them out cheapest. Conditions are left to the caller (they cost the most).
+    """
+    level = statement.principal_match(request.principal_ids, request.principal_account, request.is_root)
+    if level is PrincipalMatch.NONE or not statement.action_applies(request.action_folded):
         return PrincipalMatch.NONE
     if check_resource and not statement.resource_applies(request.resource_arn):
         return PrincipalMatch.NONE
-    return statement.principal_match(request.principal_ids, request.principal_account, request.is_root)
+    return level
 
 
 def _find_deny(policy: Policy, request: RequestContext, check_resource: bool = True) -> Statement | None:

@@ -82,30 +82,35 @@ class GlobSet:
     context lower-cases the action once) or use :meth:`matches`, which folds for them.
     """
 
-    __slots__ = ("everything", "fold", "globs", "literals", "patterns")
+    __slots__ = ("everything", "fold", "globs", "literals", "patterns", "prefixes")
 
     def __init__(self, patterns: Iterable[str], *, fold: bool = False) -> None:
         self.patterns = tuple(patterns)
         self.fold = fold
         literals: set[str] = set()
+        prefixes: list[str] = []  # "kms:Encrypt*": one str.startswith call covers them all
         globs: list[Glob] = []
         everything = False
         for pattern in self.patterns:
+            text = pattern.lower() if fold else pattern
             if pattern == "*":
                 everything = True
-            elif "*" in pattern or "?" in pattern:
-                globs.append(Glob(pattern, fold=fold))
+            elif "?" not in text and "*" not in text:
+                literals.add(text)
+            elif "?" not in text and text.index("*") == len(text) - 1:
+                prefixes.append(text[:-1])
             else:
-                literals.add(pattern.lower() if fold else pattern)
+                globs.append(Glob(pattern, fold=fold))
         self.everything = everything
         self.literals = frozenset(literals)
+        self.prefixes = tuple(prefixes)
         self.globs = tuple(globs)
 
     def matches_folded(self, value: str) -> bool:
         """Match a value that is already lower-cased when the set folds case."""
-        if self.everything or value in self.literals:
+        if self.everything or value in self.literals or value.startswith(self.prefixes):
             return True
-        return any(g.matches(value) for g in self.globs)
+        return any(g.matches(value) for g in self.globs) if self.globs else False
 
     def matches(self, value: str) -> bool:
         return self.matches_folded(value.lower() if self.fold else value)

@@ -20,7 +20,13 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Statements that bring a store of an older schema version up to date, by target version. New
+# tables need none: create_all adds them.
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE kms_keys ADD COLUMN policy TEXT"],
+}
 
 metadata = MetaData()
 
@@ -76,6 +82,8 @@ keys = Table(
     # Imported material of the current version: its expiry, if any.
     Column("valid_to", Float, nullable=True),
     Column("expiration_model", String(32), nullable=True),
+    # The key policy (JSON text); NULL means the default key policy of the key's account.
+    Column("policy", Text, nullable=True),
     Index("ix_kms_keys_account", "account_id", "key_id"),
     Index("ix_kms_keys_deletion", "state", "deletion_date"),
     Index("ix_kms_keys_rotation", "next_rotation"),
@@ -168,4 +176,30 @@ key_last_usage = Table(
     Column("used_at", Float, nullable=False),
     Column("event_id", String(36), nullable=False),
     Column("request_id", String(36), nullable=False),
+)
+
+# -- access control ---------------------------------------------------------------------------------
+# Identity policies attached to users (inline policies, by name).
+principal_policies = Table(
+    "principal_policies", metadata,
+    Column("principal_id", String(32), ForeignKey("principals.principal_id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("policy_name", String(128), primary_key=True),
+    Column("document", Text, nullable=False),
+)
+
+grants = Table(
+    "grants", metadata,
+    Column("grant_id", String(64), primary_key=True),
+    Column("key_id", String(36), ForeignKey("kms_keys.key_id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(256), nullable=True),
+    Column("grantee_principal", String(256), nullable=False),
+    Column("retiring_principal", String(256), nullable=True),
+    Column("issuing_account", String(256), nullable=False),
+    Column("operations", Text, nullable=False),    # JSON list
+    Column("constraints", Text, nullable=True),    # JSON object
+    Column("token_hash", String(64), nullable=False),
+    Column("created", Float, nullable=False),
+    Index("ix_grants_key", "key_id"),
+    Index("ix_grants_token", "token_hash"),
 )

@@ -17,7 +17,20 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 
 from ..errors import (
@@ -49,6 +62,23 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _migrate(conn: Connection, existing: bool) -> None:
+    """Record the schema version of a new store; bring an older store up to this version."""
+    row = conn.execute(select(t.meta.c.value).where(t.meta.c.name == "schema_version")).first()
+    if row is None:
+        version = 1 if existing else t.SCHEMA_VERSION
+        conn.execute(insert(t.meta).values(name="schema_version", value=str(version).encode()))
+    else:
+        version = int(bytes(row[0]).decode())
+    if version > t.SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"the store has schema version {version}, newer than this openkms ({t.SCHEMA_VERSION}): upgrade openkms")
+    for target in range(version + 1, t.SCHEMA_VERSION + 1):
+        for statement in t.MIGRATIONS.get(target, []):
+            conn.execute(text(statement))
+        conn.execute(update(t.meta).where(t.meta.c.name == "schema_version").values(value=str(target).encode()))
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -71,15 +101,10 @@ class Store:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
             else:
                 raise ConfigurationError(f"unsupported storage URL scheme: {url.split(':', 1)[0]}")
+            existing = inspect(engine).has_table(t.keys.name)
             t.metadata.create_all(engine)
             with engine.begin() as conn:
-                row = conn.execute(select(t.meta.c.value).where(t.meta.c.name == "schema_version")).first()
-                if row is None:
-                    conn.execute(insert(t.meta).values(name="schema_version", value=str(t.SCHEMA_VERSION).encode()))
-                elif bytes(row[0]).decode() != str(t.SCHEMA_VERSION):
-                    raise ConfigurationError(
-                        f"the store has schema version {bytes(row[0]).decode()}; this openkms expects "
-                        f"{t.SCHEMA_VERSION}")
+                _migrate(conn, existing)
         except SQLAlchemyError as exc:
             raise ConfigurationError(f"cannot open the store: {type(exc).__name__}: {exc.args[0] if exc.args else ''}") from None
         return cls(engine)
@@ -225,14 +250,14 @@ class KeyRepo:
             deletion_date=from_ts(row.deletion_date), pending_window_days=row.pending_window_days,
             current_version=row.current_version, rotation_period_days=row.rotation_period_days,
             next_rotation=from_ts(row.next_rotation), valid_to=from_ts(row.valid_to),
-            expiration_model=row.expiration_model)
+            expiration_model=row.expiration_model, policy=row.policy)
 
     @staticmethod
     def _mutable(key: Key) -> dict[str, Any]:
         return dict(description=key.description, state=key.state.value, deletion_date=to_ts(key.deletion_date),
                     pending_window_days=key.pending_window_days, current_version=key.current_version,
                     rotation_period_days=key.rotation_period_days, next_rotation=to_ts(key.next_rotation),
-                    valid_to=to_ts(key.valid_to), expiration_model=key.expiration_model)
+                    valid_to=to_ts(key.valid_to), expiration_model=key.expiration_model, policy=key.policy)
 
     def insert(self, key: Key) -> None:
         self.conn.execute(insert(t.keys).values(
