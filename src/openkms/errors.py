@@ -12,7 +12,7 @@ them without a lookup table::
      |    AccessDeniedException, NotFoundException, AlreadyExistsException,
      |    DisabledException, KMSInvalidStateException, InvalidCiphertextException,
      |    KMSInvalidSignatureException, KMSInvalidMacException, IncorrectKeyMaterialException,
-     |    ExpiredImportTokenException, InvalidImportTokenException,
+     |    ExpiredImportTokenException, InvalidImportTokenException, MalformedPolicyDocumentException,
      |    IncorrectKeyException, InvalidKeyUsageException, InvalidAliasNameException,
      |    InvalidArnException, InvalidMarkerException, InvalidGrantTokenException,
      |    LimitExceededException, TagException, UnsupportedOperationException,
@@ -105,6 +105,12 @@ class KMSInvalidSignatureException(KMSError):
 
 class KMSInvalidMacException(KMSError):
     code = "KMSInvalidMacException"
+
+
+class MalformedPolicyDocumentException(KMSError):
+    """A policy that is not valid JSON or breaks the policy grammar."""
+
+    code = "MalformedPolicyDocumentException"
 
 
 class IncorrectKeyMaterialException(KMSError):

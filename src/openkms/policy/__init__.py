@@ -29,7 +29,7 @@ from .document import (
     parse_policy,
 )
 from .evaluate import Basis, Decision, default_key_policy, evaluate, would_lock_out
-from .exceptions import MalformedPolicyDocumentException
+from ..errors import MalformedPolicyDocumentException
 from .grants import GRANT_OPERATIONS, Grant, grant_allows, is_narrower_grant
 from .request import ContextValue, RequestContext, root_arn
 

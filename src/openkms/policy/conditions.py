@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 
-from .exceptions import MalformedPolicyDocumentException
+from ..errors import MalformedPolicyDocumentException
 from .wildcard import Glob, GlobSet
 
 #: The values of one condition key in a request, or None when the request does not carry the key.
@@ -85,12 +85,14 @@ class Condition:
             if self.set_operator is SetOperator.FOR_ANY_VALUE:
                 return False
             return self.negated
-        test = self.test
+        test, negated = self.test, self.negated
+        if self.set_operator is SetOperator.NONE:
+            if len(values) == 1:  # the common case, without a generator
+                return test(values[0]) is not negated
+            return any(test(v) for v in values) is not negated
         if self.set_operator is SetOperator.FOR_ALL_VALUES:
-            return all(test(v) is not self.negated for v in values)
-        if self.set_operator is SetOperator.FOR_ANY_VALUE:
-            return any(test(v) is not self.negated for v in values)
-        return any(test(v) for v in values) is not self.negated
+            return all(test(v) is not negated for v in values)
+        return any(test(v) is not negated for v in values)
 
 
 # --- parsing of values that are not plain strings ---------------------------------------------
@@ -140,11 +142,13 @@ def parse_date(text: str) -> float | None:
 
 
 @lru_cache(maxsize=4096)
-def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_ip(text: str) -> tuple[int, int] | None:
+    """An IP address as (version, integer), else None."""
     try:
-        return ipaddress.ip_address(text.strip())
+        address = ipaddress.ip_address(text.strip())
     except ValueError:
         return None
+    return address.version, int(address)
 
 
 def _b64(text: str) -> bytes | None:
@@ -222,16 +226,20 @@ def _bool(values: tuple[str, ...], op: str, key: str) -> Test:
 
 
 def _ip(values: tuple[str, ...], op: str, key: str) -> Test:
-    networks = []
+    ranges: list[tuple[int, int, int]] = []  # (version, first, last) as integers
     for value in values:
         try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            network = ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
             raise _malformed(op, key, f"{value!r} is not an IP address or CIDR block") from None
+        ranges.append((network.version, int(network.network_address), int(network.broadcast_address)))
 
     def test(v: str) -> bool:
         address = parse_ip(v)
-        return address is not None and any(address in n for n in networks)
+        if address is None:
+            return False
+        version, number = address
+        return any(v == version and first <= number <= last for v, first, last in ranges)
 
     return test
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LimitExceededException
 from .conditions import Condition, compile_condition_block
-from .exceptions import MalformedPolicyDocumentException
+from ..errors import MalformedPolicyDocumentException
 from .wildcard import GlobSet
 
 MAX_POLICY_BYTES = 32 * 1024

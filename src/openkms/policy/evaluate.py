@@ -75,17 +75,32 @@ class Decision:
 
 def _conditions_hold(statement: Statement, request: RequestContext) -> bool:
     keys = request.keys
-    return all(c.holds(keys.get(c.key)) for c in statement.conditions)
+    for condition in statement.conditions:  # noqa: SIM110 - a loop, not all(genexpr): the hot path
+        if not condition.holds(keys.get(condition.key)):
+            return False
+    return True
 
 
 def _applies(statement: Statement, request: RequestContext, check_resource: bool) -> PrincipalMatch:
     """How a statement applies to a request: NONE, or how its principal names the caller.
 
     The principal is checked first: in a key policy most statements name someone else, and a set
-    lookup rules them out cheapest. Conditions are left to the caller (they cost the most).
+    lookup rules them out cheapest. Conditions are left to the caller (they cost the most). The
+    common ``Principal`` case is :meth:`Principals.match` inlined, as this runs for every statement
+    of every request.
     """
-    level = statement.principal_match(request.principal_ids, request.principal_account, request.is_root)
-    if level is PrincipalMatch.NONE or not statement.action_applies(request.action_folded):
+    principals = statement.principals
+    if principals is None or statement.not_principal:
+        level = statement.principal_match(request.principal_ids, request.principal_account, request.is_root)
+        if level is PrincipalMatch.NONE:
+            return level
+    elif principals.everyone or not principals.arns.isdisjoint(request.principal_ids):
+        level = PrincipalMatch.DIRECT
+    elif request.principal_account in principals.accounts:
+        level = PrincipalMatch.DIRECT if request.is_root else PrincipalMatch.ACCOUNT
+    else:
+        return PrincipalMatch.NONE
+    if not statement.action_applies(request.action_folded):
         return PrincipalMatch.NONE
     if check_resource and not statement.resource_applies(request.resource_arn):
         return PrincipalMatch.NONE

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import MappingProxyType
 
 from .conditions import Values
 
@@ -108,10 +109,10 @@ class RequestContext:
             found = _ARN_ACCOUNT_RE.match(self.resource_arn)
             setattr_(self, "resource_account", found.group(1) if found else self.principal_account)
         setattr_(self, "action_folded", self.action.lower())
-        root = ROOT_ARN_RE.match(self.principal_arn)
+        root = ROOT_ARN_RE.match(self.principal_arn) if self.principal_arn.endswith(":root") else None
         setattr_(self, "is_root", bool(root and root.group(2) == self.principal_account))
         ids = {self.principal_arn}
-        role = _ASSUMED_ROLE_RE.match(self.principal_arn)
+        role = _ASSUMED_ROLE_RE.match(self.principal_arn) if ":assumed-role/" in self.principal_arn else None
         if role:  # a role session is also known by the role's ARN (path-less, as in its session ARN)
             ids.add(f"arn:{role.group(1)}:iam::{role.group(2)}:role/{role.group(3)}")
         setattr_(self, "principal_ids", frozenset(ids))
@@ -133,7 +134,7 @@ class RequestContext:
                 keys.pop(name.lower(), None)
             else:
                 keys[name.lower()] = texts
-        setattr_(self, "keys", keys)
+        setattr_(self, "keys", MappingProxyType(keys))
 
     @property
     def root_arn(self) -> str:

@@ -11,7 +11,7 @@ import json
 import timeit
 from functools import partial
 
-from . import Grant, RequestContext, default_key_policy, evaluate, parse_identity_policy, parse_key_policy
+from openkms.policy import Grant, RequestContext, default_key_policy, evaluate, parse_identity_policy, parse_key_policy
 
 ACCT = "111122223333"
 KEY = f"arn:aws:kms:us-east-1:{ACCT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
