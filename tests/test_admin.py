@@ -71,6 +71,10 @@ class AdminCli:
         return proc.stderr
 
 
+KMS_ALL_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]})
+
+
 @dataclass
 class Tenant:
     account_id: str
@@ -90,6 +94,9 @@ def tenant(server: ServerProcess, admin: AdminCli) -> Tenant:
     account_id = random_account_id()
     admin("create-account", "--name", "tenant", "--account-id", account_id)
     admin("create-user", "--account-id", account_id, "--user-name", "app")
+    # Users have no permissions until an identity policy grants them, as in AWS IAM.
+    admin("put-user-policy", "--account-id", account_id, "--user-name", "app", "--policy-name", "kms-all",
+          "--policy-document", KMS_ALL_POLICY)
     key = admin("create-access-key", "--account-id", account_id, "--user-name", "app")["AccessKey"]
     return Tenant(account_id, "app", key["AccessKeyId"], key["SecretAccessKey"],
                   server.client(key["AccessKeyId"], key["SecretAccessKey"]))
@@ -172,23 +179,25 @@ def test_accounts_cannot_see_each_other(server: ServerProcess, tenant: Tenant) -
     theirs = admin_kms.create_key(Description="admin's key")["KeyMetadata"]
     blob = admin_kms.encrypt(KeyId=theirs["KeyId"], Plaintext=b"admin only")["CiphertextBlob"]
 
-    for ref in (theirs["Arn"], theirs["KeyId"]):
+    # Another account's key: by ARN the key policy decides (the default one names only its own
+    # account: AccessDeniedException, as in AWS); a bare key id only ever means a key of one's own account.
+    for ref, code in ((theirs["Arn"], "AccessDeniedException"), (theirs["KeyId"], "NotFoundException")):
         with pytest.raises(ClientError) as info:
             tenant.kms.describe_key(KeyId=ref)
-        assert error_code(info) == "NotFoundException"
+        assert error_code(info) == code
         with pytest.raises(ClientError) as info:
             tenant.kms.encrypt(KeyId=ref, Plaintext=b"x")
-        assert error_code(info) == "NotFoundException"
+        assert error_code(info) == code
     assert theirs["KeyId"] not in {k["KeyId"] for k in tenant.kms.list_keys(Limit=1000)["Keys"]}
     with pytest.raises(ClientError) as info:
         tenant.kms.decrypt(CiphertextBlob=blob)
-    assert error_code(info) == "InvalidCiphertextException"
+    assert error_code(info) == "AccessDeniedException"
 
     # The other way round too, and alias names are per account.
     mine = tenant.kms.create_key()["KeyMetadata"]
     with pytest.raises(ClientError) as info:
         admin_kms.describe_key(KeyId=mine["Arn"])
-    assert error_code(info) == "NotFoundException"
+    assert error_code(info) == "AccessDeniedException"
     alias = f"alias/shared-{secrets.token_hex(4)}"
     admin_kms.create_alias(AliasName=alias, TargetKeyId=theirs["KeyId"])
     tenant.kms.create_alias(AliasName=alias, TargetKeyId=mine["KeyId"])
@@ -292,6 +301,8 @@ def test_secrets_stay_out_of_a_debug_log(debug_server: ServerProcess) -> None:
     account_id = random_account_id()
     cli("create-account", "--name", "dbg", "--account-id", account_id)
     cli("create-user", "--account-id", account_id, "--user-name", "u")
+    cli("put-user-policy", "--account-id", account_id, "--user-name", "u", "--policy-name", "kms-all",
+        "--policy-document", KMS_ALL_POLICY)
     key = cli("create-access-key", "--account-id", account_id, "--user-name", "u")["AccessKey"]
     kms = debug_server.client(key["AccessKeyId"], key["SecretAccessKey"])
     kms.create_key()

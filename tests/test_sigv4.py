@@ -73,6 +73,9 @@ def test_inactive_and_deleted_access_keys(server: ServerProcess) -> None:
 
     account = admin("CreateAccount", {"Name": "sigv4-test"})["Account"]["AccountId"]
     admin("CreateUser", {"AccountId": account, "UserName": "bob"})
+    admin("PutUserPolicy", {"AccountId": account, "UserName": "bob", "PolicyName": "list",
+                            "PolicyDocument": json.dumps({"Version": "2012-10-17", "Statement": [
+                                {"Effect": "Allow", "Action": "kms:ListKeys", "Resource": "*"}]})})
     issued = admin("CreateAccessKey", {"AccountId": account, "UserName": "bob"})["AccessKey"]
     bob = boto_client(server, issued["AccessKeyId"], issued["SecretAccessKey"])
     assert bob.list_keys()["Keys"] == []

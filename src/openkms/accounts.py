@@ -24,11 +24,13 @@ from .errors import (
     ValidationException,
 )
 from .model import Account, Principal, SecretStr
+from .policy import parse_identity_policy
 from .storage import Store
 from .storage.store import from_ts
 
 ACCOUNT_ID_RE = re.compile(r"^[0-9]{12}\Z")  # \Z: "$" would accept a trailing newline
 ACCESS_KEY_ID_RE = re.compile(r"^[A-Z0-9]{16,128}\Z")
+POLICY_NAME_RE = re.compile(r"^[\w+=,.@-]{1,128}\Z", re.ASCII)
 USER_NAME_RE = re.compile(r"^[\w+=,.@-]{1,64}\Z")
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
@@ -192,3 +194,28 @@ class Accounts:
             if not tx.accounts.delete_access_key(access_key_id):
                 raise NotFoundException("That access key does not exist.")
         self._forget(access_key_id)
+
+    # -- identity policies ------------------------------------------------------------------
+    def put_user_policy(self, account_id: str, user_name: str, policy_name: str, document: str) -> None:
+        """Attach (or replace) a named identity policy; MalformedPolicyDocumentException if invalid."""
+        if not POLICY_NAME_RE.match(policy_name):
+            raise ValidationException("A policy name is 1 to 128 characters of letters, digits and +=,.@_-")
+        parse_identity_policy(document)
+        principal = self._user(account_id, user_name)
+        with self._store.begin() as tx:
+            tx.policies.put(principal.principal_id, policy_name, document)
+
+    def delete_user_policy(self, account_id: str, user_name: str, policy_name: str) -> str:
+        principal = self._user(account_id, user_name)
+        with self._store.begin() as tx:
+            if not tx.policies.delete(principal.principal_id, policy_name):
+                raise NotFoundException(f"User {user_name} has no policy {policy_name}.")
+        return principal.principal_id
+
+    def user_policies(self, account_id: str, user_name: str) -> list[tuple[str, str]]:
+        principal = self._user(account_id, user_name)
+        with self._store.begin() as tx:
+            return tx.policies.for_principal(principal.principal_id)
+
+    def principal_id(self, account_id: str, user_name: str) -> str:
+        return self._user(account_id, user_name).principal_id

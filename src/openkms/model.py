@@ -189,6 +189,8 @@ class Caller:
     principal: Principal
     access_key_id: str
     source_ip: str = ""
+    operation: str = ""  # the KMS operation being called: the action key policies are asked about
+    grant_tokens: tuple[str, ...] = ()
 
     @property
     def account_id(self) -> str:

@@ -15,12 +15,16 @@ import binascii
 import dataclasses
 import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
+from .access import AccessControl, grant_from_row, principal_arn
 from .audit.context import note_key
 from .audit.usage import UsageTracker
 from .crypto import blob, wrap
@@ -30,10 +34,14 @@ from .errors import (
     DryRunOperationException,
     ExpiredImportTokenException,
     IncorrectKeyException,
+    AccessDeniedException,
     IncorrectKeyMaterialException,
+    KMSInternalException,
+    InvalidGrantTokenException,
     InvalidAliasNameException,
     InvalidCiphertextException,
     InvalidImportTokenException,
+    MalformedPolicyDocumentException,
     InvalidKeyUsageException,
     InvalidMarkerException,
     KMSInvalidMacException,
@@ -62,12 +70,19 @@ from .model import (
     Origin,
     alias_arn,
 )
+from .policy import Grant, default_key_policy, parse_key_policy, root_arn, would_lock_out
 from .storage import Store
 
 Params = Mapping[str, Any]
 Result = dict[str, Any]
 
 DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
+ALGORITHM_CONDITION = {
+    KeyUsage.ENCRYPT_DECRYPT: "kms:EncryptionAlgorithm",
+    KeyUsage.SIGN_VERIFY: "kms:SigningAlgorithm",
+    KeyUsage.GENERATE_VERIFY_MAC: "kms:MacAlgorithm",
+    KeyUsage.KEY_AGREEMENT: "kms:KeyAgreementAlgorithm",
+}
 ALGORITHM_FIELDS = {
     KeyUsage.ENCRYPT_DECRYPT: "EncryptionAlgorithms",
     KeyUsage.SIGN_VERIFY: "SigningAlgorithms",
@@ -75,6 +90,7 @@ ALGORITHM_FIELDS = {
     KeyUsage.KEY_AGREEMENT: "KeyAgreementAlgorithms",
 }
 MAX_TAGS_PER_KEY = 50
+PRINCIPAL_ARN_RE = re.compile(r"^(arn:aws[a-z-]*:(iam|sts)::\d{12}:\S+|\d{12})$")
 MAX_ON_DEMAND_ROTATIONS = 10  # per key, as in AWS
 IMPORT_PARAMETERS_VALID = timedelta(hours=24)
 MAX_IMPORT_VALIDITY = timedelta(days=365)
@@ -104,6 +120,7 @@ class KMS:
         self._keys: dict[str, tuple[float, Key | None]] = {}
         self._aliases: dict[tuple[str, str], tuple[float, str | None]] = {}
         self.usage: UsageTracker | None = None  # set by the API layer, which records uses
+        self.access = AccessControl(store, cache_ttl)
 
     def now(self) -> datetime:
         return self._clock()
@@ -140,10 +157,17 @@ class KMS:
     def _forget_alias(self, account_id: str, name: str) -> None:
         self._aliases.pop((account_id, name), None)
 
-    def _resolve(self, caller: Caller, key_ref: str, allow_alias: bool = True) -> Key:
-        """A key id, key ARN, alias name or alias ARN -> the key, if the caller may see it."""
+    def _resolve(self, caller: Caller, key_ref: str, allow_alias: bool = True, *, action: str | None = None,
+                 encryption_context: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None) -> Key:
+        """A key id, key ARN, alias name or alias ARN -> the key, if the caller may `action` it.
+
+        `action` defaults to the operation being called; "" skips the policy check (for callers that
+        have already authorized). A key of another account can only be named by its key ARN;
+        aliases never resolve across accounts.
+        """
         account = caller.account_id
         key_id: str | None
+        request_alias = None
         if key_ref.startswith("alias/") or ALIAS_ARN_RE.match(key_ref):
             if not allow_alias:
                 raise NotFoundException(f"Invalid keyId '{key_ref}'. An alias is not accepted here.")
@@ -158,20 +182,32 @@ class KMS:
             key_id = self._alias_target(account, name)
             if key_id is None:
                 raise NotFoundException(f"Alias {alias_arn(self.region, account, name)} is not found.")
+            request_alias = name
+            owner = account
         else:
             m = KEY_ARN_RE.match(key_ref)
             if m:
-                region, key_account, key_id = m.groups()
-                if key_account != account or region != self.region:
+                region, owner, key_id = m.groups()
+                if region != self.region:
                     raise NotFoundException(f"Key '{key_ref}' does not exist")
             elif KEY_ID_RE.match(key_ref):
-                key_id = key_ref
+                key_id, owner = key_ref, account
             else:
                 raise NotFoundException(f"Invalid keyId '{key_ref}'")
         key = self._load_key(key_id)
-        if key is None or key.account_id != account:
-            raise NotFoundException(f"Key 'arn:aws:kms:{self.region}:{account}:key/{key_id}' does not exist")
+        if key is None or key.account_id != owner:
+            raise NotFoundException(f"Key 'arn:aws:kms:{self.region}:{owner}:key/{key_id}' does not exist")
         note_key(key.arn, key.account_id)
+        if action is None:
+            if not caller.operation:
+                # Fail closed: a key must never be resolved without knowing what it is wanted for.
+                raise KMSInternalException("A key was resolved outside an operation.")
+            action = caller.operation
+        if action:
+            if request_alias is not None:
+                extra = {**(extra or {}), "kms:RequestAlias": request_alias}
+            self.access.authorize(caller, key, action, encryption_context=encryption_context, extra=extra,
+                                  grant_tokens=caller.grant_tokens)
         return key
 
     def _check_usable(self, key: Key) -> None:
@@ -190,8 +226,12 @@ class KMS:
         if key.state is KeyState.PENDING_DELETION:
             raise KMSInvalidStateException(f"{key.arn} is pending deletion.")
 
-    def _crypto_key(self, caller: Caller, key_ref: str, usage: KeyUsage, algorithm: str | None) -> Key:
-        key = self._resolve(caller, key_ref)
+    def _crypto_key(self, caller: Caller, key_ref: str, usage: KeyUsage, algorithm: str | None, *,
+                    encryption_context: Mapping[str, str] | None = None, action: str | None = None) -> Key:
+        extra = {ALGORITHM_CONDITION[usage]: algorithm} if algorithm else None
+        key = self._resolve(caller, key_ref, action=action, extra=extra,
+                            encryption_context=encryption_context if encryption_context is not None else
+                            ({} if usage is KeyUsage.ENCRYPT_DECRYPT else None))
         if key.key_usage is not usage:
             raise InvalidKeyUsageException(
                 f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
@@ -262,11 +302,15 @@ class KMS:
         tags = self._checked_tags(p.get("Tags") or [])
         if len(tags) > MAX_TAGS_PER_KEY:
             raise TagException(f"A key can have at most {MAX_TAGS_PER_KEY} tags.")
+        self.access.authorize_identity(caller, "CreateKey", _tag_conditions(tags) | {
+            "kms:KeySpec": spec_name, "kms:KeyUsage": usage.value, "kms:KeyOrigin": origin,
+            "kms:BypassPolicyLockoutSafetyCheck": bool(p.get("BypassPolicyLockoutSafetyCheck"))})
+        policy = self._checked_policy(caller, p.get("Policy"), bool(p.get("BypassPolicyLockoutSafetyCheck")))
         external = origin == Origin.EXTERNAL.value
         key = Key(key_id=str(uuid.uuid4()), account_id=caller.account_id, region=self.region,
                   description=p.get("Description") or "", key_spec=spec_name, key_usage=usage,
                   origin=Origin(origin), state=KeyState.PENDING_IMPORT if external else KeyState.ENABLED,
-                  created=self.now(), current_version=0 if external else 1)
+                  created=self.now(), current_version=0 if external else 1, policy=policy)
         with self.store.begin() as tx:
             tx.keys.insert(key)
             if not external:
@@ -282,6 +326,7 @@ class KMS:
         return {"KeyMetadata": self.key_metadata(self._resolve(caller, p["KeyId"]))}
 
     def list_keys(self, caller: Caller, p: Params) -> Result:
+        self.access.authorize_identity(caller, "ListKeys")
         limit = p.get("Limit") or 100
         after = _decode_marker(p.get("Marker"))
         with self.store.begin() as tx:
@@ -370,23 +415,25 @@ class KMS:
         return out
 
     def tag_resource(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
-        self._check_not_pending_deletion(key)
         tags = self._checked_tags(p["Tags"])
+        key = self._resolve(caller, p["KeyId"], allow_alias=False, extra=_tag_conditions(tags))
+        self._check_not_pending_deletion(key)
         with self.store.begin() as tx:
             existing = dict(tx.tags.list(key.key_id))
             if len(set(existing) | set(tags)) > MAX_TAGS_PER_KEY:
                 raise LimitExceededException(f"A key can have at most {MAX_TAGS_PER_KEY} tags.")
             for k, v in tags.items():
                 tx.tags.put(key.key_id, k, v)
+        self.access.forget_lookups(key.key_id)
         return {}
 
     def untag_resource(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._resolve(caller, p["KeyId"], allow_alias=False, extra={"aws:TagKeys": list(p["TagKeys"])})
         self._check_not_pending_deletion(key)
         with self.store.begin() as tx:
             for k in p["TagKeys"]:
                 tx.tags.remove(key.key_id, k)
+        self.access.forget_lookups(key.key_id)
         return {}
 
     def list_resource_tags(self, caller: Caller, p: Params) -> Result:
@@ -415,7 +462,7 @@ class KMS:
     def create_alias(self, caller: Caller, p: Params) -> Result:
         name = p["AliasName"]
         self._check_alias_name(name)
-        key = self._resolve(caller, p["TargetKeyId"], allow_alias=False)
+        key = self._own_key(caller, self._resolve(caller, p["TargetKeyId"], allow_alias=False))
         self._check_not_pending_deletion(key)
         now = self.now()
         with self.store.begin() as tx:
@@ -424,12 +471,20 @@ class KMS:
                     f"An alias with the name {alias_arn(self.region, caller.account_id, name)} already exists")
             tx.aliases.insert(Alias(caller.account_id, name, key.key_id, now, now))
         self._forget_alias(caller.account_id, name)
+        self.access.forget_lookups(key.key_id)
         return {}
+
+    @staticmethod
+    def _own_key(caller: Caller, key: Key) -> Key:
+        """Aliases live in one account and point at keys of that account only."""
+        if key.account_id != caller.account_id:
+            raise NotFoundException(f"Key '{key.arn}' does not exist")
+        return key
 
     def update_alias(self, caller: Caller, p: Params) -> Result:
         name = p["AliasName"]
         self._check_alias_name(name)
-        key = self._resolve(caller, p["TargetKeyId"], allow_alias=False)
+        key = self._own_key(caller, self._resolve(caller, p["TargetKeyId"], allow_alias=False))
         self._check_not_pending_deletion(key)
         with self.store.begin() as tx:
             alias = tx.aliases.get(caller.account_id, name)
@@ -440,15 +495,26 @@ class KMS:
                                         or current.key_spec != key.key_spec):
                 raise ValidationException(
                     "The new target key must have the same key spec and key usage as the current one.")
+            if current is not None:
+                self.access.authorize(caller, current, "UpdateAlias", grant_tokens=caller.grant_tokens)
             tx.aliases.retarget(caller.account_id, name, key.key_id, self.now())
         self._forget_alias(caller.account_id, name)
+        self.access.forget_lookups(key.key_id)
+        if current is not None:
+            self.access.forget_lookups(current.key_id)
         return {}
 
     def delete_alias(self, caller: Caller, p: Params) -> Result:
         name = p["AliasName"]
         with self.store.begin() as tx:
-            if tx.aliases.get(caller.account_id, name) is None:
+            alias = tx.aliases.get(caller.account_id, name)
+            if alias is None:
                 raise NotFoundException(f"Alias {alias_arn(self.region, caller.account_id, name)} is not found.")
+            target = tx.keys.get(alias.target_key_id)
+        if target is not None:
+            self.access.authorize(caller, target, "DeleteAlias", grant_tokens=caller.grant_tokens)
+            self.access.forget_lookups(target.key_id)
+        with self.store.begin() as tx:
             tx.aliases.delete(caller.account_id, name)
         self._forget_alias(caller.account_id, name)
         return {}
@@ -457,7 +523,9 @@ class KMS:
         limit = p.get("Limit") or 50
         if limit > 100:
             raise ValidationException("Limit must be between 1 and 100.")
-        key_id = self._resolve(caller, p["KeyId"], allow_alias=False).key_id if p.get("KeyId") else None
+        self.access.authorize_identity(caller, "ListAliases")
+        key_id = (self._own_key(caller, self._resolve(caller, p["KeyId"], allow_alias=False, action="")).key_id
+                  if p.get("KeyId") else None)
         after = _decode_marker(p.get("Marker"))
         with self.store.begin() as tx:
             aliases = tx.aliases.list(caller.account_id, key_id, after, limit + 1)
@@ -489,12 +557,12 @@ class KMS:
         return self.keystore.rsa_encrypt(key, algorithm, plaintext)
 
     def _decrypt(self, caller: Caller, ciphertext: bytes, context: Mapping[str, str] | None,
-                 key_ref: str | None, algorithm: str | None) -> tuple[Key, bytes, str]:
+                 key_ref: str | None, algorithm: str | None, action: str) -> tuple[Key, bytes, str]:
         """Decrypt a symmetric blob (it names its key) or an RSA ciphertext (KeyId required)."""
         algorithm = algorithm or "SYMMETRIC_DEFAULT"
-        requested = self._resolve(caller, key_ref) if key_ref is not None else None
+        requested = self._resolve(caller, key_ref, action="") if key_ref is not None else None
         if requested is not None and not requested.spec.symmetric:
-            key = self._crypto_key(caller, requested.arn, KeyUsage.ENCRYPT_DECRYPT, algorithm)
+            key = self._crypto_key(caller, requested.arn, KeyUsage.ENCRYPT_DECRYPT, algorithm, action=action)
             if context:
                 raise ValidationException("EncryptionContext is not supported with asymmetric keys.")
             return key, self.keystore.rsa_decrypt(key, algorithm, ciphertext), algorithm
@@ -503,9 +571,11 @@ class KMS:
             raise IncorrectKeyException(
                 "The key ID in the request does not identify a CMK that can perform this operation.")
         key = self._load_key(header.key_id)
-        if key is None or key.account_id != caller.account_id or not key.spec.symmetric:
+        if key is None or not key.spec.symmetric:
             raise InvalidCiphertextException()
         note_key(key.arn, key.account_id)
+        self.access.authorize(caller, key, action, encryption_context=context or {},
+                              extra={"kms:EncryptionAlgorithm": algorithm}, grant_tokens=caller.grant_tokens)
         if key.key_usage is not KeyUsage.ENCRYPT_DECRYPT:
             raise InvalidKeyUsageException(
                 f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
@@ -521,7 +591,8 @@ class KMS:
 
     def encrypt(self, caller: Caller, p: Params) -> Result:
         algorithm = p.get("EncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, algorithm)
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, algorithm,
+                               encryption_context=p.get("EncryptionContext") or {})
         self._dry_run(p)
         ciphertext = self._encrypt(key, p["Plaintext"], p.get("EncryptionContext"), algorithm)
         return {"CiphertextBlob": ciphertext, "KeyId": key.arn, "EncryptionAlgorithm": algorithm}
@@ -538,17 +609,18 @@ class KMS:
         self._require(p, "CiphertextBlob")
         self._no_recipient(p)
         key, plaintext, algorithm = self._decrypt(caller, p["CiphertextBlob"], p.get("EncryptionContext"),
-                                                  p.get("KeyId"), p.get("EncryptionAlgorithm"))
+                                                  p.get("KeyId"), p.get("EncryptionAlgorithm"), "Decrypt")
         self._dry_run(p)
         return {"KeyId": key.arn, "Plaintext": plaintext, "EncryptionAlgorithm": algorithm}
 
     def re_encrypt(self, caller: Caller, p: Params) -> Result:
         self._require(p, "CiphertextBlob")
         dest_alg = p.get("DestinationEncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
-        dest = self._crypto_key(caller, p["DestinationKeyId"], KeyUsage.ENCRYPT_DECRYPT, dest_alg)
+        dest = self._crypto_key(caller, p["DestinationKeyId"], KeyUsage.ENCRYPT_DECRYPT, dest_alg,
+                                encryption_context=p.get("DestinationEncryptionContext") or {}, action="ReEncryptTo")
         source, plaintext, source_alg = self._decrypt(
             caller, p["CiphertextBlob"], p.get("SourceEncryptionContext"), p.get("SourceKeyId"),
-            p.get("SourceEncryptionAlgorithm"))
+            p.get("SourceEncryptionAlgorithm"), "ReEncryptFrom")
         self._dry_run(p)
         ciphertext = self._encrypt(dest, plaintext, p.get("DestinationEncryptionContext"), dest_alg)
         return {"CiphertextBlob": ciphertext, "SourceKeyId": source.arn, "KeyId": dest.arn,
@@ -564,7 +636,8 @@ class KMS:
     def generate_data_key(self, caller: Caller, p: Params) -> Result:
         self._no_recipient(p)
         length = self._data_key_length(p)
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT")
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
+                               encryption_context=p.get("EncryptionContext") or {})
         self._dry_run(p)
         plaintext = os.urandom(length)
         ciphertext = self._encrypt(key, plaintext, p.get("EncryptionContext"), "SYMMETRIC_DEFAULT")
@@ -572,7 +645,8 @@ class KMS:
 
     def generate_data_key_without_plaintext(self, caller: Caller, p: Params) -> Result:
         length = self._data_key_length(p)
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT")
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
+                               encryption_context=p.get("EncryptionContext") or {})
         self._dry_run(p)
         ciphertext = self._encrypt(key, os.urandom(length), p.get("EncryptionContext"), "SYMMETRIC_DEFAULT")
         return {"CiphertextBlob": ciphertext, "KeyId": key.arn}
@@ -582,6 +656,7 @@ class KMS:
         if p.get("CustomKeyStoreId"):
             raise UnsupportedOperationException("Custom key stores are not supported by this server.")
         self._require(p, "NumberOfBytes")
+        self.access.authorize_identity(caller, "GenerateRandom")
         return {"Plaintext": os.urandom(p["NumberOfBytes"])}
 
     # -- asymmetric and HMAC operations -------------------------------------------------------
@@ -637,7 +712,8 @@ class KMS:
         pair_spec = p["KeyPairSpec"]
         if pair_spec not in DATA_KEY_PAIR_SPECS:
             raise UnsupportedOperationException(f"KeyPairSpec {pair_spec} is not supported by this server.")
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT")
+        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
+                               encryption_context=p.get("EncryptionContext") or {})
         self._dry_run(p)
         private_der, public_der = self.keystore.new_key_pair(pair_spec)
         wrapped = self._encrypt(key, private_der, p.get("EncryptionContext"), "SYMMETRIC_DEFAULT")
@@ -921,6 +997,176 @@ class KMS:
         with self.store.begin() as tx:
             tx.import_tokens.delete_expired(self.now())
         return done
+
+    # -- key policies -------------------------------------------------------------------------
+    def _checked_policy(self, caller: Caller, text: str | None, bypass: bool, key_arn: str = "") -> str | None:
+        """Parse a new key policy (MalformedPolicyDocumentException if it is not one) and refuse one
+        that would lock the caller out of PutKeyPolicy, unless the caller bypasses that check."""
+        if text is None:
+            return None
+        compiled = parse_key_policy(text)
+        if not bypass and would_lock_out(compiled, principal_arn(caller), caller.account_id, key_arn=key_arn):
+            raise MalformedPolicyDocumentException(
+                "The new key policy will not allow you to update the key policy in the future.")
+        return text
+
+    def get_key_policy(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        name = p.get("PolicyName") or "default"
+        if name != "default":
+            raise NotFoundException(f"No such policy exists: {name}")
+        return {"Policy": key.policy or default_key_policy(key.account_id), "PolicyName": "default"}
+
+    def put_key_policy(self, caller: Caller, p: Params) -> Result:
+        bypass = bool(p.get("BypassPolicyLockoutSafetyCheck"))
+        key = self._resolve(caller, p["KeyId"], allow_alias=False,
+                            extra={"kms:BypassPolicyLockoutSafetyCheck": bypass})
+        if (p.get("PolicyName") or "default") != "default":
+            raise NotFoundException(f"No such policy exists: {p['PolicyName']}")
+        self._check_not_pending_deletion(key)
+        self._save(dataclasses.replace(key, policy=self._checked_policy(caller, p["Policy"], bypass, key.arn)))
+        return {}
+
+    def list_key_policies(self, caller: Caller, p: Params) -> Result:
+        self._resolve(caller, p["KeyId"], allow_alias=False)
+        return {"PolicyNames": ["default"], "Truncated": False}
+
+    # -- grants -------------------------------------------------------------------------------
+    def create_grant(self, caller: Caller, p: Params) -> Result:
+        operations = sorted(set(p["Operations"]))
+        if not operations:
+            raise ValidationException("A grant needs at least one operation.")
+        grantee, retiring = p["GranteePrincipal"], p.get("RetiringPrincipal")
+        for principal in filter(None, (grantee, retiring)):
+            if not PRINCIPAL_ARN_RE.match(principal):
+                raise ValidationException(f"{principal} is not a valid principal ARN.")
+        constraints = p.get("Constraints") or None
+        extra: dict[str, Any] = {"kms:GrantOperations": operations, "kms:GranteePrincipal": grantee,
+                                 "kms:GrantIsForAWSResource": False}
+        if retiring:
+            extra["kms:RetiringPrincipal"] = retiring
+        if constraints:
+            extra["kms:GrantConstraintType"] = sorted(constraints)
+        key = self._resolve(caller, p["KeyId"], allow_alias=False, extra=extra)
+        self._check_not_pending_deletion(key)
+        grant = Grant(grantee_principal=grantee, operations=frozenset(operations), retiring_principal=retiring,
+                      encryption_context_subset=(constraints or {}).get("EncryptionContextSubset"),
+                      encryption_context_equals=(constraints or {}).get("EncryptionContextEquals"))
+        self._dry_run(p)
+        token = base64.urlsafe_b64encode(os.urandom(48)).decode()
+        name = p.get("Name")
+        with self.store.begin() as tx:
+            if name:
+                for row in tx.grants.by_name(key.key_id, name):
+                    same = grant_from_row(row, key.arn)
+                    if (same.grantee_principal, same.operations, same.retiring_principal,
+                            same.encryption_context_subset, same.encryption_context_equals) == (
+                            grant.grantee_principal, grant.operations, grant.retiring_principal,
+                            grant.encryption_context_subset, grant.encryption_context_equals):
+                        # Idempotent retry: the same grant, as AWS answers for a repeated Name.
+                        return {"GrantToken": token, "GrantId": row.grant_id}
+            grant_id = os.urandom(32).hex()
+            tx.grants.insert({"grant_id": grant_id, "key_id": key.key_id, "name": name, "grantee_principal": grantee,
+                              "retiring_principal": retiring, "issuing_account": root_arn(caller.account_id),
+                              "operations": orjson.dumps(operations).decode(),
+                              "constraints": orjson.dumps(constraints).decode() if constraints else None,
+                              "token_hash": hashlib.sha256(token.encode()).hexdigest(),
+                              "created": self.now().timestamp()})
+        self.access.forget_grants(key.key_id)
+        return {"GrantToken": token, "GrantId": grant_id}
+
+    def _grant_entry(self, row: Any, key_arn: str) -> Result:
+        entry: Result = {"KeyId": key_arn, "GrantId": row.grant_id, "CreationDate": datetime.fromtimestamp(row.created, UTC),
+                         "GranteePrincipal": row.grantee_principal, "IssuingAccount": row.issuing_account,
+                         "Operations": orjson.loads(row.operations)}
+        if row.name:
+            entry["Name"] = row.name
+        if row.retiring_principal:
+            entry["RetiringPrincipal"] = row.retiring_principal
+        if row.constraints:
+            entry["Constraints"] = orjson.loads(row.constraints)
+        return entry
+
+    def list_grants(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        limit = p.get("Limit") or 50
+        after = _decode_marker(p.get("Marker"))
+        with self.store.begin() as tx:
+            rows = [r for r in tx.grants.for_key(key.key_id)
+                    if (p.get("GrantId") is None or r.grant_id == p["GrantId"])
+                    and (p.get("GranteePrincipal") is None or r.grantee_principal == p["GranteePrincipal"])]
+        if after is not None:
+            rows = [r for r in rows if r.grant_id > after]
+        rows.sort(key=lambda r: r.grant_id)
+        result: Result = {"Grants": [self._grant_entry(r, key.arn) for r in rows[:limit]], "Truncated": len(rows) > limit}
+        if len(rows) > limit:
+            result["NextMarker"] = _encode_marker(rows[limit - 1].grant_id)
+        return result
+
+    def list_retirable_grants(self, caller: Caller, p: Params) -> Result:
+        self.access.authorize_identity(caller, "ListRetirableGrants")
+        limit = p.get("Limit") or 50
+        with self.store.begin() as tx:
+            rows = tx.grants.retirable_by(p["RetiringPrincipal"], _decode_marker(p.get("Marker")), limit + 1)
+            arns = {}
+            for r in rows:
+                k = tx.keys.get(r.key_id)
+                arns[r.key_id] = k.arn if k else r.key_id
+        result: Result = {"Grants": [self._grant_entry(r, arns[r.key_id]) for r in rows[:limit]],
+                          "Truncated": len(rows) > limit}
+        if len(rows) > limit:
+            result["NextMarker"] = _encode_marker(rows[limit - 1].grant_id)
+        return result
+
+    def retire_grant(self, caller: Caller, p: Params) -> Result:
+        """By the grant's retiring principal, by its grantee if the grant allows RetireGrant, or by
+        the key's account: by grant token, or by key ARN and grant id."""
+        with self.store.begin() as tx:
+            if p.get("GrantToken"):
+                row = tx.grants.by_token_hash(hashlib.sha256(p["GrantToken"].encode()).hexdigest())
+                if row is None:
+                    raise InvalidGrantTokenException("The grant token is not valid.")
+            elif p.get("KeyId") and p.get("GrantId"):
+                row = tx.grants.get(p["GrantId"])
+                if row is None:
+                    raise NotFoundException(f"Grant {p['GrantId']} does not exist.")
+            else:
+                raise ValidationException("Specify GrantToken, or KeyId and GrantId.")
+            key = tx.keys.get(row.key_id)
+        if key is None or (p.get("KeyId") and p["KeyId"] not in (key.key_id, key.arn)):
+            raise NotFoundException("The grant does not exist for that key.")
+        me = {caller.principal.arn, principal_arn(caller)}
+        operations = orjson.loads(row.operations)
+        allowed = (row.retiring_principal in me or (row.grantee_principal in me and "RetireGrant" in operations)
+                   or (caller.principal.is_admin and caller.account_id == key.account_id))
+        if not allowed:
+            raise AccessDeniedException(
+                f"User: {caller.principal.arn} is not authorized to perform: kms:RetireGrant on resource: {key.arn} "
+                "because it is neither the grant's retiring principal nor its grantee")
+        note_key(key.arn, key.account_id)
+        self._dry_run(p)
+        with self.store.begin() as tx:
+            tx.grants.delete(row.grant_id)
+        self.access.forget_grants(key.key_id)
+        return {}
+
+    def revoke_grant(self, caller: Caller, p: Params) -> Result:
+        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        self._dry_run(p)
+        with self.store.begin() as tx:
+            row = tx.grants.get(p["GrantId"])
+            if row is None or row.key_id != key.key_id:
+                raise NotFoundException(f"Grant {p['GrantId']} does not exist for {key.arn}.")
+            tx.grants.delete(row.grant_id)
+        self.access.forget_grants(key.key_id)
+        return {}
+
+
+def _tag_conditions(tags: Mapping[str, str]) -> dict[str, Any]:
+    conditions: dict[str, Any] = {f"aws:RequestTag/{k}": v for k, v in tags.items()}
+    if tags:
+        conditions["aws:TagKeys"] = list(tags)
+    return conditions
 
 
 def _state_words(state: KeyState) -> str:

@@ -16,7 +16,7 @@ import orjson
 from ..accounts import Accounts
 from ..audit.log import AuditLog
 from ..crypto.signing import public_pem
-from ..errors import AccessDeniedException, SerializationException, ValidationException
+from ..errors import AccessDeniedException, NotFoundException, SerializationException, ValidationException
 from ..model import Caller
 from ..storage import Store
 
@@ -32,6 +32,11 @@ SCHEMAS: dict[str, dict[str, tuple[type, bool]]] = {
     "ListAccessKeys": {"AccountId": (str, True), "UserName": (str, True)},
     "UpdateAccessKey": {"AccessKeyId": (str, True), "Status": (str, True)},
     "DeleteAccessKey": {"AccessKeyId": (str, True)},
+    "PutUserPolicy": {"AccountId": (str, True), "UserName": (str, True), "PolicyName": (str, True),
+                      "PolicyDocument": (str, True)},
+    "GetUserPolicy": {"AccountId": (str, True), "UserName": (str, True), "PolicyName": (str, True)},
+    "DeleteUserPolicy": {"AccountId": (str, True), "UserName": (str, True), "PolicyName": (str, True)},
+    "ListUserPolicies": {"AccountId": (str, True), "UserName": (str, True)},
     "QueryAuditEvents": {"StartTime": (float, False), "EndTime": (float, False), "AccountId": (str, False),
                          "PrincipalArn": (str, False), "KeyId": (str, False), "EventName": (str, False),
                          "ErrorCode": (str, False), "Limit": (int, False), "NextToken": (str, False)},
@@ -66,8 +71,9 @@ def _check(op: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 class AdminAPI:
-    def __init__(self, accounts: Accounts, store: Store, audit: AuditLog) -> None:
+    def __init__(self, accounts: Accounts, store: Store, audit: AuditLog, forget_identity: Any = None) -> None:
         self.accounts = accounts
+        self._forget_identity = forget_identity or (lambda principal_id: None)
         self.store = store
         self.audit = audit
         self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -79,6 +85,10 @@ class AdminAPI:
             "ListAccessKeys": self._list_access_keys,
             "UpdateAccessKey": self._update_access_key,
             "DeleteAccessKey": self._delete_access_key,
+            "PutUserPolicy": self._put_user_policy,
+            "GetUserPolicy": self._get_user_policy,
+            "DeleteUserPolicy": self._delete_user_policy,
+            "ListUserPolicies": self._list_user_policies,
             "QueryAuditEvents": self._query_audit_events,
             "GetAuditPublicKey": self._get_audit_public_key,
             "CreateAuditDigest": self._create_audit_digest,
@@ -187,3 +197,21 @@ class AdminAPI:
     def _create_audit_digest(self, p: dict[str, Any]) -> dict[str, Any]:
         self.audit.digest_now()
         return {}
+
+    def _put_user_policy(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.accounts.put_user_policy(p["AccountId"], p["UserName"], p["PolicyName"], p["PolicyDocument"])
+        self._forget_identity(self.accounts.principal_id(p["AccountId"], p["UserName"]))
+        return {}
+
+    def _get_user_policy(self, p: dict[str, Any]) -> dict[str, Any]:
+        for name, document in self.accounts.user_policies(p["AccountId"], p["UserName"]):
+            if name == p["PolicyName"]:
+                return {"UserName": p["UserName"], "PolicyName": name, "PolicyDocument": document}
+        raise NotFoundException(f"User {p['UserName']} has no policy {p['PolicyName']}.")
+
+    def _delete_user_policy(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._forget_identity(self.accounts.delete_user_policy(p["AccountId"], p["UserName"], p["PolicyName"]))
+        return {}
+
+    def _list_user_policies(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"PolicyNames": [name for name, _ in self.accounts.user_policies(p["AccountId"], p["UserName"])]}

@@ -9,6 +9,7 @@ failure becomes a JSON error body with an AWS error code; an unexpected exceptio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -71,7 +72,7 @@ class App:
         node.kms.usage = self.usage
         self.audit = AuditLog(node.store, node.root, node_id(node.settings.data_dir),
                               node.settings.audit_digest_interval, self.usage)
-        self.admin = AdminAPI(node.accounts, node.store, self.audit)
+        self.admin = AdminAPI(node.accounts, node.store, self.audit, node.kms.access.forget_identity)
         self.audit_enabled = node.settings.audit.lower() != "off"
         if not self.audit_enabled:
             log.warning("OPENKMS_AUDIT=off: API calls are NOT recorded in the audit log")
@@ -100,6 +101,7 @@ class App:
         access_key_id: str | None = None
         params = result = None
         error: KMSError | None = None
+        noted: dict[str, Any] = {}  # the redacted request, recorded for failed calls too
         touched = audit_context.touched.set([])
         try:
             if method != "POST" or path != "/":
@@ -114,7 +116,7 @@ class App:
                 status = 200
             else:
                 payload = self._parse_json(body)
-                rendered, params, result = self._dispatch(caller, target, payload)
+                rendered, result = self._dispatch(caller, target, payload, noted)
                 status, data = 200, orjson.dumps(rendered)
         except KMSError as exc:
             error = exc
@@ -124,6 +126,7 @@ class App:
             error = KMSInternalException("An internal error occurred.")
             status, data = error.status, (sts.error_document(error, request_id) if is_sts else _error_body(error))
         finally:
+            params = noted.get("params")
             resources = audit_context.touched.get() or []
             audit_context.touched.reset(touched)
         if access_key_id is None:
@@ -143,9 +146,6 @@ class App:
             error_code=error.code if error else None, error_message=error.message if error else None,
             resources=resources, event_source="sts.amazonaws.com" if is_sts else
             "openkms.admin" if target.startswith(ADMIN_PREFIX) else None)
-        if error is None and name in TRACKED_OPERATIONS:
-            for arn, _ in resources:
-                self.usage.record(arn.rsplit("/", 1)[1], name, now, event_id, request_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %d %.1fms %s", request_id, target or path, status,
                       (time.perf_counter() - started) * 1000, source_ip)
@@ -163,9 +163,11 @@ class App:
             raise SerializationException("The request body must be a JSON object.")
         return payload
 
-    def _dispatch(self, caller: Caller, target: str, payload: dict[str, Any]
-                  ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
-        """(rendered response, redacted request parameters, redacted response elements)."""
+    def _dispatch(self, caller: Caller, target: str, payload: dict[str, Any], noted: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(rendered response, redacted response elements). The redacted request parameters go in
+        `noted["params"]` as soon as the request parses, so that a call that then fails (not found,
+        denied, invalid ciphertext) is recorded with what it asked for."""
         if target.startswith(KMS_PREFIX):
             name = target[len(KMS_PREFIX):]
             op = self.operations.get(name)
@@ -175,13 +177,15 @@ class App:
             if handler is None:
                 raise UnsupportedOperationException(f"{name} is not supported by this server yet.")
             params = op.parse(payload)
+            noted["params"] = op.redact_input(params) if op.redact_input else None
+            caller = dataclasses.replace(caller, operation=name, grant_tokens=tuple(params.get("GrantTokens") or ()))
             result = handler(caller, params)
-            return (op.render(result), op.redact_input(params) if op.redact_input else None,
-                    op.redact_output(result) if op.redact_output else None)
+            return op.render(result), op.redact_output(result) if op.redact_output else None
         if target.startswith(ADMIN_PREFIX) and self.admin.has(target[len(ADMIN_PREFIX):]):
             name = target[len(ADMIN_PREFIX):]
+            noted["params"] = self.admin.redact_input(name, payload)
             result = self.admin.call(caller, name, payload)
-            return result, self.admin.redact_input(name, payload), self.admin.redact_output(name, result)
+            return result, self.admin.redact_output(name, result)
         raise UnknownOperationException(f"Unknown operation {target or '(no X-Amz-Target)'}.")
 
     # -- background work --------------------------------------------------------------------------
@@ -249,14 +253,26 @@ class App:
                 None, self.handle, method, path, query, headers, body, client)
         else:
             response, event = self.handle(method, path, query, headers, body, client)
-        if event is None or not self.audit_enabled:
+        if event is None:
             return response
-        try:
-            await self.audit.submit(event)  # answered only once the record is durable
-        except Exception:
-            exc = KMSInternalException("The call could not be recorded in the audit log, so it is refused.")
-            return exc.status, response[1], _error_body(exc)
+        if self.audit_enabled:
+            try:
+                await self.audit.submit(event)  # answered only once the record is durable
+            except Exception:
+                exc = KMSInternalException("The call could not be recorded in the audit log, so it is refused.")
+                return exc.status, response[1], _error_body(exc)
+        self._note_usage(event)
         return response
+
+    def _note_usage(self, event: Event) -> None:
+        """GetKeyLastUsage: the last successful cryptographic call on each key. Noted only once the
+        call is answered (its record durable), so that it never names a refused call's record."""
+        name = event["eventName"]
+        if "errorCode" not in event and name in TRACKED_OPERATIONS:
+            now = time.time()
+            for resource in event["resources"]:
+                self.usage.record(resource["ARN"].rsplit("/", 1)[1], name, now, event["eventID"],
+                                  event["requestID"])
 
     # -- ASGI (uvicorn and others) ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

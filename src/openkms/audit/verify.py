@@ -175,7 +175,13 @@ def archive(store: Store, node_id: str, cutoff: float, archive_dir: Path) -> int
     digests that cover them, then delete them from the store. Returns how many were moved."""
     with store.begin() as tx:
         up_to = tx.audit.oldest_before(node_id, cutoff)
-        if up_to is None:
+        head = tx.audit.head(node_id)
+        if up_to is None or head is None:
+            return 0
+        # The newest record stays in the store: it is where the writer continues the chain after
+        # a restart (with an empty store it would start again at record 1).
+        up_to = min(up_to, head[0] - 1)
+        if up_to < 1:
             return 0
         rows = tx.audit.chain(node_id, after_seq=0, limit=up_to + 1)
         rows = [r for r in rows if r.seq <= up_to]

@@ -109,6 +109,13 @@ def _admin_client(args: argparse.Namespace) -> Any:
     return AdminClient(endpoint, akid, secret, region or "us-east-1")  # type: ignore[arg-type]
 
 
+def _document(value: str) -> str:
+    """A policy document given inline or as file://path, as the AWS CLI takes it."""
+    if value.startswith("file://"):
+        return Path(value[len("file://"):]).read_text()
+    return value
+
+
 ADMIN_COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "create-account": ("CreateAccount", [("--name", {"required": True, "dest": "Name"}),
                                          ("--account-id", {"dest": "AccountId"})]),
@@ -125,6 +132,19 @@ ADMIN_COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
                                               ("--status", {"required": True, "dest": "Status",
                                                             "choices": ["Active", "Inactive"]})]),
     "delete-access-key": ("DeleteAccessKey", [("--access-key-id", {"required": True, "dest": "AccessKeyId"})]),
+    "put-user-policy": ("PutUserPolicy", [("--account-id", {"required": True, "dest": "AccountId"}),
+                                          ("--user-name", {"required": True, "dest": "UserName"}),
+                                          ("--policy-name", {"required": True, "dest": "PolicyName"}),
+                                          ("--policy-document", {"required": True, "dest": "PolicyDocument",
+                                                                 "type": _document})]),
+    "get-user-policy": ("GetUserPolicy", [("--account-id", {"required": True, "dest": "AccountId"}),
+                                          ("--user-name", {"required": True, "dest": "UserName"}),
+                                          ("--policy-name", {"required": True, "dest": "PolicyName"})]),
+    "delete-user-policy": ("DeleteUserPolicy", [("--account-id", {"required": True, "dest": "AccountId"}),
+                                                ("--user-name", {"required": True, "dest": "UserName"}),
+                                                ("--policy-name", {"required": True, "dest": "PolicyName"})]),
+    "list-user-policies": ("ListUserPolicies", [("--account-id", {"required": True, "dest": "AccountId"}),
+                                                ("--user-name", {"required": True, "dest": "UserName"})]),
 }
 
 
@@ -178,7 +198,7 @@ def _audit(args: argparse.Namespace) -> int:
             return 0
         out = open(args.out, "w") if getattr(args, "out", None) else sys.stdout
         try:
-            token = None
+            token = getattr(args, "next_token", None)
             while True:
                 page = client.call("QueryAuditEvents", Limit=args.limit, NextToken=token, **filters)
                 for event in page["Events"]:
@@ -286,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--event-name", help="operation, e.g. Decrypt")
         cmd.add_argument("--error-code", help="e.g. AccessDeniedException")
         cmd.add_argument("--limit", type=int, default=100, help="records per request (1-1000)")
+        if name == "query":
+            cmd.add_argument("--next-token", help="continue where a previous query's page ended")
         if name == "export":
             cmd.add_argument("--out", required=True, help="JSON Lines file to write")
         if name == "tail":

@@ -145,6 +145,8 @@ class Tx:
         self.versions = VersionRepo(conn)
         self.import_tokens = ImportTokenRepo(conn)
         self.audit = AuditRepo(conn)
+        self.policies = PolicyRepo(conn)
+        self.grants = GrantRepo(conn)
         self.aliases = AliasRepo(conn)
         self.tags = TagRepo(conn)
 
@@ -303,6 +305,7 @@ class KeyRepo:
     def delete(self, key_id: str) -> None:
         # Children first: SQLite only cascades when foreign_keys is on, PostgreSQL always does.
         self.conn.execute(delete(t.import_tokens).where(t.import_tokens.c.key_id == key_id))
+        self.conn.execute(delete(t.grants).where(t.grants.c.key_id == key_id))
         self.conn.execute(delete(t.aliases).where(t.aliases.c.target_key_id == key_id))
         self.conn.execute(delete(t.tags).where(t.tags.c.key_id == key_id))
         self.conn.execute(delete(t.key_versions).where(t.key_versions.c.key_id == key_id))
@@ -518,3 +521,57 @@ class AuditRepo:
 
     def last_usage(self, key_id: str) -> Any:
         return self.conn.execute(select(t.key_last_usage).where(t.key_last_usage.c.key_id == key_id)).first()
+
+
+class PolicyRepo:
+    """Identity policies attached to users."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def for_principal(self, principal_id: str) -> list[tuple[str, str]]:
+        rows = self.conn.execute(select(t.principal_policies.c.policy_name, t.principal_policies.c.document)
+                                 .where(t.principal_policies.c.principal_id == principal_id)
+                                 .order_by(t.principal_policies.c.policy_name))
+        return [(r.policy_name, r.document) for r in rows]
+
+    def put(self, principal_id: str, name: str, document: str) -> None:
+        self.delete(principal_id, name)
+        self.conn.execute(insert(t.principal_policies).values(principal_id=principal_id, policy_name=name,
+                                                              document=document))
+
+    def delete(self, principal_id: str, name: str) -> bool:
+        res = self.conn.execute(delete(t.principal_policies).where(and_(
+            t.principal_policies.c.principal_id == principal_id, t.principal_policies.c.policy_name == name)))
+        return res.rowcount > 0
+
+
+class GrantRepo:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def insert(self, row: dict[str, Any]) -> None:
+        self.conn.execute(insert(t.grants).values(**row))
+
+    def for_key(self, key_id: str) -> list[Any]:
+        return list(self.conn.execute(select(t.grants).where(t.grants.c.key_id == key_id)
+                                      .order_by(t.grants.c.created, t.grants.c.grant_id)))
+
+    def by_token_hash(self, token_hash: str) -> Any:
+        return self.conn.execute(select(t.grants).where(t.grants.c.token_hash == token_hash)).first()
+
+    def get(self, grant_id: str) -> Any:
+        return self.conn.execute(select(t.grants).where(t.grants.c.grant_id == grant_id)).first()
+
+    def by_name(self, key_id: str, name: str) -> list[Any]:
+        return list(self.conn.execute(select(t.grants).where(and_(t.grants.c.key_id == key_id,
+                                                                  t.grants.c.name == name))))
+
+    def retirable_by(self, principal: str, after: str | None, limit: int) -> list[Any]:
+        q = select(t.grants).where(t.grants.c.retiring_principal == principal)
+        if after is not None:
+            q = q.where(t.grants.c.grant_id > after)
+        return list(self.conn.execute(q.order_by(t.grants.c.grant_id).limit(limit)))
+
+    def delete(self, grant_id: str) -> bool:
+        return self.conn.execute(delete(t.grants).where(t.grants.c.grant_id == grant_id)).rowcount > 0

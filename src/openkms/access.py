@@ -1,0 +1,192 @@
+"""Authorization of KMS requests: key policies, identity policies and grants, as AWS evaluates them.
+
+The rules live in the pure `policy` package; this module feeds it. It keeps compiled policies
+(compiled once per change of the text, never per request), the identity policies of each user and
+the grants of each key in small caches, and builds each request's condition context:
+
+- always: aws:CurrentTime, aws:SourceIp, aws:PrincipalArn/Account, kms:CallerAccount, kms:KeySpec,
+  kms:KeyUsage, kms:KeyOrigin, and the operation's own keys (kms:EncryptionContext:*,
+  kms:EncryptionAlgorithm, kms:SigningAlgorithm, kms:GrantOperations, kms:RequestAlias, ...);
+- only when a policy in play refers to them (they cost a lookup): kms:ResourceAliases and
+  aws:ResourceTag/<k>.
+
+Administrators (the bootstrap admin and users made with --admin) act as their account's root
+user: the default key policy allows them, and no identity policy is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import AccessDeniedException
+from .model import Caller, Key
+from .policy import (
+    Grant,
+    Policy,
+    RequestContext,
+    default_key_policy,
+    evaluate,
+    parse_identity_policy,
+    parse_key_policy,
+    root_arn,
+)
+from .storage import Store
+
+MAX_CACHED = 10_000
+
+
+def principal_arn(caller: Caller) -> str:
+    p = caller.principal
+    return root_arn(p.account_id) if p.is_admin else p.arn
+
+
+def condition_keys(policy: Policy) -> frozenset[str]:
+    return frozenset(c.key.lower() for s in policy.statements for c in s.conditions)
+
+
+def grant_from_row(row: Any, key_arn: str) -> Grant:
+    constraints = json.loads(row.constraints) if row.constraints else {}
+    return Grant(grantee_principal=row.grantee_principal, operations=frozenset(json.loads(row.operations)),
+                 retiring_principal=row.retiring_principal,
+                 encryption_context_subset=constraints.get("EncryptionContextSubset"),
+                 encryption_context_equals=constraints.get("EncryptionContextEquals"),
+                 grant_id=row.grant_id, name=row.name or "", key_arn=key_arn)
+
+
+class AccessControl:
+    def __init__(self, store: Store, cache_ttl: float = 5.0) -> None:
+        self._store = store
+        self._ttl = cache_ttl
+        self._compiled: dict[str, tuple[Policy, frozenset[str]]] = {}
+        self._identity: dict[str, tuple[float, tuple[Policy, ...]]] = {}
+        self._grants: dict[str, tuple[float, tuple[Grant, ...]]] = {}
+        self._lookups: dict[tuple[str, str], tuple[float, Any]] = {}
+
+    # -- compiled policies ----------------------------------------------------------------------
+    def key_policy(self, key: Key) -> tuple[Policy, frozenset[str]]:
+        text = key.policy or default_key_policy(key.account_id)
+        hit = self._compiled.get(text)
+        if hit is None:
+            policy = parse_key_policy(text)
+            if len(self._compiled) > MAX_CACHED:
+                self._compiled.clear()
+            hit = self._compiled[text] = (policy, condition_keys(policy))
+        return hit
+
+    def identity_policies(self, principal_id: str) -> tuple[Policy, ...]:
+        now = time.monotonic()
+        hit = self._identity.get(principal_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with self._store.begin() as tx:
+            documents = tx.policies.for_principal(principal_id)
+        policies = tuple(parse_identity_policy(doc) for _, doc in documents)
+        if len(self._identity) > MAX_CACHED:
+            self._identity.clear()
+        self._identity[principal_id] = (now + self._ttl, policies)
+        return policies
+
+    def forget_identity(self, principal_id: str) -> None:
+        self._identity.pop(principal_id, None)
+
+    # -- grants ---------------------------------------------------------------------------------
+    def grants(self, key: Key, grant_tokens: Iterable[str] = ()) -> tuple[Grant, ...]:
+        """The key's grants (cached), plus any grant named by a token in the request: a grant token
+        works at once, even on a node whose cache predates the grant (as in AWS)."""
+        now = time.monotonic()
+        hit = self._grants.get(key.key_id)
+        if hit is None or hit[0] <= now:
+            with self._store.begin() as tx:
+                rows = tx.grants.for_key(key.key_id)
+            hit = (now + self._ttl, tuple(grant_from_row(r, key.arn) for r in rows))
+            if len(self._grants) > MAX_CACHED:
+                self._grants.clear()
+            self._grants[key.key_id] = hit
+        grants = hit[1]
+        known = {g.grant_id for g in grants}
+        extra = []
+        for token in grant_tokens:
+            row = self._grant_for_token(token)
+            if row is not None and row.key_id == key.key_id and row.grant_id not in known:
+                extra.append(grant_from_row(row, key.arn))
+        return grants + tuple(extra)
+
+    def _grant_for_token(self, token: str) -> Any:
+        with self._store.begin() as tx:
+            return tx.grants.by_token_hash(hashlib.sha256(token.encode()).hexdigest())
+
+    def forget_grants(self, key_id: str) -> None:
+        self._grants.pop(key_id, None)
+
+    # -- lookups only some policies need ----------------------------------------------------------
+    def _cached(self, kind: str, key_id: str, load: Any) -> Any:
+        now = time.monotonic()
+        hit = self._lookups.get((kind, key_id))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = load()
+        if len(self._lookups) > MAX_CACHED:
+            self._lookups.clear()
+        self._lookups[(kind, key_id)] = (now + self._ttl, value)
+        return value
+
+    def forget_lookups(self, key_id: str) -> None:
+        self._lookups.pop(("aliases", key_id), None)
+        self._lookups.pop(("tags", key_id), None)
+
+    def _aliases_of(self, key: Key) -> list[str]:
+        def load() -> list[str]:
+            with self._store.begin() as tx:
+                return tx.aliases.names_for_key(key.key_id)
+        return self._cached("aliases", key.key_id, load)  # type: ignore[no-any-return]
+
+    def _tags_of(self, key: Key) -> list[tuple[str, str]]:
+        def load() -> list[tuple[str, str]]:
+            with self._store.begin() as tx:
+                return tx.tags.list(key.key_id)
+        return self._cached("tags", key.key_id, load)  # type: ignore[no-any-return]
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _base_context(self, caller: Caller, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        context: dict[str, Any] = {"aws:CurrentTime": datetime.now(UTC)}
+        if caller.source_ip:
+            context["aws:SourceIp"] = caller.source_ip
+        if extra:
+            context.update(extra)
+        return context
+
+    def authorize(self, caller: Caller, key: Key, action: str, *,
+                  encryption_context: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None,
+                  grant_tokens: Iterable[str] = ()) -> None:
+        """Raise AccessDeniedException unless `caller` may do `kms:<action>` with `key`."""
+        policy, needs = self.key_policy(key)
+        identities = self.identity_policies(caller.principal.principal_id)
+        for p in identities:
+            needs = needs | condition_keys(p)
+        context = self._base_context(caller, extra)
+        context["kms:KeySpec"] = key.key_spec
+        context["kms:KeyUsage"] = key.key_usage.value
+        context["kms:KeyOrigin"] = key.origin.value
+        if "kms:resourcealiases" in needs:
+            context["kms:ResourceAliases"] = self._aliases_of(key)
+        if any(n.startswith("aws:resourcetag/") for n in needs):
+            for k, v in self._tags_of(key):
+                context[f"aws:ResourceTag/{k}"] = v
+        request = RequestContext(principal_arn(caller), caller.account_id, "kms:" + action, key.arn, key.account_id,
+                                 context, encryption_context)
+        decision = evaluate(request, policy, identities, self.grants(key, grant_tokens))
+        if not decision.allowed:
+            raise AccessDeniedException(decision.reason)
+
+    def authorize_identity(self, caller: Caller, action: str, extra: Mapping[str, Any] | None = None) -> None:
+        """For operations on no key (CreateKey, ListKeys, ...): identity policies alone decide."""
+        request = RequestContext(principal_arn(caller), caller.account_id, "kms:" + action, "*", caller.account_id,
+                                 self._base_context(caller, extra))
+        decision = evaluate(request, None, self.identity_policies(caller.principal.principal_id))
+        if not decision.allowed:
+            raise AccessDeniedException(decision.reason)
