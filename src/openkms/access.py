@@ -165,23 +165,39 @@ class AccessControl:
                   grant_tokens: Iterable[str] = ()) -> None:
         """Raise AccessDeniedException unless `caller` may do `kms:<action>` with `key`."""
         policy, needs = self.key_policy(key)
-        identities = self.identity_policies(caller.principal.principal_id)
-        for p in identities:
-            needs = needs | condition_keys(p)
-        context = self._base_context(caller, extra)
-        context["kms:KeySpec"] = key.key_spec
-        context["kms:KeyUsage"] = key.key_usage.value
-        context["kms:KeyOrigin"] = key.origin.value
-        if "kms:resourcealiases" in needs:
-            context["kms:ResourceAliases"] = self._aliases_of(key)
-        if any(n.startswith("aws:resourcetag/") for n in needs):
-            for k, v in self._tags_of(key):
-                context[f"aws:ResourceTag/{k}"] = v
+        identities, identity_needs = self._identity_with_needs(caller.principal.principal_id)
+        needs = needs | identity_needs
+        context: dict[str, Any] = {}
+        if needs:
+            # Only the condition keys some policy in play refers to: converting the others would be
+            # work on every request for nothing (the default key policy has no conditions at all).
+            available = self._base_context(caller, extra)
+            available["kms:KeySpec"] = key.key_spec
+            available["kms:KeyUsage"] = key.key_usage.value
+            available["kms:KeyOrigin"] = key.origin.value
+            if "kms:resourcealiases" in needs:
+                available["kms:ResourceAliases"] = self._aliases_of(key)
+            if any(n.startswith("aws:resourcetag/") for n in needs):
+                for k, v in self._tags_of(key):
+                    available[f"aws:ResourceTag/{k}"] = v
+            context = {k: v for k, v in available.items() if k.lower() in needs}
         request = RequestContext(principal_arn(caller), caller.account_id, "kms:" + action, key.arn, key.account_id,
                                  context, encryption_context)
         decision = evaluate(request, policy, identities, self.grants(key, grant_tokens))
         if not decision.allowed:
             raise AccessDeniedException(decision.reason)
+
+    def _identity_with_needs(self, principal_id: str) -> tuple[tuple[Policy, ...], frozenset[str]]:
+        policies = self.identity_policies(principal_id)
+        if not policies:
+            return policies, frozenset()
+        return policies, frozenset().union(*(self._compiled_needs(p) for p in policies))
+
+    def _compiled_needs(self, policy: Policy) -> frozenset[str]:
+        hit = self._compiled.get(policy.text)
+        if hit is None:
+            hit = self._compiled[policy.text] = (policy, condition_keys(policy))
+        return hit[1]
 
     def authorize_identity(self, caller: Caller, action: str, extra: Mapping[str, Any] | None = None) -> None:
         """For operations on no key (CreateKey, ListKeys, ...): identity policies alone decide."""

@@ -22,6 +22,7 @@ import struct
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..errors import InvalidCiphertextException
 from .aead import TAG_BYTES, decrypt_with, derive_message_key, encrypt_with
@@ -67,10 +68,15 @@ def parse_header(blob: bytes) -> BlobHeader:
                       raw=blob[:HEADER_BYTES])
 
 
+@lru_cache(maxsize=65536)
+def _key_id_bytes(key_id: str) -> bytes:
+    return uuid.UUID(key_id).bytes
+
+
 def seal(material: bytes, key_id: str, version: int, plaintext: bytes,
          context: Mapping[str, str] | None) -> bytes:
     salt = os.urandom(SALT_BYTES)
-    header = HEADER.pack(FORMAT_V1, uuid.UUID(key_id).bytes, version, salt)
+    header = HEADER.pack(FORMAT_V1, _key_id_bytes(key_id), version, salt)
     msg_key, nonce = derive_message_key(material, salt, _HKDF_INFO)
     return header + encrypt_with(msg_key, nonce, plaintext, header + encode_context(context))
 
