@@ -21,6 +21,7 @@ class KeyUsage(str, enum.Enum):
     SIGN_VERIFY = "SIGN_VERIFY"
     GENERATE_VERIFY_MAC = "GENERATE_VERIFY_MAC"
     KEY_AGREEMENT = "KEY_AGREEMENT"
+    ENCAPSULATE_DECAPSULATE = "ENCAPSULATE_DECAPSULATE"  # ML-KEM keys: not offered yet
 
 
 class Origin(str, enum.Enum):

@@ -82,6 +82,7 @@ ALGORITHM_CONDITION = {
     KeyUsage.SIGN_VERIFY: "kms:SigningAlgorithm",
     KeyUsage.GENERATE_VERIFY_MAC: "kms:MacAlgorithm",
     KeyUsage.KEY_AGREEMENT: "kms:KeyAgreementAlgorithm",
+    KeyUsage.ENCAPSULATE_DECAPSULATE: "kms:EncapsulationAlgorithm",
 }
 ALGORITHM_FIELDS = {
     KeyUsage.ENCRYPT_DECRYPT: "EncryptionAlgorithms",
@@ -289,7 +290,10 @@ class KMS:
         spec = KEY_SPECS.get(spec_name)
         if spec is None or not self.keystore.supports(spec_name):
             raise UnsupportedOperationException(f"KeySpec {spec_name} is not supported by this server.")
-        usage = KeyUsage(p.get("KeyUsage") or KeyUsage.ENCRYPT_DECRYPT.value)
+        try:
+            usage = KeyUsage(p.get("KeyUsage") or KeyUsage.ENCRYPT_DECRYPT.value)
+        except ValueError:  # a usage a newer KMS model knows and this server does not
+            raise UnsupportedOperationException(f"KeyUsage {p['KeyUsage']} is not supported by this server.") from None
         if usage not in spec.usages:
             raise ValidationException(f"KeyUsage {usage.value} is not compatible with KeySpec {spec_name}.")
         origin = p.get("Origin") or "AWS_KMS"
@@ -1033,6 +1037,7 @@ class KMS:
 
     # -- grants -------------------------------------------------------------------------------
     def create_grant(self, caller: Caller, p: Params) -> Result:
+        self._require(p, "GranteePrincipal")  # newer models also allow a service principal instead
         operations = sorted(set(p["Operations"]))
         if not operations:
             raise ValidationException("A grant needs at least one operation.")
@@ -1104,6 +1109,7 @@ class KMS:
         return result
 
     def list_retirable_grants(self, caller: Caller, p: Params) -> Result:
+        self._require(p, "RetiringPrincipal")
         self.access.authorize_identity(caller, "ListRetirableGrants")
         limit = p.get("Limit") or 50
         with self.store.begin() as tx:

@@ -49,7 +49,9 @@ def grant(grantee: str = BOB, *operations: str, **constraints: Any) -> Grant:
 def test_grant_operations_match_the_kms_api_model() -> None:
     model = Path(botocore.__file__).parent / "data" / "kms" / "2014-11-01" / "service-2.json.gz"
     shapes = json.loads(gzip.decompress(model.read_bytes()))["shapes"]
-    assert frozenset(shapes["GrantOperation"]["enum"]) == GRANT_OPERATIONS
+    # Every operation the installed model lets a grant name is known to the engine (newer models
+    # add operations; the engine may know some an older model lacks).
+    assert frozenset(shapes["GrantOperation"]["enum"]) <= GRANT_OPERATIONS
 
 
 def test_grantee_gets_exactly_the_listed_operations() -> None:

@@ -36,6 +36,8 @@ GRANT_OPERATIONS = frozenset(
     {
         "Decrypt",
         "Encrypt",
+        "Encapsulate",  # newer KMS models (ML-KEM); harmless for older ones
+        "Decapsulate",
         "GenerateDataKey",
         "GenerateDataKeyWithoutPlaintext",
         "ReEncryptFrom",
