@@ -268,9 +268,14 @@ class LoadOptions:
 _LOAD_OPTION_NAMES = ("duration", "warmup", "connections", "threads", "repeat")
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every benchmark script takes: the wrk load, --skip-moto, --storage-url and --json."""
-    defaults = LoadOptions()
+def add_load_arguments(parser: argparse.ArgumentParser, defaults: LoadOptions | None = None, *,
+                       peer: bool = True) -> None:
+    """The options every benchmark script takes: the wrk load, --skip-moto, --storage-url and --json.
+
+    `defaults` replaces the usual wrk load defaults (LoadOptions()); `peer=False` leaves out
+    --skip-moto, for a script that measures openkms against itself.
+    """
+    defaults = defaults or LoadOptions()
     parser.add_argument("--duration", type=int, default=defaults.duration,
                         help=f"seconds of each measured wrk run ({defaults.duration})")
     parser.add_argument("--warmup", type=int, default=defaults.warmup,
@@ -280,7 +285,8 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=defaults.threads, help=f"wrk threads ({defaults.threads})")
     parser.add_argument("--repeat", type=int, default=defaults.repeat,
                         help=f"measured runs per server; figures are the medians ({defaults.repeat})")
-    parser.add_argument("--skip-moto", action="store_true", help="bench openkms only (no ratio)")
+    if peer:
+        parser.add_argument("--skip-moto", action="store_true", help="bench openkms only (no ratio)")
     parser.add_argument("--storage-url", default=None,
                         help="openkms storage, e.g. postgresql://user@host/db (an EMPTY database: the "
                              "benchmark bootstraps its admin into it); default embedded SQLite")

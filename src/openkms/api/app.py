@@ -13,16 +13,14 @@ import dataclasses
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from ..audit import context as audit_context
 from ..audit.log import AuditLog
-from ..audit.record import build_event
+from ..audit.record import build_event, new_id
 from ..audit.usage import TRACKED_OPERATIONS, UsageTracker
 from ..audit.verify import archive as archive_audit
 from ..config import Settings
@@ -92,7 +90,7 @@ class App:
         if method == "GET" and path == "/health":
             return (200, [("content-type", "application/json")],
                     orjson.dumps({"status": "ok", "region": self.settings.region})), None
-        request_id = str(uuid.uuid4())
+        request_id = new_id()
         out_headers = [("content-type", JSON_HEADERS), ("x-amzn-requestid", request_id)]
         started = time.perf_counter()
         target = headers.get("x-amz-target", "")
@@ -136,10 +134,10 @@ class App:
         if is_sts:
             name = sts.action_of(body)[:64]
             out_headers[0] = ("content-type", sts.CONTENT_TYPE)
-        event_id = str(uuid.uuid4())
+        event_id = new_id()
         now = time.time()
         event = build_event(
-            request_id=request_id, event_id=event_id, event_time=datetime.fromtimestamp(now, UTC),
+            request_id=request_id, event_id=event_id, event_time=now,
             event_name=name or "Unknown", region=self.settings.region, source_ip=source_ip,
             user_agent=headers.get("user-agent", ""), principal=principal, access_key_id=access_key_id,
             request_parameters=params, response_elements=result,
@@ -209,13 +207,23 @@ class App:
         cutoff = time.time() - self.settings.audit_retention_days * 86400
         return archive_audit(self.node.store, self.audit.node_id, cutoff, self.settings.data_dir / "audit-archive")
 
+    async def _run_audit_ticks(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.audit.tick()
+            except Exception:
+                log.exception("audit tick failed; will retry")
+
     def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._scheduler is None:
             self._scheduler = loop.create_task(self._run_scheduler())
+            self._ticks = loop.create_task(self._run_audit_ticks())
 
     def stop_background(self) -> None:
         if self._scheduler is not None:
             self._scheduler.cancel()
+            self._ticks.cancel()
             self._scheduler = None
 
     # -- RSGI (granian) -------------------------------------------------------------------------

@@ -7,14 +7,35 @@ wrapped key material, import tokens) and every member the model marks sensitive.
 
 from __future__ import annotations
 
-from datetime import datetime
+import os
+import time
 from typing import Any
 
 EVENT_SOURCE = "kms.amazonaws.com"
 READ_ONLY_PREFIXES = ("Describe", "List", "Get")
 
 
-def build_event(*, request_id: str, event_id: str, event_time: datetime, event_name: str, region: str,
+_second: list[Any] = [0, ""]
+
+
+def event_time_text(now: float) -> str:
+    """CloudTrail's second-precision UTC time; formatted once per second, not once per call."""
+    second = int(now)
+    if _second[0] != second:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+    return str(_second[1])
+
+
+def new_id() -> str:
+    """A random (version 4) UUID string, without the cost of the uuid module."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def build_event(*, request_id: str, event_id: str, event_time: float, event_name: str, region: str,
                 source_ip: str, user_agent: str, principal: Any | None, access_key_id: str | None,
                 request_parameters: dict[str, Any] | None, response_elements: dict[str, Any] | None,
                 error_code: str | None, error_message: str | None,
@@ -30,7 +51,7 @@ def build_event(*, request_id: str, event_id: str, event_time: datetime, event_n
     recipient = resources[0][1] if resources else (principal.account_id if principal is not None else None)
     event: dict[str, Any] = {
         "eventVersion": "1.08",
-        "eventTime": event_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "eventTime": event_time_text(event_time),
         "eventSource": event_source or EVENT_SOURCE,
         "eventName": event_name,
         "awsRegion": region,

@@ -1,0 +1,263 @@
+"""The audit log is never lost: kill -9 under load, an unwritable audit store, and retention.
+
+- Crash: several threads make Encrypt calls with boto3 while the server is killed with SIGKILL.
+  After a restart, every call that was answered 200 has exactly one record, and the chain verifies.
+- Fail closed: a trigger makes INSERTs into audit_events fail while the server runs. Calls must
+  then fail with HTTP 500 KMSInternalException, never succeed; without the trigger they succeed
+  again and the chain still verifies.
+- Retention: with a tiny OPENKMS_AUDIT_RETENTION_DAYS, records move to <data-dir>/audit-archive,
+  leave the store, and verification still covers archive + store, also across a restart; a line
+  deleted from an archive file is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.conftest import bootstrap_env, drop_pg_database, new_pg_database
+from tests.server import ServerProcess
+from tests.test_audit import admin_client, all_events, by_request_id, export_events, request_id, verify_log
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None for the embedded SQLite store, else a fresh PostgreSQL database URL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    admin = request.getfixturevalue("pg_admin")
+    url = new_pg_database(admin, request.getfixturevalue("pg_dsn"))
+    yield url
+    drop_pg_database(admin, url)
+
+
+def run_sql(data_dir: Path, store_url: str | None, *statements: str) -> None:
+    """Change the store behind the server's back."""
+    if store_url is None:
+        with sqlite3.connect(data_dir / "openkms.db") as conn:
+            for sql in statements:
+                conn.execute(sql)
+    else:
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            for sql in statements:
+                conn.execute(sql)  # type: ignore[arg-type]
+
+
+def store_seqs(data_dir: Path, store_url: str | None) -> list[int]:
+    if store_url is None:
+        with sqlite3.connect(data_dir / "openkms.db") as conn:
+            return [r[0] for r in conn.execute("SELECT seq FROM audit_events ORDER BY seq")]
+    import psycopg
+
+    with psycopg.connect(store_url) as conn:
+        return [r[0] for r in conn.execute("SELECT seq FROM audit_events ORDER BY seq")]
+
+
+def assert_verifies(data_dir: Path, store_url: str | None, records: int | None = None) -> str:
+    proc = verify_log(data_dir, store_url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    head = proc.stdout.splitlines()[0]
+    assert head.endswith(": OK"), proc.stdout
+    if records is not None:
+        assert f" {records} record(s)" in head, head
+    return head
+
+
+# -- kill -9 under load -------------------------------------------------------------------------------
+
+
+def test_every_answered_call_survives_kill_9(tmp_path: Path, store_url: str | None) -> None:
+    env = bootstrap_env()
+    data = tmp_path / "data"
+    server = ServerProcess(data, storage_url=store_url, env=env)
+    server.start()
+    key = server.client().create_key()["KeyMetadata"]["KeyId"]
+    answered: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def load() -> None:
+        kms = server.client()  # one client per thread
+        while not stop.is_set():
+            try:
+                reply = kms.encrypt(KeyId=key, Plaintext=b"must be on record")
+            except Exception:  # the server is gone: connection refused or reset
+                if stop.is_set():
+                    return
+                time.sleep(0.01)
+                continue
+            if reply["ResponseMetadata"]["HTTPStatusCode"] == 200:
+                with lock:
+                    answered.append(request_id(reply))
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(answered) < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.stop(sig=signal.SIGKILL)  # mid-load: batches in flight, no shutdown digest
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    acked = list(answered)
+    assert len(acked) >= 100, f"only {len(acked)} calls answered before the kill"
+
+    # The chain verifies as the crash left it (the newest records are after the last digest).
+    assert_verifies(data, store_url)
+
+    server = ServerProcess(data, storage_url=store_url, env=env, port=server.port)
+    server.start()
+    try:
+        recorded = by_request_id(export_events(server, "--event-name", "Encrypt", "--key-id", key))
+        lost = [rid for rid in acked if rid not in recorded]
+        assert not lost, f"{len(lost)} of {len(acked)} answered calls have no record, e.g. {lost[:3]}"
+        assert all(len(recorded[rid]) == 1 for rid in acked)
+        server.client().encrypt(KeyId=key, Plaintext=b"after the crash")  # the chain continues
+    finally:
+        server.stop()
+    assert_verifies(data, store_url)
+
+
+# -- fail closed --------------------------------------------------------------------------------------
+
+SQLITE_BLOCK = ("CREATE TRIGGER audit_block BEFORE INSERT ON audit_events "
+                "BEGIN SELECT RAISE(ABORT, 'audit store unwritable'); END;")
+PG_BLOCK = (
+    "CREATE FUNCTION audit_block() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'audit store unwritable'; END $$",
+    "CREATE TRIGGER audit_block BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_block()",
+)
+
+
+def refused(fn: Any, **params: Any) -> ClientError:
+    try:
+        reply = fn(**params)
+    except ClientError as exc:
+        assert exc.response["ResponseMetadata"]["HTTPStatusCode"] == 500, exc.response
+        assert exc.response["Error"]["Code"] == "KMSInternalException", exc.response
+        return exc
+    raise AssertionError(f"answered without an audit record: {reply}")
+
+
+def test_calls_fail_while_the_audit_store_is_unwritable(tmp_path: Path, store_url: str | None) -> None:
+    data = tmp_path / "data"
+    server = ServerProcess(data, storage_url=store_url, env=bootstrap_env())
+    server.start()
+    try:
+        kms = server.client()
+        key = kms.create_key()["KeyMetadata"]["KeyId"]
+        ct = kms.encrypt(KeyId=key, Plaintext=b"before", EncryptionContext={"a": "1"})["CiphertextBlob"]
+        last_ok = kms.encrypt(KeyId=key, Plaintext=b"before")
+
+        run_sql(data, store_url, *([SQLITE_BLOCK] if store_url is None else PG_BLOCK))
+        failures = [
+            refused(kms.encrypt, KeyId=key, Plaintext=b"unaudited"),
+            refused(kms.decrypt, CiphertextBlob=ct, EncryptionContext={"a": "1"}),
+            refused(kms.generate_data_key, KeyId=key, KeySpec="AES_256"),
+            refused(kms.create_key, Description="unaudited"),
+            refused(kms.describe_key, KeyId=key),
+        ]
+        for exc in failures:
+            assert "Plaintext" not in exc.response and "CiphertextBlob" not in exc.response
+            assert "audit" in exc.response["Error"]["Message"]
+        assert server.proc is not None and server.proc.poll() is None, "the server must keep running"
+
+        run_sql(data, store_url, "DROP TRIGGER audit_block" if store_url is None
+                else "DROP TRIGGER audit_block ON audit_events")
+        after = kms.encrypt(KeyId=key, Plaintext=b"after")
+        assert kms.decrypt(CiphertextBlob=ct, EncryptionContext={"a": "1"})["Plaintext"] == b"before"
+
+        events = by_request_id(all_events(admin_client(server)))
+        assert request_id(after) in events and request_id(last_ok) in events
+        for exc in failures:  # a refused call left no record (its batch was rolled back)
+            assert request_id(exc) not in events
+        # GetKeyLastUsage never names a refused call.
+        usage = kms.get_key_last_usage(KeyId=key)["KeyLastUsage"]
+        assert usage["KmsRequestId"] in events, "KeyLastUsage names a call that has no audit record"
+    finally:
+        server.stop()
+    assert_verifies(data, store_url)
+
+
+# -- retention ----------------------------------------------------------------------------------------
+
+
+def archive_lines(data_dir: Path) -> dict[Path, list[dict[str, Any]]]:
+    return {p: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted((data_dir / "audit-archive").glob("*.jsonl"))}
+
+
+def archived_request_ids(data_dir: Path) -> set[str]:
+    return {json.loads(item["record"])["event"]["requestID"]
+            for items in archive_lines(data_dir).values() for item in items if item["type"] == "record"}
+
+
+def wait_until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+def test_retention_archives_and_verification_spans_archive_and_store(tmp_path: Path,
+                                                                      store_url: str | None) -> None:
+    env = bootstrap_env() | {"OPENKMS_AUDIT_RETENTION_DAYS": "0.00001",  # 0.864 s
+                             "OPENKMS_SCHEDULER_INTERVAL": "0.5", "OPENKMS_AUDIT_DIGEST_INTERVAL": "0.5"}
+    data = tmp_path / "data"
+    server = ServerProcess(data, storage_url=store_url, env=env)
+    server.start()
+    calls: list[str] = []
+    try:
+        kms = server.client()
+        key = kms.create_key()["KeyMetadata"]["KeyId"]
+        for i in range(12):
+            calls.append(request_id(kms.encrypt(KeyId=key, Plaintext=b"%d" % i)))
+        # They leave the store, all but the newest record: the chain continues from it after a restart.
+        wait_until(lambda: set(calls[:-1]) <= archived_request_ids(data), what="the records to be archived")
+        assert len(store_seqs(data, store_url)) == 1
+        assert_verifies(data, store_url, records=13)  # CreateKey + 12 Encrypts, while the server runs
+        in_store = set(by_request_id(all_events(admin_client(server))))
+        assert calls[-1] in in_store and not set(calls[:-1]) & in_store
+    finally:
+        server.stop()
+
+    # After a restart, when everything old is in archives, the chain goes on from where it was.
+    time.sleep(1)
+    server = ServerProcess(data, storage_url=store_url, env=env, port=server.port)
+    server.start()
+    try:
+        kms = server.client()
+        later = [request_id(kms.encrypt(KeyId=key, Plaintext=b"later")) for _ in range(4)]
+        wait_until(lambda: set(later[:-1]) <= archived_request_ids(data), what="the later records to be archived")
+    finally:
+        server.stop()
+    head = assert_verifies(data, store_url)
+    seqs = [item["seq"] for items in archive_lines(data).values() for item in items if item["type"] == "record"]
+    seqs += store_seqs(data, store_url)
+    assert sorted(seqs) == list(range(1, len(seqs) + 1)), "one chain, no gap, no restart at 1"
+    assert f" {len(seqs)} record(s)" in head
+
+    # A record line deleted from an archive file is reported.
+    path, items = next((p, items) for p, items in archive_lines(data).items()
+                       if sum(item["type"] == "record" for item in items) >= 3)
+    records = [item for item in items if item["type"] == "record"]
+    victim = records[1]
+    path.write_text("".join(json.dumps(item) + "\n" for item in items if item is not victim))
+    proc = verify_log(data, store_url)
+    assert proc.returncode != 0, proc.stdout
+    assert f"record {victim['seq']} removed" in proc.stdout, proc.stdout
