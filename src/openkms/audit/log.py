@@ -11,14 +11,15 @@ audit signing key (Ed25519, sealed under the root key like all key material):
     {"created": ..., "digest_seq": d, "node": ..., "prev_digest": <sha256 of digest d-1's body>,
      "record_hash": <hash of the newest record>, "record_seq": <its seq>}
 
-Durability (group commit on the event loop): API calls hand their record to `submit` and answer
-only when the returned future resolves. The first record of a loop iteration schedules one flush
-(`loop.call_soon`); every record that arrives in that iteration joins it, and the flush commits
-them in one transaction (SQLite: WAL with synchronous=FULL; PostgreSQL: a commit) before any of
-their futures resolve. Committing on the loop costs a blocked loop for one commit per batch (well
-under a millisecond on SQLite here), and saves what a writer thread costs in Python: contention
-for the GIL and a cross-thread wake-up per batch. If a batch cannot be written, every call in it
-fails: nothing is answered unaudited.
+Durability (pipelined group commit): API calls hand their record to `submit` and answer only
+when the returned future resolves. The loop turns the records waiting at that moment into one
+batch of chained rows (canonical text and hash) and hands the batch to a single writer thread,
+which commits it in one transaction (SQLite: WAL with synchronous=FULL; PostgreSQL: a commit)
+while the loop goes on serving; records that arrive meanwhile form the next batch. The loop hears
+once per batch that it is durable. Only the driver's insert and commit run on the thread (they
+release the GIL while the disk works), so the two do not fight over the GIL. If a batch cannot be
+written, every call in it fails and the chain resumes from the last durable record: nothing is
+answered unaudited.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,14 +84,17 @@ class AuditLog:
         with store.begin() as tx:
             head = tx.audit.head(node_id)
             digest = tx.audit.digest_head(node_id)
+        # Chain state as the loop builds it (tentative: rows handed to the writer), and as durably
+        # written (confirmed: set by the writer thread; digests sign only this).
         self._seq, self._hash = head if head is not None else (0, GENESIS)
+        self._confirmed = (self._seq, self._hash)
         self._digest_seq = int(digest.digest_seq) if digest is not None else 0
         self._digest_hash = record_hash(digest.body) if digest is not None else GENESIS
         self._digested_seq = int(digest.record_seq) if digest is not None else 0
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None] | None]] = []
-        self._flush_scheduled = False
         self._last_digest = time.monotonic()
-        self._lock = threading.Lock()  # the loop and a closing thread may both flush
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openkms-audit")
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None] | None]] = []
+        self._writing = False
 
     # -- appending ---------------------------------------------------------------------------
     def submit(self, event: dict[str, Any]) -> asyncio.Future[None]:
@@ -98,39 +102,41 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((event, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self.flush)
+        if not self._writing:
+            self._start_batch(loop)
         return future
 
-    def append(self, event: dict[str, Any]) -> None:
-        """From anywhere: write one record now; raises KMSInternalException if it cannot be written."""
-        with self._lock:
-            error = self._commit([(event, None)])
-        if error is not None:
-            raise KMSInternalException("The call could not be recorded in the audit log.")
+    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._pending = self._pending, []
+        rows = self._rows(batch)
+        self._writing = True
+        written = self._writer.submit(self._write, rows, (self._seq, self._hash))
+        written.add_done_callback(lambda done: loop.call_soon_threadsafe(self._batch_written, loop, batch, done))
 
-    def flush(self) -> None:
-        """Commit every pending record, then settle their futures (the batch of one loop iteration)."""
-        self._flush_scheduled = False
-        with self._lock:
-            batch, self._pending = self._pending, []
-            if batch:
-                error = self._commit(batch)
-                _settle([f for _, f in batch if f is not None], error)
+    def _batch_written(self, loop: asyncio.AbstractEventLoop, batch: list[Any], done: Future[Any]) -> None:
+        self._writing = False
+        error = done.exception() or done.result()
+        if error is not None:
+            self._seq, self._hash = self._confirmed  # the chain resumes after the last durable record
+        _settle([f for _, f in batch if f is not None], error)
+        if self._pending:  # what arrived meanwhile is the next batch
+            self._start_batch(loop)
 
     def tick(self) -> None:
-        """Periodic work (called about once a second): store key usage, sign a digest when due."""
+        """Periodic work (about once a second): store key usage, sign a digest when due."""
+        self._writer.submit(self._tick)
+
+    def _tick(self) -> None:
         if self.usage is not None:
             try:
                 self.usage.flush()
             except Exception:
                 log.exception("could not store key usage; will retry")
         if time.monotonic() - self._last_digest >= self._digest_interval:
-            with self._lock:
-                self._write_digest()
+            self._write_digest()
 
-    def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[None] | None]]) -> BaseException | None:
+    def _rows(self, batch: list[tuple[dict[str, Any], asyncio.Future[None] | None]]) -> list[tuple[Any, ...]]:
+        """Chain a batch onto the tentative head (on the loop)."""
         seq, prev = self._seq, self._hash
         rows = []
         now = time.time()
@@ -144,51 +150,54 @@ class AuditLog:
             rows.append((self.node_id, seq, now, event["eventID"], event["eventName"], identity.get("accountId"),
                          resources[0]["accountId"] if resources else None, identity.get("arn"),
                          key_arn.rsplit("/", 1)[1] if key_arn else None, event.get("errorCode"), text, prev))
+        self._seq, self._hash = seq, prev
+        return rows
+
+    # -- the writer thread ----------------------------------------------------------------------
+    def _write(self, rows: list[tuple[Any, ...]], head: tuple[int, str]) -> BaseException | None:
         try:
             with self._store.begin() as tx:
                 tx.audit.insert_many(rows)
         except BaseException as exc:  # noqa: BLE001 - every failure fails the calls, never passes them
             log.error("audit batch of %d record(s) could not be written: %s", len(rows), type(exc).__name__)
             return exc
-        self._seq, self._hash = seq, prev
+        self._confirmed = head
         return None
 
     def _write_digest(self) -> None:
         self._last_digest = time.monotonic()
-        if self._seq == self._digested_seq:
+        seq, head_hash = self._confirmed
+        if seq == self._digested_seq:
             return
         body = canonical({"created": datetime.now(UTC).isoformat(), "digest_seq": self._digest_seq + 1,
-                          "node": self.node_id, "prev_digest": self._digest_hash, "record_hash": self._hash,
-                          "record_seq": self._seq})
+                          "node": self.node_id, "prev_digest": self._digest_hash, "record_hash": head_hash,
+                          "record_seq": seq})
         signature = signing.sign(self._signing_key, body.encode())
         try:
             with self._store.begin() as tx:
                 tx.audit.insert_digest({"node_id": self.node_id, "digest_seq": self._digest_seq + 1,
-                                        "record_seq": self._seq, "created": time.time(), "body": body,
+                                        "record_seq": seq, "created": time.time(), "body": body,
                                         "signature": signature})
         except Exception:
             log.exception("could not write an audit digest; will retry")
             return
         self._digest_seq += 1
         self._digest_hash = record_hash(body)
-        self._digested_seq = self._seq
+        self._digested_seq = seq
 
     def digest_now(self) -> None:
-        """Write pending records and sign a digest now (CreateAuditDigest, shutdown)."""
-        self.flush()
-        with self._lock:
-            self._write_digest()
+        """Sign a digest of everything written so far, and return once it is stored."""
+        self._writer.submit(self._write_digest).result()
 
     def close(self) -> None:
-        """Flush what is pending, store key usage, write a final digest."""
-        self.flush()
+        """Write what is pending, store key usage, write a final digest, stop the writer."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self._writer.submit(self._write, self._rows(pending), (self._seq, self._hash))
         if self.usage is not None:
-            try:
-                self.usage.flush()
-            except Exception:
-                log.exception("could not store key usage at shutdown")
-        with self._lock:
-            self._write_digest()
+            self._writer.submit(self.usage.flush)
+        self._writer.submit(self._write_digest)
+        self._writer.shutdown(wait=True)
 
 
 def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
