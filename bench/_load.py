@@ -368,3 +368,36 @@ def table_row(name: str, stats: WrkStats, name_width: int = 10) -> str:
     return (f"{name:<{name_width}}{stats['requests_per_sec']:>12,.0f}{stats['latency_ms']['50']:>10.2f}"
             f"{stats['latency_ms']['99']:>10.2f}{stats['requests']:>11,}"
             f"{sum(stats['socket_errors'].values()):>10,}")
+
+
+def run_bench(name: str, args: Any, measure: Callable[[Path], dict[str, Any]],
+              show: Callable[[dict[str, Any]], None], needs_moto: bool) -> int:
+    """The common frame of every benchmark script: check the tools, run in a temporary directory,
+    print a table or JSON. Exit 2: a tool is missing; 1: a run failed; 0: measured (targets or not)."""
+    import json
+    import signal
+    import sys
+    import tempfile
+
+    from bench._moto import moto_command
+
+    # The servers run in their own sessions: turn SIGTERM into SystemExit so `finally` stops them.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        require_wrk()
+        if needs_moto:
+            moto_command()
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="openkms-bench-") as tmp:
+        try:
+            summary = measure(Path(tmp))
+        except BenchError as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        show(summary)
+    return 0

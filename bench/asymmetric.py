@@ -19,9 +19,7 @@ import argparse
 import base64
 import json
 import os
-import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._load import (
     REGION,
-    BenchError,
     ErrorAnswer,
     LoadOptions,
     SignedRequest,
@@ -46,12 +43,12 @@ from bench._load import (
     met_text,
     progress,
     ratio,
-    require_wrk,
+    run_bench,
     signed_request,
     table_header,
     table_row,
 )
-from bench._moto import KmsServer, moto_command, openkms_hint, running_servers
+from bench._moto import KmsServer, openkms_hint, running_servers
 
 MESSAGE_BYTES = 32
 
@@ -230,29 +227,9 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # The servers run in their own sessions: turn SIGTERM into SystemExit so `finally` stops them.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load_before = os.getloadavg()[0]
-    try:
-        require_wrk()
-        if not args.skip_moto:
-            moto_command()
-    except BenchError as exc:
-        print(f"bench/asymmetric.py: {exc}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="openkms-bench-") as tmp:
-        try:
-            results = run(args, Path(tmp))
-        except BenchError as exc:
-            print(f"bench/asymmetric.py: {exc}", file=sys.stderr)
-            return 1
-    summary = summarize(results, args, load_before)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_table(summary)
-    return 0
-
+    return run_bench("bench/asymmetric.py", args, lambda tmp: summarize(run(args, tmp), args, load_before),
+                     print_table, needs_moto=not args.skip_moto)
 
 if __name__ == "__main__":
     sys.exit(main())

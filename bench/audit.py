@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
-import signal
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,13 +45,13 @@ from bench._load import (
     met_text,
     progress,
     ratio,
-    require_wrk,
+    run_bench,
     run_wrk,
     signed_request,
     table_header,
     table_row,
 )
-from bench._moto import EMPTY_DB_HINT, KmsServer, MotoServer, bootstrap_env, moto_command
+from bench._moto import EMPTY_DB_HINT, KmsServer, MotoServer, bootstrap_env
 from tests.server import ServerProcess
 
 PLAINTEXT_BYTES = 32
@@ -243,29 +240,12 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # The servers run in their own sessions: turn SIGTERM into SystemExit so `finally` stops them.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load_before = os.getloadavg()[0]
-    try:
-        require_wrk()
-        if not args.skip_moto:
-            moto_command()
-    except BenchError as exc:
-        print(f"bench/audit.py: {exc}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="openkms-bench-") as tmp:
-        try:
-            targets, records = run(args, Path(tmp))
-        except BenchError as exc:
-            print(f"bench/audit.py: {exc}", file=sys.stderr)
-            return 1
-    summary = summarize(targets, records, args, load_before, os.getloadavg()[0])
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_table(summary)
-    return 0
 
+    def measure(tmp: Path) -> dict[str, Any]:
+        targets, records = run(args, tmp)
+        return summarize(targets, records, args, load_before, os.getloadavg()[0])
+    return run_bench("bench/audit.py", args, measure, print_table, needs_moto=not args.skip_moto)
 
 if __name__ == "__main__":
     sys.exit(main())

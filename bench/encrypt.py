@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
-import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +24,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._load import (
     REGION,
-    BenchError,
     LoadOptions,
     SignedRequest,
     WrkStats,
@@ -39,12 +35,12 @@ from bench._load import (
     median_stats,
     met_text,
     ratio,
-    require_wrk,
+    run_bench,
     signed_request,
     table_header,
     table_row,
 )
-from bench._moto import moto_command, openkms_hint, running_servers
+from bench._moto import openkms_hint, running_servers
 
 PLAINTEXT_BYTES = 32
 # The targets for openkms on this workload.
@@ -140,29 +136,9 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # The servers run in their own sessions: turn SIGTERM into SystemExit so `finally` stops them.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load_before = os.getloadavg()[0]
-    try:
-        require_wrk()
-        if not args.skip_moto:
-            moto_command()
-    except BenchError as exc:
-        print(f"bench/encrypt.py: {exc}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="openkms-bench-") as tmp:
-        try:
-            targets = run(args, Path(tmp))
-        except BenchError as exc:
-            print(f"bench/encrypt.py: {exc}", file=sys.stderr)
-            return 1
-    summary = summarize(targets, args, load_before)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_table(summary)
-    return 0
-
+    return run_bench("bench/encrypt.py", args, lambda tmp: summarize(run(args, tmp), args, load_before),
+                     print_table, needs_moto=not args.skip_moto)
 
 if __name__ == "__main__":
     sys.exit(main())

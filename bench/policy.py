@@ -29,9 +29,7 @@ import argparse
 import base64
 import json
 import os
-import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,7 +57,7 @@ from bench._load import (
     met_text,
     progress,
     replay_once,
-    require_wrk,
+    run_bench,
     run_wrk,
     signed_request,
     table_header,
@@ -411,27 +409,12 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # The server runs in its own session: turn SIGTERM into SystemExit so `finally` stops it.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load_before = os.getloadavg()[0]
-    try:
-        require_wrk()
-    except BenchError as exc:
-        print(f"bench/policy.py: {exc}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="openkms-bench-") as tmp:
-        try:
-            pairs = run(args, Path(tmp))
-        except BenchError as exc:
-            print(f"bench/policy.py: {exc}", file=sys.stderr)
-            return 1
-    summary = summarize(pairs, args, load_before, os.getloadavg()[0])
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_table(summary)
-    return 0
 
+    def measure(tmp: Path) -> dict[str, Any]:
+        pairs = run(args, tmp)
+        return summarize(pairs, args, load_before, os.getloadavg()[0])
+    return run_bench("bench/policy.py", args, measure, print_table, needs_moto=False)
 
 if __name__ == "__main__":
     sys.exit(main())

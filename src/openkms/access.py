@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from .cache import TTLCache
 from .errors import AccessDeniedException
 from .model import Caller, Key
 from .policy import (
@@ -61,11 +61,10 @@ def grant_from_row(row: Any, key_arn: str) -> Grant:
 class AccessControl:
     def __init__(self, store: Store, cache_ttl: float = 5.0) -> None:
         self._store = store
-        self._ttl = cache_ttl
         self._compiled: dict[str, tuple[Policy, frozenset[str]]] = {}
-        self._identity: dict[str, tuple[float, tuple[Policy, ...]]] = {}
-        self._grants: dict[str, tuple[float, tuple[Grant, ...]]] = {}
-        self._lookups: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._identity: TTLCache[str, tuple[Policy, ...]] = TTLCache(cache_ttl, MAX_CACHED)
+        self._grants: TTLCache[str, tuple[Grant, ...]] = TTLCache(cache_ttl, MAX_CACHED)
+        self._lookups: TTLCache[tuple[str, str], Any] = TTLCache(cache_ttl, MAX_CACHED)
 
     # -- compiled policies ----------------------------------------------------------------------
     def key_policy(self, key: Key) -> tuple[Policy, frozenset[str]]:
@@ -79,35 +78,24 @@ class AccessControl:
         return hit
 
     def identity_policies(self, principal_id: str) -> tuple[Policy, ...]:
-        now = time.monotonic()
-        hit = self._identity.get(principal_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        with self._store.begin() as tx:
-            documents = tx.policies.for_principal(principal_id)
-        policies = tuple(parse_identity_policy(doc) for _, doc in documents)
-        if len(self._identity) > MAX_CACHED:
-            self._identity.clear()
-        self._identity[principal_id] = (now + self._ttl, policies)
-        return policies
+        def load() -> tuple[Policy, ...]:
+            with self._store.begin() as tx:
+                documents = tx.policies.for_principal(principal_id)
+            return tuple(parse_identity_policy(doc) for _, doc in documents)
+        return self._identity.get(principal_id, load)
 
     def forget_identity(self, principal_id: str) -> None:
-        self._identity.pop(principal_id, None)
+        self._identity.pop(principal_id)
 
     # -- grants ---------------------------------------------------------------------------------
     def grants(self, key: Key, grant_tokens: Iterable[str] = ()) -> tuple[Grant, ...]:
         """The key's grants (cached), plus any grant named by a token in the request: a grant token
         works at once, even on a node whose cache predates the grant (as in AWS)."""
-        now = time.monotonic()
-        hit = self._grants.get(key.key_id)
-        if hit is None or hit[0] <= now:
+        def load() -> tuple[Grant, ...]:
             with self._store.begin() as tx:
                 rows = tx.grants.for_key(key.key_id)
-            hit = (now + self._ttl, tuple(grant_from_row(r, key.arn) for r in rows))
-            if len(self._grants) > MAX_CACHED:
-                self._grants.clear()
-            self._grants[key.key_id] = hit
-        grants = hit[1]
+            return tuple(grant_from_row(r, key.arn) for r in rows)
+        grants = self._grants.get(key.key_id, load)
         known = {g.grant_id for g in grants}
         extra = []
         for token in grant_tokens:
@@ -121,23 +109,15 @@ class AccessControl:
             return tx.grants.by_token_hash(hashlib.sha256(token.encode()).hexdigest())
 
     def forget_grants(self, key_id: str) -> None:
-        self._grants.pop(key_id, None)
+        self._grants.pop(key_id)
 
     # -- lookups only some policies need ----------------------------------------------------------
     def _cached(self, kind: str, key_id: str, load: Any) -> Any:
-        now = time.monotonic()
-        hit = self._lookups.get((kind, key_id))
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        value = load()
-        if len(self._lookups) > MAX_CACHED:
-            self._lookups.clear()
-        self._lookups[(kind, key_id)] = (now + self._ttl, value)
-        return value
+        return self._lookups.get((kind, key_id), load)
 
     def forget_lookups(self, key_id: str) -> None:
-        self._lookups.pop(("aliases", key_id), None)
-        self._lookups.pop(("tags", key_id), None)
+        self._lookups.pop(("aliases", key_id))
+        self._lookups.pop(("tags", key_id))
 
     def _aliases_of(self, key: Key) -> list[str]:
         def load() -> list[str]:

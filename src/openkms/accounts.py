@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from .cache import TTLCache
 from .crypto.root import RootKey
 from .errors import (
     AlreadyExistsException,
@@ -64,37 +64,32 @@ class Accounts:
     def __init__(self, store: Store, root: RootKey, cache_ttl: float = 5.0) -> None:
         self._store = store
         self._root = root
-        self._ttl = cache_ttl
-        self._cache: dict[str, tuple[float, tuple[SecretStr, Principal] | None]] = {}
+        self._cache: TTLCache[str, tuple[SecretStr, Principal] | None] = TTLCache(cache_ttl, max_entries=10_000)
 
     # -- the signing path -------------------------------------------------------------------
     def credentials(self, access_key_id: str) -> tuple[SecretStr, Principal] | None:
         """The secret and principal of an active access key, or None if there is none."""
-        now = time.monotonic()
-        hit = self._cache.get(access_key_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        found: tuple[SecretStr, Principal] | None = None
+        return self._cache.get(access_key_id, lambda: self._load_credentials(access_key_id))
+
+    def _load_credentials(self, access_key_id: str) -> tuple[SecretStr, Principal] | None:
         with self._store.begin() as tx:
             row = tx.accounts.access_key_row(access_key_id)
-            if row is not None and row.status == "Active":
-                principal = tx.accounts.principal(row.principal_id)
-                if principal is not None:
-                    try:
-                        secret = self._root.unseal(bytes(row.sealed_secret), secret_aad(access_key_id)).decode()
-                    except InvalidCiphertextException:
-                        raise KMSInternalException("An access key failed its integrity check.") from None
-                    found = (SecretStr(secret), principal)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[access_key_id] = (now + self._ttl, found)
-        return found
+            if row is None or row.status != "Active":
+                return None
+            principal = tx.accounts.principal(row.principal_id)
+        if principal is None:
+            return None
+        try:
+            secret = self._root.unseal(bytes(row.sealed_secret), secret_aad(access_key_id)).decode()
+        except InvalidCiphertextException:
+            raise KMSInternalException("An access key failed its integrity check.") from None
+        return SecretStr(secret), principal
 
     def _forget(self, access_key_id: str | None = None) -> None:
         if access_key_id is None:
             self._cache.clear()
         else:
-            self._cache.pop(access_key_id, None)
+            self._cache.pop(access_key_id)
 
     # -- bootstrap --------------------------------------------------------------------------
     def is_empty(self) -> bool:

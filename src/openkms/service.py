@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import os
 import re
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -27,6 +26,7 @@ import orjson
 from .access import AccessControl, grant_from_row, principal_arn
 from .audit.context import note_key
 from .audit.usage import UsageTracker
+from .cache import TTLCache
 from .crypto import blob, wrap
 from .errors import (
     AlreadyExistsException,
@@ -116,10 +116,9 @@ class KMS:
         self.store = store
         self.keystore = keystore
         self.region = region
-        self._ttl = cache_ttl
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._keys: dict[str, tuple[float, Key | None]] = {}
-        self._aliases: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._keys: TTLCache[str, Key | None] = TTLCache(cache_ttl)
+        self._aliases: TTLCache[tuple[str, str], str | None] = TTLCache(cache_ttl)
         self.usage: UsageTracker | None = None  # set by the API layer, which records uses
         self.access = AccessControl(store, cache_ttl)
 
@@ -128,35 +127,23 @@ class KMS:
 
     # -- lookups (cached) --------------------------------------------------------------------
     def _load_key(self, key_id: str) -> Key | None:
-        now = time.monotonic()
-        hit = self._keys.get(key_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        with self.store.begin() as tx:
-            key = tx.keys.get(key_id)
-        if len(self._keys) > 100_000:
-            self._keys.clear()
-        self._keys[key_id] = (now + self._ttl, key)
-        return key
+        def load() -> Key | None:
+            with self.store.begin() as tx:
+                return tx.keys.get(key_id)
+        return self._keys.get(key_id, load)
 
     def _remember(self, key: Key) -> None:
-        self._keys[key.key_id] = (time.monotonic() + self._ttl, key)
+        self._keys.put(key.key_id, key)
 
     def _alias_target(self, account_id: str, name: str) -> str | None:
-        now = time.monotonic()
-        hit = self._aliases.get((account_id, name))
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        with self.store.begin() as tx:
-            alias = tx.aliases.get(account_id, name)
-        target = alias.target_key_id if alias else None
-        if len(self._aliases) > 100_000:
-            self._aliases.clear()
-        self._aliases[(account_id, name)] = (now + self._ttl, target)
-        return target
+        def load() -> str | None:
+            with self.store.begin() as tx:
+                alias = tx.aliases.get(account_id, name)
+            return alias.target_key_id if alias else None
+        return self._aliases.get((account_id, name), load)
 
     def _forget_alias(self, account_id: str, name: str) -> None:
-        self._aliases.pop((account_id, name), None)
+        self._aliases.pop((account_id, name))
 
     def _resolve(self, caller: Caller, key_ref: str, allow_alias: bool = True, *, action: str | None = None,
                  encryption_context: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None) -> Key:
@@ -399,7 +386,7 @@ class KMS:
                     continue
                 names = tx.aliases.names_for_key(key_id)
                 tx.keys.delete(key_id)
-            self._keys.pop(key_id, None)
+            self._keys.pop(key_id)
             for name in names:
                 self._forget_alias(key.account_id, name)
             self.keystore.forget(key_id)
@@ -587,7 +574,7 @@ class KMS:
         self._check_algorithm(key, algorithm)
         if header.version > key.current_version:
             # Another node may have rotated the key since this node cached it.
-            self._keys.pop(key.key_id, None)
+            self._keys.pop(key.key_id)
             fresh = self._load_key(key.key_id)
             if fresh is None or header.version > fresh.current_version:
                 raise InvalidCiphertextException()
@@ -863,7 +850,7 @@ class KMS:
                 # Disabled keys and keys pending deletion do not rotate; their schedule moves on.
                 tx.keys.update(dataclasses.replace(key, next_rotation=next_rotation))
         for key in rotated:
-            self._keys.pop(key.key_id, None)
+            self._keys.pop(key.key_id)
         return [k.key_id for k in rotated]
 
     # -- BYOK: import of key material ----------------------------------------------------------
@@ -991,7 +978,7 @@ class KMS:
                 key = dataclasses.replace(key, state=KeyState.PENDING_IMPORT, valid_to=None)
                 tx.keys.update(key)
             self.keystore.forget(key_id)
-            self._keys.pop(key_id, None)
+            self._keys.pop(key_id)
         return due
 
     def run_scheduled_work(self) -> dict[str, list[str]]:

@@ -1,0 +1,42 @@
+"""A small time-bounded cache: what a node may believe about shared state without asking the store.
+
+Entries expire after `ttl` seconds, so a change made by another node sharing the store is seen
+within that time; a node that makes a change itself updates or drops the entry at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class TTLCache(Generic[K, V]):
+    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
+        self._ttl = ttl
+        self._max = max_entries
+        self._entries: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K, load: Callable[[], V]) -> V:
+        """The cached value, or `load()`'s (cached for the next `ttl` seconds)."""
+        now = time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = load()
+        self.put(key, value, now)
+        return value
+
+    def put(self, key: K, value: V, now: float | None = None) -> None:
+        if len(self._entries) >= self._max:
+            self._entries.clear()  # crude, but bounded; entries are cheap to reload
+        self._entries[key] = ((time.monotonic() if now is None else now) + self._ttl, value)
+
+    def pop(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
