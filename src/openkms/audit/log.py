@@ -56,6 +56,18 @@ def record_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def index_columns(event: dict[str, Any]) -> tuple[Any, ...]:
+    """The copies of an event's fields that queries filter on, in storage column order
+    (event_id, event_name, caller_account, owner_account, principal_arn, key_id, error_code).
+    The writer stores them and `verify` recomputes them, so editing a column is detected."""
+    identity = event.get("userIdentity") or {}
+    resources = event.get("resources") or []
+    key_arn = resources[0]["ARN"] if resources else None
+    return (event["eventID"], event["eventName"], identity.get("accountId"),
+            resources[0]["accountId"] if resources else None, identity.get("arn"),
+            key_arn.rsplit("/", 1)[1] if key_arn else None, event.get("errorCode"))
+
+
 def load_signing_key(store: Store, root: RootKey) -> tuple[bytes, bytes]:
     """The audit signing key (raw private, DER public), created on first use of a store."""
     with store.begin() as tx:
@@ -144,12 +156,7 @@ class AuditLog:
             seq += 1
             text = canonical({"event": event, "node": self.node_id, "prev": prev, "seq": seq})
             prev = record_hash(text)
-            identity = event.get("userIdentity") or {}
-            resources = event.get("resources") or []
-            key_arn = resources[0]["ARN"] if resources else None
-            rows.append((self.node_id, seq, now, event["eventID"], event["eventName"], identity.get("accountId"),
-                         resources[0]["accountId"] if resources else None, identity.get("arn"),
-                         key_arn.rsplit("/", 1)[1] if key_arn else None, event.get("errorCode"), text, prev))
+            rows.append((self.node_id, seq, now, *index_columns(event), text, prev))
         self._seq, self._hash = seq, prev
         return rows
 

@@ -23,11 +23,13 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ..crypto import signing
 from ..storage import Store
-from .log import GENESIS, PUBLIC_KEY_META
+from .log import GENESIS, PUBLIC_KEY_META, index_columns
 
 
 @dataclass
@@ -35,6 +37,15 @@ class Row:
     seq: int
     record: str
     hash: str
+    # The stored query columns (event_time, then index_columns order); None for archived records.
+    columns: tuple[Any, ...] | None = None
+
+
+# The event_time column is the commit time; eventTime is the request's second. They differ by the
+# batch's latency; a tampered time (hiding a record from a time-range query) differs by far more.
+EVENT_TIME_TOLERANCE = 300.0
+COLUMN_NAMES = ("event_time", "event_id", "event_name", "caller_account", "owner_account", "principal_arn",
+                "key_id", "error_code")
 
 
 @dataclass
@@ -77,6 +88,18 @@ def read_archive(path: Path) -> Iterator[Row | Digest]:
                 yield Digest(item["digest_seq"], item["body"], base64.b64decode(item["signature"]))
 
 
+def _wrong_columns(event: dict[str, Any], columns: tuple[Any, ...]) -> list[str]:
+    wrong = [name for name, stored, expected in zip(COLUMN_NAMES[1:], columns[1:], index_columns(event), strict=True)
+             if stored != expected]
+    try:
+        event_second = datetime.strptime(event["eventTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+        if abs(float(columns[0]) - event_second) > EVENT_TIME_TOLERANCE:
+            wrong.insert(0, "event_time")
+    except (KeyError, TypeError, ValueError):
+        wrong.insert(0, "event_time")
+    return wrong
+
+
 def verify_chain(node_id: str, rows: Iterable[Row], digests: Iterable[Digest], public_key: bytes,
                  report: Report) -> None:
     prefix = f"node {node_id}: "
@@ -102,6 +125,10 @@ def verify_chain(node_id: str, rows: Iterable[Row], digests: Iterable[Digest], p
             report.problems.append(f"{prefix}record {row.seq} altered (its content does not match its hash)")
             problem_here = True
             actual = row.hash  # judge the next link by the hash the chain had
+        elif row.columns is not None and (wrong := _wrong_columns(content["event"], row.columns)):
+            report.problems.append(f"{prefix}record {row.seq} altered (its {', '.join(wrong)} column"
+                                   f"{'s do' if len(wrong) > 1 else ' does'} not match the hashed record)")
+            problem_here = True
         elif held_seq != row.seq:
             how = "inserted before it" if isinstance(held_seq, int) and held_seq < row.seq else "reordered"
             report.problems.append(f"{prefix}record at position {row.seq} is record {held_seq}: records {how}")
@@ -160,7 +187,8 @@ def verify_store(store: Store, public_key: bytes | None = None, archive_dir: Pat
         with store.begin() as tx:
             while True:
                 batch = tx.audit.chain(node_id, after_seq=after, limit=10_000)
-                rows.extend(Row(int(r.seq), r.record, r.hash) for r in batch)
+                rows.extend(Row(int(r.seq), r.record, r.hash, tuple(getattr(r, c) for c in COLUMN_NAMES))
+                            for r in batch)
                 if len(batch) < 10_000:
                     break
                 after = int(batch[-1].seq)
