@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 
@@ -70,11 +70,6 @@ DATA_KEY_PAIR_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096", "ECC_NIST_P256", "ECC
                        "ECC_NIST_P521", "ECC_SECG_P256K1", "ECC_NIST_EDWARDS25519")
 
 
-class PrincipalType(str, enum.Enum):
-    USER = "IAMUser"
-    ROOT = "Root"
-
-
 @dataclass(frozen=True, slots=True)
 class Account:
     account_id: str
@@ -95,15 +90,6 @@ class Principal:
     @property
     def arn(self) -> str:
         return f"arn:aws:iam::{self.account_id}:user/{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class AccessKey:
-    access_key_id: str
-    principal_id: str
-    status: str  # "Active" | "Inactive"
-    created: datetime
-    secret: SecretStr = field(repr=False)
 
 
 class SecretStr:

@@ -239,6 +239,3 @@ def summary(report: Report) -> str:
     return "\n".join([head, *report.problems])
 
 
-def load_public_key(path: Path) -> bytes:
-    return path.read_bytes()
-

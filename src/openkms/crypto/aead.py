@@ -15,10 +15,6 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 
 
-def random_bytes(n: int) -> bytes:
-    return os.urandom(n)
-
-
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     """nonce(12) || ciphertext || tag(16), with a fresh random nonce."""
     nonce = os.urandom(NONCE_BYTES)

@@ -40,7 +40,7 @@ from ..errors import (
     KMSInternalException,
     ValidationException,
 )
-from ..model import AccessKey, Account, Alias, Key, KeyState, KeyUsage, KeyVersion, Origin, Principal, SecretStr
+from ..model import Account, Alias, Key, KeyState, KeyUsage, KeyVersion, Origin, Principal
 from . import schema as t
 
 
@@ -232,11 +232,6 @@ class AccountRepo:
     def delete_access_key(self, access_key_id: str) -> bool:
         res = self.conn.execute(delete(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id))
         return res.rowcount > 0
-
-
-def access_key_from_row(row: Any, secret: str) -> AccessKey:
-    return AccessKey(row.access_key_id, row.principal_id, row.status, from_ts(row.created),  # type: ignore[arg-type]
-                     SecretStr(secret))
 
 
 class KeyRepo:
