@@ -257,3 +257,85 @@ def test_bootstrap_credentials_file_works_as_is(aws: AwsCli, server: ServerProce
     failed = aws.run("list-keys", env=dict(env, AWS_SHARED_CREDENTIALS_FILE=str(bad)), check=False)
     assert failed.returncode != 0
     assert "InvalidSignatureException" in failed.stderr
+
+
+# -- asymmetric, HMAC and access-control operations through the CLI ------------------------------------
+
+def test_asymmetric_and_hmac_operations_with_the_cli(aws: AwsCli) -> None:
+    work = aws.workdir
+    (work / "message.bin").write_bytes(b"release 1.0")
+    # Sign with an ECC key, verify with the CLI and outside openkms with openssl.
+    ecc = aws.json("create-key", "--key-spec", "ECC_NIST_P256", "--key-usage", "SIGN_VERIFY")["KeyMetadata"]
+    assert ecc["SigningAlgorithms"] == ["ECDSA_SHA_256"]
+    assert aws.shell("base64 -d > signature.bin", "sign", "--key-id", ecc["KeyId"], "--message",
+                     "fileb://message.bin", "--message-type", "RAW", "--signing-algorithm", "ECDSA_SHA_256",
+                     "--query", "Signature", "--output", "text").returncode == 0
+    verified = aws.json("verify", "--key-id", ecc["KeyId"], "--message", "fileb://message.bin", "--message-type",
+                        "RAW", "--signing-algorithm", "ECDSA_SHA_256", "--signature", "fileb://signature.bin")
+    assert verified["SignatureValid"] is True
+    assert aws.shell("base64 -d > public.der", "get-public-key", "--key-id", ecc["KeyId"], "--query", "PublicKey",
+                     "--output", "text").returncode == 0
+    outside = subprocess.run(["openssl", "dgst", "-sha256", "-verify", "public.der", "-keyform", "DER",
+                              "-signature", "signature.bin", "message.bin"], cwd=work, capture_output=True,
+                             text=True, timeout=30, check=False)
+    assert outside.returncode == 0 and "Verified OK" in outside.stdout, outside.stderr
+    (work / "other.bin").write_bytes(b"release 1.1")
+    bad = aws.run("verify", "--key-id", ecc["KeyId"], "--message", "fileb://other.bin", "--message-type", "RAW",
+                  "--signing-algorithm", "ECDSA_SHA_256", "--signature", "fileb://signature.bin", check=False)
+    assert bad.returncode != 0 and "KMSInvalidSignatureException" in bad.stderr
+
+    # MACs.
+    hmac_key = aws.json("create-key", "--key-spec", "HMAC_256", "--key-usage", "GENERATE_VERIFY_MAC")["KeyMetadata"]
+    assert aws.shell("base64 -d > mac.bin", "generate-mac", "--key-id", hmac_key["KeyId"], "--message",
+                     "fileb://message.bin", "--mac-algorithm", "HMAC_SHA_256", "--query", "Mac",
+                     "--output", "text").returncode == 0
+    assert aws.json("verify-mac", "--key-id", hmac_key["KeyId"], "--message", "fileb://message.bin",
+                    "--mac-algorithm", "HMAC_SHA_256", "--mac", "fileb://mac.bin")["MacValid"] is True
+    bad = aws.run("verify-mac", "--key-id", hmac_key["KeyId"], "--message", "fileb://other.bin", "--mac-algorithm",
+                  "HMAC_SHA_256", "--mac", "fileb://mac.bin", check=False)
+    assert bad.returncode != 0 and "KMSInvalidMacException" in bad.stderr
+
+    # RSA encryption: encrypt with the CLI, decrypt with the CLI.
+    rsa = aws.json("create-key", "--key-spec", "RSA_2048", "--key-usage", "ENCRYPT_DECRYPT")["KeyMetadata"]
+    assert aws.shell("base64 -d > rsa.enc", "encrypt", "--key-id", rsa["KeyId"], "--plaintext", "fileb://message.bin",
+                     "--encryption-algorithm", "RSAES_OAEP_SHA_256", "--query", "CiphertextBlob",
+                     "--output", "text").returncode == 0
+    back = aws.shell("base64 -d", "decrypt", "--key-id", rsa["KeyId"], "--ciphertext-blob", "fileb://rsa.enc",
+                     "--encryption-algorithm", "RSAES_OAEP_SHA_256", "--query", "Plaintext", "--output", "text")
+    assert back.returncode == 0 and back.stdout == "release 1.0"
+
+    # Key agreement and data key pairs.
+    agree = aws.json("create-key", "--key-spec", "ECC_NIST_P256", "--key-usage", "KEY_AGREEMENT")["KeyMetadata"]
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out",
+                    "peer.pem"], cwd=work, check=True, capture_output=True, timeout=30)
+    subprocess.run(["openssl", "pkey", "-in", "peer.pem", "-pubout", "-outform", "DER", "-out", "peer.der"],
+                   cwd=work, check=True, capture_output=True, timeout=30)
+    secret = aws.json("derive-shared-secret", "--key-id", agree["KeyId"], "--key-agreement-algorithm", "ECDH",
+                      "--public-key", "fileb://peer.der")
+    assert secret["KeyAgreementAlgorithm"] == "ECDH" and secret["SharedSecret"]
+    symmetric = aws.json("create-key")["KeyMetadata"]
+    pair = aws.json("generate-data-key-pair-without-plaintext", "--key-id", symmetric["KeyId"], "--key-pair-spec",
+                    "ECC_NIST_P384")
+    assert pair["KeyPairSpec"] == "ECC_NIST_P384" and pair["PrivateKeyCiphertextBlob"] and pair["PublicKey"]
+
+
+def test_key_policy_and_grants_with_the_cli(aws: AwsCli) -> None:
+    key = aws.json("create-key")["KeyMetadata"]
+    policy = json.loads(aws.text("get-key-policy", "--key-id", key["KeyId"], "--policy-name", "default",
+                                 "--query", "Policy"))
+    assert policy["Statement"][0]["Principal"] == {"AWS": f"arn:aws:iam::{ACCOUNT_ID}:root"}
+    policy["Statement"].append({"Sid": "Deny secret", "Effect": "Deny", "Principal": "*", "Action": "kms:Encrypt",
+                                "Resource": "*",
+                                "Condition": {"StringEquals": {"kms:EncryptionContext:classification": "secret"}}})
+    (aws.workdir / "policy.json").write_text(json.dumps(policy))
+    aws.run("put-key-policy", "--key-id", key["KeyId"], "--policy-name", "default", "--policy", "file://policy.json")
+    (aws.workdir / "p.bin").write_bytes(b"x")
+    denied = aws.run("encrypt", "--key-id", key["KeyId"], "--plaintext", "fileb://p.bin", "--encryption-context",
+                     "classification=secret", check=False)
+    assert denied.returncode != 0 and "AccessDeniedException" in denied.stderr
+    grant = aws.json("create-grant", "--key-id", key["KeyId"], "--grantee-principal",
+                     f"arn:aws:iam::{ACCOUNT_ID}:user/someone", "--operations", "Decrypt", "Encrypt")
+    listed = aws.json("list-grants", "--key-id", key["KeyId"])["Grants"]
+    assert [g["GrantId"] for g in listed] == [grant["GrantId"]]
+    aws.run("revoke-grant", "--key-id", key["KeyId"], "--grant-id", grant["GrantId"])
+    assert aws.json("list-grants", "--key-id", key["KeyId"])["Grants"] == []
