@@ -40,6 +40,14 @@ from .storage import Store
 MAX_CACHED = 10_000
 
 
+def _freeze(mapping: Mapping[str, Any] | None) -> Any:
+    """A hashable, order-independent form of a context or encryption context."""
+    if mapping is None:
+        return None
+    return frozenset((k, tuple(v) if isinstance(v, list | tuple | set | frozenset) else v)
+                     for k, v in mapping.items())
+
+
 def principal_arn(caller: Caller) -> str:
     p = caller.principal
     return root_arn(p.account_id) if p.is_admin else p.arn
@@ -65,6 +73,7 @@ class AccessControl:
         self._identity: TTLCache[str, tuple[Policy, ...]] = TTLCache(cache_ttl, MAX_CACHED)
         self._grants: TTLCache[str, tuple[Grant, ...]] = TTLCache(cache_ttl, MAX_CACHED)
         self._lookups: TTLCache[tuple[str, str], Any] = TTLCache(cache_ttl, MAX_CACHED)
+        self._decisions: dict[tuple[Any, ...], tuple[Policy, tuple[Policy, ...], tuple[Grant, ...], Any]] = {}
 
     # -- compiled policies ----------------------------------------------------------------------
     def key_policy(self, key: Key) -> tuple[Policy, frozenset[str]]:
@@ -133,7 +142,9 @@ class AccessControl:
 
     # -- decisions ------------------------------------------------------------------------------
     def _base_context(self, caller: Caller, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        context: dict[str, Any] = {"aws:CurrentTime": datetime.now(UTC)}
+        # Second precision, as IAM's ISO 8601 times carry it (and so decisions can be reused
+        # within a second).
+        context: dict[str, Any] = {"aws:CurrentTime": datetime.now(UTC).replace(microsecond=0)}
         if caller.source_ip:
             context["aws:SourceIp"] = caller.source_ip
         if extra:
@@ -161,9 +172,24 @@ class AccessControl:
                 for k, v in self._tags_of(key):
                     available[f"aws:ResourceTag/{k}"] = v
             context = {k: v for k, v in available.items() if k.lower() in needs}
-        request = RequestContext(principal_arn(caller), caller.account_id, "kms:" + action, key.arn, key.account_id,
-                                 context, encryption_context)
-        decision = evaluate(request, policy, identities, self.grants(key, grant_tokens))
+        grants = self.grants(key, grant_tokens)
+        principal = principal_arn(caller)
+        # A decision depends on nothing but these: the compiled policies and grants in play (held in
+        # the entry and compared by identity, so a changed policy or grant never meets an old
+        # decision), the request's fields, the condition values the policies refer to, and the
+        # encryption context. Repeated requests are answered from here instead of re-evaluated.
+        cache_key = (id(policy), id(identities), id(grants), principal, caller.account_id, action, key.arn,
+                     _freeze(context), _freeze(encryption_context))
+        hit = self._decisions.get(cache_key)
+        if hit is not None and hit[0] is policy and hit[1] is identities and hit[2] is grants:
+            decision = hit[3]
+        else:
+            request = RequestContext(principal, caller.account_id, "kms:" + action, key.arn, key.account_id,
+                                     context, encryption_context)
+            decision = evaluate(request, policy, identities, grants)
+            if len(self._decisions) >= MAX_CACHED:
+                self._decisions.clear()
+            self._decisions[cache_key] = (policy, identities, grants, decision)
         if not decision.allowed:
             raise AccessDeniedException(decision.reason)
 
