@@ -85,11 +85,8 @@ class Accounts:
             raise KMSInternalException("An access key failed its integrity check.") from None
         return SecretStr(secret), principal
 
-    def _forget(self, access_key_id: str | None = None) -> None:
-        if access_key_id is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(access_key_id)
+    def _forget(self, access_key_id: str) -> None:
+        self._cache.pop(access_key_id)
 
     # -- bootstrap --------------------------------------------------------------------------
     def is_empty(self) -> bool:

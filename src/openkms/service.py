@@ -29,25 +29,25 @@ from .audit.usage import UsageTracker
 from .cache import TTLCache
 from .crypto import blob, wrap
 from .errors import (
+    AccessDeniedException,
     AlreadyExistsException,
     DisabledException,
     DryRunOperationException,
     ExpiredImportTokenException,
     IncorrectKeyException,
-    AccessDeniedException,
     IncorrectKeyMaterialException,
-    KMSInternalException,
-    InvalidGrantTokenException,
     InvalidAliasNameException,
     InvalidCiphertextException,
+    InvalidGrantTokenException,
     InvalidImportTokenException,
-    MalformedPolicyDocumentException,
     InvalidKeyUsageException,
     InvalidMarkerException,
+    KMSInternalException,
     KMSInvalidMacException,
     KMSInvalidSignatureException,
     KMSInvalidStateException,
     LimitExceededException,
+    MalformedPolicyDocumentException,
     NotFoundException,
     TagException,
     UnsupportedOperationException,
@@ -220,13 +220,17 @@ class KMS:
         key = self._resolve(caller, key_ref, action=action, extra=extra,
                             encryption_context=encryption_context if encryption_context is not None else
                             ({} if usage is KeyUsage.ENCRYPT_DECRYPT else None))
+        self._check_for_use(key, usage, algorithm)
+        return key
+
+    def _check_for_use(self, key: Key, usage: KeyUsage, algorithm: str | None) -> None:
+        """The key is for this purpose, in a state to be used, and allows the algorithm."""
         if key.key_usage is not usage:
             raise InvalidKeyUsageException(
                 f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
         self._check_usable(key)
         if algorithm is not None:
             self._check_algorithm(key, algorithm)
-        return key
 
     @staticmethod
     def _check_algorithm(key: Key, algorithm: str) -> None:
@@ -553,7 +557,10 @@ class KMS:
         algorithm = algorithm or "SYMMETRIC_DEFAULT"
         requested = self._resolve(caller, key_ref, action="") if key_ref is not None else None
         if requested is not None and not requested.spec.symmetric:
-            key = self._crypto_key(caller, requested.arn, KeyUsage.ENCRYPT_DECRYPT, algorithm, action=action)
+            key = requested
+            self.access.authorize(caller, key, action, extra={"kms:EncryptionAlgorithm": algorithm},
+                                  grant_tokens=caller.grant_tokens)
+            self._check_for_use(key, KeyUsage.ENCRYPT_DECRYPT, algorithm)
             if context:
                 raise ValidationException("EncryptionContext is not supported with asymmetric keys.")
             return key, self.keystore.rsa_decrypt(key, algorithm, ciphertext), algorithm
@@ -567,11 +574,7 @@ class KMS:
         note_key(key.arn, key.account_id)
         self.access.authorize(caller, key, action, encryption_context=context or {},
                               extra={"kms:EncryptionAlgorithm": algorithm}, grant_tokens=caller.grant_tokens)
-        if key.key_usage is not KeyUsage.ENCRYPT_DECRYPT:
-            raise InvalidKeyUsageException(
-                f"{key.arn} key usage is {key.key_usage.value} which is not valid for this operation.")
-        self._check_usable(key)
-        self._check_algorithm(key, algorithm)
+        self._check_for_use(key, KeyUsage.ENCRYPT_DECRYPT, algorithm)
         if header.version > key.current_version:
             # Another node may have rotated the key since this node cached it.
             self._keys.pop(key.key_id)

@@ -22,15 +22,23 @@ class UsageTracker:
         self._lock = threading.Lock()
 
     def record(self, key_id: str, operation: str, when: float, event_id: str, request_id: str) -> None:
-        self._pending[key_id] = (operation, when, event_id, request_id)
+        with self._lock:
+            self._pending[key_id] = (operation, when, event_id, request_id)
 
     def flush(self) -> None:
+        """Store the pending uses. Called from another thread than `record`: entries stay pending
+        (and visible to `last`) until written, and one recorded meanwhile is not lost."""
         with self._lock:
-            pending, self._pending = self._pending, {}
-        if pending:
-            with self._store.begin() as tx:
-                tx.audit.put_last_usage([{"key_id": k, "operation": op, "used_at": when, "event_id": ev,
-                                          "request_id": req} for k, (op, when, ev, req) in pending.items()])
+            pending = dict(self._pending)
+        if not pending:
+            return
+        with self._store.begin() as tx:
+            tx.audit.put_last_usage([{"key_id": k, "operation": op, "used_at": when, "event_id": ev,
+                                      "request_id": req} for k, (op, when, ev, req) in pending.items()])
+        with self._lock:
+            for key_id, use in pending.items():
+                if self._pending.get(key_id) is use:
+                    del self._pending[key_id]
 
     def last(self, key_id: str) -> dict[str, Any] | None:
         hit = self._pending.get(key_id)

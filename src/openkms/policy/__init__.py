@@ -16,6 +16,7 @@ backtracking). Imports only :mod:`openkms.errors` from the rest of openkms.
 
 from __future__ import annotations
 
+from ..errors import MalformedPolicyDocumentException
 from .conditions import Condition, SetOperator
 from .document import (
     MAX_POLICY_BYTES,
@@ -29,7 +30,6 @@ from .document import (
     parse_policy,
 )
 from .evaluate import Basis, Decision, default_key_policy, evaluate, would_lock_out
-from ..errors import MalformedPolicyDocumentException
 from .grants import GRANT_OPERATIONS, Grant, grant_allows, is_narrower_grant
 from .request import ContextValue, RequestContext, root_arn
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
+from typing import Any
 
 from ..errors import MalformedPolicyDocumentException
 from .wildcard import Glob, GlobSet
@@ -179,40 +180,32 @@ def _string_like(values: tuple[str, ...], op: str, key: str) -> Test:
     return GlobSet(values).matches_folded
 
 
-def _numeric(compare: Callable[[Decimal, Decimal], bool]) -> Callable[[tuple[str, ...], str, str], Test]:
-    def compile_numeric(values: tuple[str, ...], op: str, key: str) -> Test:
-        bounds = []
-        for value in values:
-            number = parse_number(value)
-            if number is None:
-                raise _malformed(op, key, f"{value!r} is not a number")
-            bounds.append(number)
+def _ordered(parse: Callable[[str], Any], what: str
+             ) -> Callable[[Callable[[Any, Any], bool]], Callable[[tuple[str, ...], str, str], Test]]:
+    """Operators that compare parsed values (Numeric*, Date*): policy values are parsed once at
+    compile time; a request value that does not parse never matches."""
+    def operator(compare: Callable[[Any, Any], bool]) -> Callable[[tuple[str, ...], str, str], Test]:
+        def compile_ordered(values: tuple[str, ...], op: str, key: str) -> Test:
+            bounds = []
+            for value in values:
+                parsed = parse(value)
+                if parsed is None:
+                    raise _malformed(op, key, f"{value!r} is not {what}")
+                bounds.append(parsed)
 
-        def test(v: str) -> bool:
-            number = parse_number(v)
-            return number is not None and any(compare(number, b) for b in bounds)
+            def test(v: str) -> bool:
+                parsed = parse(v)
+                return parsed is not None and any(compare(parsed, b) for b in bounds)
 
-        return test
+            return test
 
-    return compile_numeric
+        return compile_ordered
+
+    return operator
 
 
-def _date(compare: Callable[[float, float], bool]) -> Callable[[tuple[str, ...], str, str], Test]:
-    def compile_date(values: tuple[str, ...], op: str, key: str) -> Test:
-        bounds = []
-        for value in values:
-            moment = parse_date(value)
-            if moment is None:
-                raise _malformed(op, key, f"{value!r} is not an ISO 8601 date or epoch time")
-            bounds.append(moment)
-
-        def test(v: str) -> bool:
-            moment = parse_date(v)
-            return moment is not None and any(compare(moment, b) for b in bounds)
-
-        return test
-
-    return compile_date
+_numeric = _ordered(parse_number, "a number")
+_date = _ordered(parse_date, "an ISO 8601 date or epoch time")
 
 
 def _bool(values: tuple[str, ...], op: str, key: str) -> Test:

@@ -34,9 +34,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from ..errors import LimitExceededException
+from ..errors import LimitExceededException, MalformedPolicyDocumentException
 from .conditions import Condition, compile_condition_block
-from ..errors import MalformedPolicyDocumentException
 from .wildcard import GlobSet
 
 MAX_POLICY_BYTES = 32 * 1024
