@@ -464,11 +464,23 @@ def test_query_pages_with_limit_and_next_token(workload: Workload) -> None:
     assert too_big.returncode != 0 and "ValidationException" in too_big.stderr
 
 
+def test_tail_starts_at_recent_records(workload: Workload) -> None:
+    """Without --since, tail prints the last --window seconds, not the whole log."""
+    kms = workload.server.client()
+    old = request_id(kms.describe_key(KeyId=workload.key_id))
+    time.sleep(5.0)
+    new = request_id(kms.describe_key(KeyId=workload.key_id))
+    tail = audit_cli(workload.server, "tail", "--window", "2.5", "--key-id", workload.key_id)
+    assert tail.returncode == 0, tail.stderr
+    printed = ids([json.loads(line) for line in tail.stdout.splitlines()])
+    assert new in printed and old not in printed, printed
+
+
 def test_tail_follows_new_records(workload: Workload) -> None:
     server = workload.server
     kms = server.client()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "openkms.cli.main", "audit", "tail", "-f", "--interval", "0.2",
+        [sys.executable, "-m", "openkms.cli.main", "audit", "tail", "-f", "--interval", "0.2", "--since", "0",
          "--key-id", workload.key_id, "--event-name", "Encrypt", *client_args(server)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     lines: queue.Queue[str] = queue.Queue()

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -192,6 +194,61 @@ def test_calls_fail_while_the_audit_store_is_unwritable(tmp_path: Path, store_ur
     assert_verifies(data, store_url)
 
 
+# -- the writer process dies --------------------------------------------------------------------------
+
+
+def writer_pids(server: ServerProcess) -> list[int]:
+    """The audit writer processes under the server (there is one per server process)."""
+    assert server.proc is not None
+    out = subprocess.run(["pgrep", "-f", "-g", str(server.proc.pid), "openkms.audit.writer"],
+                         capture_output=True, text=True, check=False).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def test_calls_fail_closed_when_the_writer_dies_and_recover(tmp_path: Path, store_url: str | None) -> None:
+    """SIGKILL the audit writer while calls run: no call is answered 200 without its record, the
+    server starts a new writer, the chain goes on from the durable head and verifies."""
+    data = tmp_path / "data"
+    server = ServerProcess(data, storage_url=store_url, env=bootstrap_env())
+    server.start()
+    answered: list[str] = []
+    refusals: list[str] = []
+    try:
+        kms = server.client()
+        key = kms.create_key()["KeyMetadata"]["KeyId"]
+        (first,) = writer_pids(server)
+        stop = threading.Event()
+
+        def load() -> None:
+            client = server.client()
+            while not stop.is_set():
+                try:
+                    answered.append(request_id(client.encrypt(KeyId=key, Plaintext=b"x")))
+                except ClientError as exc:
+                    assert exc.response["Error"]["Code"] == "KMSInternalException", exc.response
+                    refusals.append(request_id(exc))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        os.kill(first, signal.SIGKILL)
+        time.sleep(2.5)  # a new writer is started about a second after the old one is found dead
+        stop.set()
+        for thread in threads:
+            thread.join()
+        after = request_id(kms.encrypt(KeyId=key, Plaintext=b"after"))
+        (second,) = writer_pids(server)
+        assert second != first, "the server must have started a new writer"
+        events = by_request_id(all_events(admin_client(server)))
+    finally:
+        server.stop()
+    assert answered, "no call succeeded"
+    missing = [rid for rid in answered + [after] if rid not in events]
+    assert not missing, f"{len(missing)} call(s) answered 200 have no audit record"
+    assert_verifies(data, store_url)
+
+
 # -- retention ----------------------------------------------------------------------------------------
 
 
@@ -261,3 +318,55 @@ def test_retention_archives_and_verification_spans_archive_and_store(tmp_path: P
     proc = verify_log(data, store_url)
     assert proc.returncode != 0, proc.stdout
     assert f"record {victim['seq']} removed" in proc.stdout, proc.stdout
+
+
+def test_archiving_after_a_crash_between_file_and_delete(tmp_path: Path, store_url: str | None) -> None:
+    """A crash after an archive file is in place but before its rows left the store leaves them in
+    both. The next archive run, which also takes records written meanwhile, must not archive them a
+    second time (verify would find them twice)."""
+    from openkms.audit.log import index_columns
+
+    env = bootstrap_env() | {"OPENKMS_AUDIT_RETENTION_DAYS": "0.00001",  # 0.864 s
+                             "OPENKMS_SCHEDULER_INTERVAL": "0.5", "OPENKMS_AUDIT_DIGEST_INTERVAL": "0.5"}
+    data = tmp_path / "data"
+    server = ServerProcess(data, storage_url=store_url, env=env)
+    server.start()
+    try:
+        kms = server.client()
+        key = kms.create_key()["KeyMetadata"]["KeyId"]
+        calls = [request_id(kms.encrypt(KeyId=key, Plaintext=b"x")) for _ in range(5)]
+        wait_until(lambda: set(calls[:-1]) <= archived_request_ids(data), what="the records to be archived")
+    finally:
+        server.stop()
+    (archived,) = archive_lines(data).values()
+    # Records written after that archive run: a server whose scheduler will not run again soon.
+    server = ServerProcess(data, storage_url=store_url, env=env | {"OPENKMS_SCHEDULER_INTERVAL": "300"},
+                           port=server.port)
+    server.start()
+    try:
+        kms = server.client()
+        for _ in range(3):
+            kms.encrypt(KeyId=key, Plaintext=b"y")
+    finally:
+        server.stop()
+    node = (data / "node-id").read_text().strip()
+    restored = []
+    for item in archived:
+        if item["type"] == "record":
+            event = json.loads(item["record"])["event"]
+            values = (node, item["seq"], time.time() - 3600, *index_columns(event), item["record"], item["hash"])
+            restored.append("INSERT INTO audit_events (node_id, seq, event_time, event_id, event_name, "
+                            "caller_account, owner_account, principal_arn, key_id, error_code, record, hash) "
+                            "VALUES (" + ", ".join("NULL" if v is None else repr(v) if not isinstance(v, str)
+                                                   else "'" + v.replace("'", "''") + "'" for v in values) + ")")
+    run_sql(data, store_url, *restored)  # as if the delete after writing that file had not happened
+    time.sleep(1.0)  # the records written since are past the retention too
+    server = ServerProcess(data, storage_url=store_url, env=env, port=server.port)
+    server.start()  # its scheduler archives at once
+    try:
+        wait_until(lambda: len(archive_lines(data)) >= 2, what="a second archive file")
+    finally:
+        server.stop()
+    seqs = [item["seq"] for items in archive_lines(data).values() for item in items if item["type"] == "record"]
+    assert len(seqs) == len(set(seqs)), f"records archived twice: {sorted(seqs)}"
+    assert_verifies(data, store_url)

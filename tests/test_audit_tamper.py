@@ -323,15 +323,49 @@ def test_tampered_digest_body_is_reported(log: LogStore, pristine: Pristine) -> 
     assert_detected(log, r"digest 3: signature does not verify")
 
 
+def exported_digest_file(log: LogStore) -> Path:
+    return log.data_dir / "audit-digests" / f"{log.node}.jsonl"
+
+
+def test_digests_are_exported_outside_the_store(log: LogStore, pristine: Pristine) -> None:
+    lines = [json.loads(line) for line in exported_digest_file(log).read_text().splitlines()]
+    assert [(d["digest_seq"], json.loads(d["body"])["record_seq"]) for d in lines] == pristine.digests
+    stored = log.rows("SELECT digest_seq, body FROM audit_digests ORDER BY digest_seq")
+    assert [(d["digest_seq"], d["body"]) for d in lines] == [(int(s), b) for s, b in stored]
+
+
 def test_removed_digest_is_reported(log: LogStore) -> None:
     log.execute("DELETE FROM audit_digests WHERE digest_seq = 2")
+    assert_detected(log, r"digest 2 missing from the store \(checked against its exported copy\)")
+    exported_digest_file(log).unlink()  # an attacker who can also delete the node's files
     assert_detected(log, r"digest 3: does not follow the digest before it \(a digest was removed\)")
+
+
+def test_emptied_store_is_caught_by_the_exported_digests(log: LogStore, pristine: Pristine) -> None:
+    """Deleting every record and every digest leaves nothing in the store to contradict; the
+    digests the node exported to its data directory still say how far the log went."""
+    log.execute("DELETE FROM audit_events", "DELETE FROM audit_digests")
+    last_digest, last_seq = pristine.digests[-1]
+    assert_detected(log, rf"digest {last_digest} missing from the store",
+                    rf"log truncated: digest {last_digest} covers records up to {last_seq}, "
+                    rf"but the chain ends at record 0")
+
+
+def test_exported_digest_that_differs_from_the_store_is_reported(log: LogStore) -> None:
+    path = exported_digest_file(log)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    body = json.loads(lines[0]["body"])
+    body["record_seq"] += 1
+    lines[0]["body"] = canonical(body)
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    assert_detected(log, r"digest 1 in the store differs from its exported copy")
 
 
 def test_swapped_public_key_in_the_store_is_caught_with_the_published_key(log: LogStore, pristine: Pristine,
                                                                             tmp_path: Path) -> None:
     """An attacker who re-signs digests with a key of their own and puts its public half in the store
-    fools a verify that trusts the store, not one given the published key."""
+    is caught by the digests the node exported; one who also deletes those fools a verify that
+    trusts the store, not one given the published key."""
     from openkms.audit.log import PUBLIC_KEY_META
 
     forger = ed25519.Ed25519PrivateKey.generate()
@@ -347,6 +381,9 @@ def test_swapped_public_key_in_the_store_is_caught_with_the_published_key(log: L
                                (forger.sign(body.encode()), digest_seq)))
     statements.append(("UPDATE openkms_meta SET value = ? WHERE name = ?", (der, PUBLIC_KEY_META)))
     log.execute(*statements)
+    assert_detected(log, r"digest 1 in the store differs from its exported copy",
+                    r"digest 2: signature does not verify")  # the exported copy, under the forged key
+    exported_digest_file(log).unlink()
     code, output = log.verify()
     assert code == 0, output  # the store now vouches for itself: this is why --public-key exists
     pem = tmp_path / "published.pem"

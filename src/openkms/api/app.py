@@ -9,6 +9,7 @@ failure becomes a JSON error body with an AWS error code; an unexpected exceptio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
@@ -62,14 +63,20 @@ def _error_body(exc: KMSError) -> bytes:
     return orjson.dumps({"__type": exc.code, "message": exc.message})
 
 
+def _refusal(response: Response) -> Response:
+    exc = KMSInternalException("The call could not be recorded in the audit log, so it is refused.")
+    return exc.status, response[1], _error_body(exc)
+
+
 class App:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.settings = node.settings
         self.usage = UsageTracker(node.store)
         node.kms.usage = self.usage
-        self.audit = AuditLog(node.store, node.root, node_id(node.settings.data_dir),
-                              node.settings.audit_digest_interval, self.usage)
+        chain = node_id(node.settings.data_dir)
+        self.audit = AuditLog(node.store, node.root, chain, node.settings.audit_digest_interval, self.usage,
+                              node.settings.data_dir / "audit-digests" / f"{chain}.jsonl")
         self.admin = AdminAPI(node.accounts, node.store, self.audit, node.kms.access.forget_identity)
         self.audit_enabled = node.settings.audit.lower() != "off"
         if not self.audit_enabled:
@@ -250,12 +257,16 @@ class App:
         else:
             body = await _read_limited_rsgi(proto)
         client = scope.client.rsplit(":", 1)[0] if scope.client else ""
-        status, out_headers, data = await self._handle_async(scope.method, scope.path, scope.query_string,
-                                                             headers, body, client)
-        proto.response_bytes(status, out_headers, data)
+        answer = await self._handle_async(scope.method, scope.path, scope.query_string, headers, body, client,
+                                          proto.response_bytes)
+        if answer is not None:
+            proto.response_bytes(*answer)
 
     async def _handle_async(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-                            client: str) -> Response:
+                            client: str, send: Callable[[int, list[tuple[str, str]], bytes], None] | None = None
+                            ) -> Response | None:
+        """The response to send; or None when it has been sent already through `send`, which an
+        audited call uses to answer the moment its record is durable."""
         if headers.get("x-amz-target") in SLOW_TARGETS:
             response, event = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, method, path, query, headers, body, client)
@@ -263,14 +274,24 @@ class App:
             response, event = self.handle(method, path, query, headers, body, client)
         if event is None:
             return response
-        if self.audit_enabled:
-            try:
-                await self.audit.submit(event)  # answered only once the record is durable
-            except Exception:
-                exc = KMSInternalException("The call could not be recorded in the audit log, so it is refused.")
-                return exc.status, response[1], _error_body(exc)
-        self._note_usage(event)
-        return response
+        if not self.audit_enabled:
+            self._note_usage(event)
+            return response
+        outcome: list[Response] = []
+
+        def durable(ok: bool) -> None:
+            answer = response if ok else _refusal(response)
+            if ok:
+                self._note_usage(event)
+            if send is not None:
+                send(*answer)
+            outcome.append(answer)
+
+        with contextlib.suppress(Exception):  # a failure has called `durable(False)`
+            await self.audit.submit(event, durable)  # answered only once the record is durable
+        if not outcome:  # the audit log failed without calling back
+            return _refusal(response)
+        return None if send is not None else outcome[0]
 
     def _note_usage(self, event: Event) -> None:
         """GetKeyLastUsage: the last successful cryptographic call on each key. Noted only once the
@@ -313,9 +334,11 @@ class App:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         client = scope.get("client") or ("", 0)
-        status, out_headers, data = await self._handle_async(
+        answer = await self._handle_async(
             scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"), headers, body,
             client[0])
+        assert answer is not None  # no `send`: the response comes back
+        status, out_headers, data = answer
         await send({"type": "http.response.start", "status": status,
                     "headers": [(k.encode(), v.encode()) for k, v in out_headers]})
         await send({"type": "http.response.body", "body": data})

@@ -11,25 +11,34 @@ audit signing key (Ed25519, sealed under the root key like all key material):
     {"created": ..., "digest_seq": d, "node": ..., "prev_digest": <sha256 of digest d-1's body>,
      "record_hash": <hash of the newest record>, "record_seq": <its seq>}
 
-Durability (pipelined group commit): API calls hand their record to `submit` and answer only
-when the returned future resolves. The loop turns the records waiting at that moment into one
-batch of chained rows (canonical text and hash) and hands the batch to a single writer thread,
-which commits it in one transaction (SQLite: WAL with synchronous=FULL; PostgreSQL: a commit)
-while the loop goes on serving; records that arrive meanwhile form the next batch. The loop hears
-once per batch that it is durable. Only the driver's insert and commit run on the thread (they
-release the GIL while the disk works), so the two do not fight over the GIL. If a batch cannot be
-written, every call in it fails and the chain resumes from the last durable record: nothing is
-answered unaudited.
+Durability (group commit in a writer process): an API call hands its record to `submit` and is
+answered only once the record is durable. `submit` chains the record onto the tentative head
+(canonical text and hash) on the event loop; the records of one loop iteration go to the writer
+process (`writer.py`) as one frame over a pipe. The writer takes every frame waiting, commits
+them in one transaction (SQLite: WAL with synchronous=FULL; PostgreSQL: a commit) while the loop
+goes on serving, and answers each batch; the answer resolves the calls' futures and, for RSGI,
+sends their responses at once. If a batch cannot be written, every call in it (and in the batches
+chained onto it) fails, and the chain resumes from the durable head the writer reports: nothing
+is answered unaudited. If the writer dies, every waiting call fails and a new writer is started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import fcntl
 import hashlib
 import logging
+import os
+import select
+import subprocess
+import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -38,6 +47,7 @@ from ..crypto import signing
 from ..crypto.root import RootKey
 from ..errors import InvalidCiphertextException, KMSInternalException
 from ..storage import Store
+from . import writer
 from .usage import UsageTracker
 
 log = logging.getLogger("openkms.audit")
@@ -46,6 +56,10 @@ GENESIS = "0" * 64
 SIGNING_KEY_META = "audit_signing_key"
 PUBLIC_KEY_META = "audit_public_key"
 SIGNING_KEY_AAD = b"openkms:audit-signing-key"
+Waiter = tuple["asyncio.Future[None]", "Callable[[bool], None] | None"]
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+WRITER_START_TIMEOUT = 60.0
+WRITER_STOP_TIMEOUT = 30.0
 
 
 def canonical(obj: Any) -> str:
@@ -87,56 +101,186 @@ def load_signing_key(store: Store, root: RootKey) -> tuple[bytes, bytes]:
 
 class AuditLog:
     def __init__(self, store: Store, root: RootKey, node_id: str, digest_interval: float = 60.0,
-                 usage: UsageTracker | None = None) -> None:
+                 usage: UsageTracker | None = None, digest_file: Path | None = None) -> None:
         self._store = store
+        # Every digest is also appended here, outside the store: someone who can rewrite the
+        # database cannot take back what the digests already signed.
+        self._digest_file = digest_file
         self.node_id = node_id
         self._signing_key, self.public_key = load_signing_key(store, root)
         self._digest_interval = digest_interval
         self.usage = usage
         with store.begin() as tx:
-            head = tx.audit.head(node_id)
             digest = tx.audit.digest_head(node_id)
-        # Chain state as the loop builds it (tentative: rows handed to the writer), and as durably
-        # written (confirmed: set by the writer thread; digests sign only this).
-        self._seq, self._hash = head if head is not None else (0, GENESIS)
-        self._confirmed = (self._seq, self._hash)
         self._digest_seq = int(digest.digest_seq) if digest is not None else 0
         self._digest_hash = record_hash(digest.body) if digest is not None else GENESIS
         self._digested_seq = int(digest.record_seq) if digest is not None else 0
         self._last_digest = time.monotonic()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openkms-audit")
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None] | None]] = []
-        self._writing = False
+        # Chain state as the loop builds it (tentative: rows handed to the writer), and as the
+        # writer has confirmed it durable (digests sign only this). Both come from the writer's
+        # first answer, the store's head.
+        self._seq, self._hash = 0, GENESIS
+        self._confirmed = (0, GENESIS)
+        self._head_known = False
+        self._outbox: list[tuple[Any, ...]] = []
+        self._outbox_futures: list[Waiter] = []
+        self._flush_scheduled = False
+        self._inflight: dict[int, tuple[list[Waiter], int, str]] = {}
+        self._batch = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reading: asyncio.AbstractEventLoop | None = None
+        self._respawn_after = 0.0
+        self._closed = False
+        # Digests and key-usage flushes: rare, on a thread of their own.
+        self._chores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openkms-audit")
+        self._spawn()
 
-    # -- appending ---------------------------------------------------------------------------
-    def submit(self, event: dict[str, Any]) -> asyncio.Future[None]:
-        """From the event loop: a future that resolves once the record is durable."""
+    # -- the writer process -------------------------------------------------------------------
+    def _spawn(self) -> None:
+        """Start the writer; `_await_ready` takes the chain's durable head from its first answer
+        (the writer opens the store meanwhile, while the server goes on starting)."""
+        child_in, self._wfd = os.pipe()
+        self._rfd, child_out = os.pipe()
+        with contextlib.suppress(OSError):  # room for ~800 records in flight; the default will do too
+            fcntl.fcntl(self._wfd, F_SETPIPE_SZ, 1 << 20)
+        url = self._store.engine.url.render_as_string(hide_password=False)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "openkms.audit.writer", self.node_id], stdin=child_in, stdout=child_out,
+                env=os.environ | {writer.URL_VARIABLE: url}, close_fds=True)
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        self._reader = writer.FrameReader()
+        self._ready = False
+
+    def _await_ready(self) -> None:
+        if self._ready:
+            return
+        deadline = time.monotonic() + WRITER_START_TIMEOUT
+        frames: list[Any] = []
+        while not frames:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._rfd], [], [], remaining)[0]:
+                self._stop_writer()
+                raise KMSInternalException("The audit writer did not start.")
+            data = os.read(self._rfd, 65536)
+            if not data:
+                self._stop_writer()
+                raise KMSInternalException("The audit writer could not open the store.")
+            frames = self._reader.feed(data)
+        os.set_blocking(self._rfd, False)
+        for frame in frames:
+            self._on_frame(frame)
+        self._ready = self._head_known = True
+
+    def _stop_writer(self) -> None:
+        self._ready = False
+        if self._reading is not None:
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                self._reading.remove_reader(self._rfd)
+            self._reading = None
+        for fd in (self._wfd, self._rfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=WRITER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def _writer_lost(self) -> None:
+        """The writer died or its pipe broke: fail every call waiting on it, start afresh later."""
+        log.error("the audit writer stopped; calls fail until it is restarted")
+        self._stop_writer()
+        failed = [f for futures, _, _ in self._inflight.values() for f in futures] + self._outbox_futures
+        self._inflight.clear()
+        self._outbox, self._outbox_futures = [], []
+        _settle(failed, True)
+        self._respawn_after = time.monotonic() + 1.0
+
+    def _on_frame(self, frame: list[Any], settle: bool = True) -> None:
+        if frame[0] == "ack":
+            entry = self._inflight.pop(frame[1], None)
+            if entry is None:
+                return
+            futures, seq, head_hash = entry
+            if frame[2]:
+                self._confirmed = (seq, head_hash)
+            if settle:
+                _settle(futures, not frame[2])
+        elif frame[0] == "head":  # at start, and after a failed batch: chain on from the durable head
+            self._confirmed = (frame[1], frame[2])
+            self._seq, self._hash = self._confirmed
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._rfd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._writer_lost()
+            return
+        for frame in self._reader.feed(data):
+            self._on_frame(frame)
+
+    # -- appending (on the event loop) ------------------------------------------------------------
+    def submit(self, event: dict[str, Any], on_done: Callable[[bool], None] | None = None) -> asyncio.Future[None]:
+        """A future that resolves once the record is durable (fails if it cannot be written).
+        `on_done(durable)`, if given, runs the moment that is known, before the future's waiters
+        wake (they wake one loop iteration later): a server answers from it without that delay."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._pending.append((event, future))
-        if not self._writing:
-            self._start_batch(loop)
+        if not self._ready and not self._start_writer():
+            _settle([(future, on_done)], True)
+            return future
+        if self._reading is not loop:
+            loop.add_reader(self._rfd, self._on_readable)
+            self._reading = loop
+        self._seq += 1
+        text = canonical({"event": event, "node": self.node_id, "prev": self._hash, "seq": self._seq})
+        self._hash = record_hash(text)
+        self._outbox.append((self.node_id, self._seq, time.time(), *index_columns(event), text, self._hash))
+        self._outbox_futures.append((future, on_done))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)  # after the requests ready now: one frame for all of them
         return future
 
-    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch, self._pending = self._pending, []
-        rows = self._rows(batch)
-        self._writing = True
-        written = self._writer.submit(self._write, rows, (self._seq, self._hash))
-        written.add_done_callback(lambda done: loop.call_soon_threadsafe(self._batch_written, loop, batch, done))
+    def _start_writer(self) -> bool:
+        """Have a writer ready: wait for the one starting, or start a new one after a failure."""
+        if self._closed or (self._proc is None and time.monotonic() < self._respawn_after):
+            return False
+        try:
+            if self._proc is None:
+                self._spawn()
+            self._await_ready()
+        except Exception:  # the call fails closed; try again in a second
+            log.exception("cannot start the audit writer")
+            self._respawn_after = time.monotonic() + 1.0
+            return False
+        return True
 
-    def _batch_written(self, loop: asyncio.AbstractEventLoop, batch: list[Any], done: Future[Any]) -> None:
-        self._writing = False
-        error = done.exception() or done.result()
-        if error is not None:
-            self._seq, self._hash = self._confirmed  # the chain resumes after the last durable record
-        _settle([f for _, f in batch if f is not None], error)
-        if self._pending:  # what arrived meanwhile is the next batch
-            self._start_batch(loop)
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        rows, futures = self._outbox, self._outbox_futures
+        if not rows:
+            return
+        self._outbox, self._outbox_futures = [], []
+        self._batch += 1
+        self._inflight[self._batch] = (futures, rows[-1][1], rows[-1][-1])
+        try:
+            _write_all(self._wfd, writer.encode(["rows", self._batch, rows]))
+        except OSError:
+            self._writer_lost()
 
     def tick(self) -> None:
         """Periodic work (about once a second): store key usage, sign a digest when due."""
-        self._writer.submit(self._tick)
+        self._chores.submit(self._tick)
 
     def _tick(self) -> None:
         if self.usage is not None:
@@ -147,32 +291,10 @@ class AuditLog:
         if time.monotonic() - self._last_digest >= self._digest_interval:
             self._write_digest()
 
-    def _rows(self, batch: list[tuple[dict[str, Any], asyncio.Future[None] | None]]) -> list[tuple[Any, ...]]:
-        """Chain a batch onto the tentative head (on the loop)."""
-        seq, prev = self._seq, self._hash
-        rows = []
-        now = time.time()
-        for event, _ in batch:
-            seq += 1
-            text = canonical({"event": event, "node": self.node_id, "prev": prev, "seq": seq})
-            prev = record_hash(text)
-            rows.append((self.node_id, seq, now, *index_columns(event), text, prev))
-        self._seq, self._hash = seq, prev
-        return rows
-
-    # -- the writer thread ----------------------------------------------------------------------
-    def _write(self, rows: list[tuple[Any, ...]], head: tuple[int, str]) -> BaseException | None:
-        try:
-            with self._store.begin() as tx:
-                tx.audit.insert_many(rows)
-        except BaseException as exc:  # noqa: BLE001 - every failure fails the calls, never passes them
-            log.error("audit batch of %d record(s) could not be written: %s", len(rows), type(exc).__name__)
-            return exc
-        self._confirmed = head
-        return None
-
     def _write_digest(self) -> None:
         self._last_digest = time.monotonic()
+        if not self._head_known:  # no writer has told the durable head yet
+            return
         seq, head_hash = self._confirmed
         if seq == self._digested_seq:
             return
@@ -191,27 +313,77 @@ class AuditLog:
         self._digest_seq += 1
         self._digest_hash = record_hash(body)
         self._digested_seq = seq
+        if self._digest_file is not None:
+            try:
+                export_digest(self._digest_file, self._digest_seq, body, signature)
+            except OSError as exc:
+                log.error("could not export audit digest %d to %s: %s", self._digest_seq, self._digest_file,
+                          exc.strerror)
 
     def digest_now(self) -> None:
         """Sign a digest of everything written so far, and return once it is stored."""
-        self._writer.submit(self._write_digest).result()
+        self._chores.submit(self._write_digest).result()
 
     def close(self) -> None:
-        """Write what is pending, store key usage, write a final digest, stop the writer."""
-        pending, self._pending = self._pending, []
-        if pending:
-            self._writer.submit(self._write, self._rows(pending), (self._seq, self._hash))
+        """Hand over what is queued, let the writer finish, store key usage, write a final digest."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._proc is not None and not self._ready:
+            with contextlib.suppress(Exception):  # a writer that never started has nothing to hand over
+                self._await_ready()
+        if self._proc is not None:
+            self._flush()
+        if self._proc is not None:
+            os.close(self._wfd)  # end of input: the writer commits what it has, answers, and exits
+            self._wfd = -1
+            os.set_blocking(self._rfd, True)
+            while select.select([self._rfd], [], [], WRITER_STOP_TIMEOUT)[0]:
+                data = os.read(self._rfd, 65536)
+                if not data:
+                    break
+                for frame in self._reader.feed(data):
+                    self._on_frame(frame, settle=False)  # the loop has stopped; nobody awaits these
+            self._stop_writer()
         if self.usage is not None:
-            self._writer.submit(self.usage.flush)
-        self._writer.submit(self._write_digest)
-        self._writer.shutdown(wait=True)
+            self._chores.submit(self.usage.flush)
+        self._chores.submit(self._write_digest)
+        self._chores.shutdown(wait=True)
 
 
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in futures:
+def digest_line(digest_seq: int, body: str, signature: bytes) -> str:
+    """A digest as a JSON line, as exported and archived."""
+    return orjson.dumps({"type": "digest", "digest_seq": digest_seq, "body": body,
+                         "signature": base64.b64encode(signature).decode()}).decode() + "\n"
+
+
+def export_digest(path: Path, digest_seq: int, body: str, signature: bytes) -> None:
+    """Append a digest to the node's exported digest file and make it durable."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        _write_all(fd, digest_line(digest_seq, body, signature).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _settle(waiters: list[Waiter], failed: bool) -> None:
+    for future, on_done in waiters:
         if future.done():
             continue
-        if error is None:
-            future.set_result(None)
-        else:
+        if on_done is not None:
+            try:
+                on_done(not failed)
+            except Exception:
+                log.exception("audit completion callback failed")
+        if failed:
             future.set_exception(KMSInternalException("The call could not be recorded in the audit log."))
+        else:
+            future.set_result(None)

@@ -8,6 +8,7 @@ wrapped key material, import tokens) and every member the model marks sensitive.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -26,9 +27,21 @@ def event_time_text(now: float) -> str:
     return str(_second[1])
 
 
+_random: list[Any] = [b"", 0]
+_random_lock = threading.Lock()
+_RANDOM_CHUNK = 16 * 512
+
+
 def new_id() -> str:
-    """A random (version 4) UUID string, without the cost of the uuid module."""
-    raw = bytearray(os.urandom(16))
+    """A random (version 4) UUID string, without the cost of the uuid module. The random bytes are
+    read from the OS 512 ids at a time: os.urandom releases the GIL, and each release on the event
+    loop's thread hands the GIL to the audit writer and waits to get it back."""
+    with _random_lock:  # handlers also run on worker threads: no two may take the same bytes
+        buf, pos = _random
+        if pos >= len(buf):
+            buf, pos = os.urandom(_RANDOM_CHUNK), 0
+        _random[0], _random[1] = buf, pos + 16
+    raw = bytearray(buf[pos:pos + 16])
     raw[6] = (raw[6] & 0x0F) | 0x40
     raw[8] = (raw[8] & 0x3F) | 0x80
     h = raw.hex()

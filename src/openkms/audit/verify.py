@@ -29,7 +29,7 @@ from typing import Any
 
 from ..crypto import signing
 from ..storage import Store
-from .log import GENESIS, PUBLIC_KEY_META, index_columns
+from .log import GENESIS, PUBLIC_KEY_META, digest_line, index_columns
 
 
 @dataclass
@@ -162,7 +162,20 @@ def verify_chain(node_id: str, rows: Iterable[Row], digests: Iterable[Digest], p
             report.problems.append(f"{name}: records up to {seq} do not match the signed digest (rewritten)")
 
 
-def verify_store(store: Store, public_key: bytes | None = None, archive_dir: Path | None = None) -> Report:
+def exported_digests(digest_dir: Path | None) -> dict[str, dict[int, Digest]]:
+    """node id -> digest_seq -> digest, from the digest files the nodes export (<node>.jsonl)."""
+    found: dict[str, dict[int, Digest]] = {}
+    if digest_dir is None or not digest_dir.is_dir():
+        return found
+    for path in sorted(digest_dir.glob("*.jsonl")):
+        for item in read_archive(path):
+            if isinstance(item, Digest):
+                found.setdefault(path.stem, {})[item.digest_seq] = item
+    return found
+
+
+def verify_store(store: Store, public_key: bytes | None = None, archive_dir: Path | None = None,
+                 digest_dir: Path | None = None) -> Report:
     report = Report()
     with store.begin() as tx:
         if public_key is None:
@@ -173,7 +186,8 @@ def verify_store(store: Store, public_key: bytes | None = None, archive_dir: Pat
         return report
     archived_nodes = {p.name.rsplit("-", 2)[0] for p in archive_dir.glob("*.jsonl")} if archive_dir and \
         archive_dir.is_dir() else set()
-    for node_id in sorted(set(nodes) | archived_nodes):
+    exported = exported_digests(digest_dir)
+    for node_id in sorted(set(nodes) | archived_nodes | set(exported)):
         report.chains += 1
         rows: list[Row] = []
         digests: dict[int, Digest] = {}
@@ -194,13 +208,31 @@ def verify_store(store: Store, public_key: bytes | None = None, archive_dir: Pat
                 after = int(batch[-1].seq)
             for d in tx.audit.digests(node_id):
                 digests[int(d.digest_seq)] = Digest(int(d.digest_seq), d.body, bytes(d.signature))
+        for digest_seq, copy in sorted(exported.get(node_id, {}).items()):
+            held = digests.get(digest_seq)
+            if held is None:
+                report.problems.append(f"node {node_id}: digest {digest_seq} missing from the store "
+                                       f"(checked against its exported copy)")
+                digests[digest_seq] = copy
+            elif (held.body, held.signature) != (copy.body, copy.signature):
+                report.problems.append(f"node {node_id}: digest {digest_seq} in the store differs from "
+                                       f"its exported copy")
         verify_chain(node_id, rows, [digests[k] for k in sorted(digests)], public_key, report)
     return report
 
 
 def archive(store: Store, node_id: str, cutoff: float, archive_dir: Path) -> int:
     """Move this node's records older than `cutoff` (epoch seconds) to a JSON Lines file, with the
-    digests that cover them, then delete them from the store. Returns how many were moved."""
+    digests that cover them, then delete them from the store. Returns how many were moved.
+
+    The file is fsynced and renamed into place before the rows are deleted. A crash in between
+    leaves the rows in both places; the next run deletes them from the store first instead of
+    archiving them a second time."""
+    existing = archive_files(archive_dir, node_id)
+    archived = max(int(p.stem.rsplit("-", 1)[1]) for p in existing) if existing else 0
+    if archived:
+        with store.begin() as tx:
+            tx.audit.archive_up_to(node_id, archived)
     with store.begin() as tx:
         up_to = tx.audit.oldest_before(node_id, cutoff)
         head = tx.audit.head(node_id)
@@ -223,8 +255,7 @@ def archive(store: Store, node_id: str, cutoff: float, archive_dir: Path) -> int
         for r in rows:
             f.write(json.dumps({"type": "record", "seq": r.seq, "record": r.record, "hash": r.hash}) + "\n")
         for d in digests:
-            f.write(json.dumps({"type": "digest", "digest_seq": d.digest_seq, "body": d.body,
-                                "signature": base64.b64encode(bytes(d.signature)).decode()}) + "\n")
+            f.write(digest_line(d.digest_seq, d.body, bytes(d.signature)))
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)

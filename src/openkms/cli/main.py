@@ -189,6 +189,8 @@ def _audit(args: argparse.Namespace) -> int:
     from ..client.admin import AdminError
 
     client = _admin_client(args)
+    if args.audit_command == "tail" and args.since is None:
+        args.since = time.time() - args.window  # recent records, not the whole log
     filters = {"StartTime": args.since, "EndTime": args.until, "AccountId": args.account_id,
                "PrincipalArn": args.principal_arn, "KeyId": args.key_id, "EventName": args.event_name,
                "ErrorCode": args.error_code} if args.audit_command != "public-key" else {}
@@ -246,7 +248,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
     try:
         public_key = Path(args.public_key).read_bytes() if args.public_key else None
         archive_dir = Path(args.archive_dir) if args.archive_dir else settings.data_dir / "audit-archive"
-        report = verify_store(store, public_key, archive_dir)
+        digest_dir = Path(args.digest_dir) if args.digest_dir else settings.data_dir / "audit-digests"
+        report = verify_store(store, public_key, archive_dir, digest_dir)
     finally:
         store.close()
     print(summary(report))
@@ -312,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--out", required=True, help="JSON Lines file to write")
         if name == "tail":
             cmd.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+            cmd.add_argument("--window", type=float, default=60.0,
+                             help="without --since, start this many seconds back [60]")
             cmd.add_argument("--interval", type=float, default=1.0, help="seconds between polls with -f")
     pub = audit_sub.add_parser("public-key", help="print the audit signing public key (PEM)")
     _add_client_options(pub)
@@ -320,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--storage-url", help="the PostgreSQL store [OPENKMS_STORAGE_URL]")
     verify.add_argument("--archive-dir", help="archived records [<data-dir>/audit-archive]")
     verify.add_argument("--public-key", help="audit public key PEM (default: the one in the store)")
+    verify.add_argument("--digest-dir", help="digests the nodes exported [<data-dir>/audit-digests]")
     audit.set_defaults(func=_audit)
     return parser
 

@@ -84,7 +84,9 @@ class Store:
         self.engine = engine
 
     @classmethod
-    def open(cls, url: str) -> Store:
+    def open(cls, url: str, prepare: bool = True) -> Store:
+        """`prepare`: create missing tables and migrate (False: a process that only appends to a
+        store its server has prepared)."""
         url = normalize_url(url)
         try:
             if url.startswith("sqlite"):
@@ -101,16 +103,20 @@ class Store:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
             else:
                 raise ConfigurationError(f"unsupported storage URL scheme: {url.split(':', 1)[0]}")
-            existing = inspect(engine).has_table(t.keys.name)
-            t.metadata.create_all(engine)
-            with engine.begin() as conn:
-                _migrate(conn, existing)
+            if prepare:
+                existing = inspect(engine).has_table(t.keys.name)
+                t.metadata.create_all(engine)
+                with engine.begin() as conn:
+                    _migrate(conn, existing)
         except SQLAlchemyError as exc:
             raise ConfigurationError(f"cannot open the store: {type(exc).__name__}: {exc.args[0] if exc.args else ''}") from None
         return cls(engine)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def audit_appender(self) -> AuditAppender:
+        return AuditAppender(self.engine)
 
     @contextmanager
     def begin(self) -> Iterator[Tx]:
@@ -433,6 +439,58 @@ class TagRepo:
         self.conn.execute(delete(t.tags).where(and_(t.tags.c.key_id == key_id, t.tags.c.tag_key == tag_key)))
 
 
+class AuditAppender:
+    """The audit writer's own driver connection: each batch of records is one multi-row INSERT and
+    a COMMIT, with no SQLAlchemy in between. The writer thread then spends almost all of its time
+    inside the driver, which releases the GIL, instead of running Python that competes with the
+    event loop for it. Rows are tuples in COLUMNS order."""
+
+    COLUMNS = ("node_id", "seq", "event_time", "event_id", "event_name", "caller_account", "owner_account",
+               "principal_arn", "key_id", "error_code", "record", "hash")
+    ROWS_PER_STATEMENT = 256  # 256 x 12 parameters: well under SQLite's and PostgreSQL's limits
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Any = None
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._group = f"({', '.join([mark] * len(self.COLUMNS))})"
+        self._head = f"INSERT INTO {t.audit_events.name} ({', '.join(self.COLUMNS)}) VALUES "
+        self._sql: dict[int, str] = {}
+
+    def append(self, rows: list[tuple[Any, ...]]) -> None:
+        """Write `rows` in one transaction; raise (having rolled back) if that fails."""
+        if self._conn is None:
+            self._conn = self._engine.raw_connection()
+        dbapi = self._conn.dbapi_connection
+        try:
+            cursor = dbapi.cursor()
+            try:
+                for start in range(0, len(rows), self.ROWS_PER_STATEMENT):
+                    chunk = rows[start:start + self.ROWS_PER_STATEMENT]
+                    sql = self._sql.get(len(chunk))
+                    if sql is None:
+                        sql = self._sql[len(chunk)] = self._head + ", ".join([self._group] * len(chunk))
+                    cursor.execute(sql, [value for row in chunk for value in row])
+            finally:
+                cursor.close()
+            dbapi.commit()
+        except BaseException:
+            self.close(broken=True)
+            raise
+
+    def close(self, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if broken:
+                conn.invalidate()  # rolls back and drops it, in case the connection itself failed
+            else:
+                conn.close()
+        except Exception:  # closing a failed connection may fail again; it is gone either way
+            pass
+
+
 class AuditRepo:
     """Append-only access to the audit chain: insert, read, query. No update, no delete of records
     (other than `archive_up_to`, which the retention task calls after writing them to a file)."""
@@ -445,19 +503,6 @@ class AuditRepo:
                                 .where(t.audit_events.c.node_id == node_id)
                                 .order_by(t.audit_events.c.seq.desc()).limit(1)).first()
         return None if row is None else (int(row.seq), str(row.hash))
-
-    COLUMNS = ("node_id", "seq", "event_time", "event_id", "event_name", "caller_account", "owner_account",
-               "principal_arn", "key_id", "error_code", "record", "hash")
-
-    def insert_many(self, rows: list[tuple[Any, ...]]) -> None:
-        """Rows as tuples in COLUMNS order, through the driver's executemany: the audit writer's hot
-        path, where SQLAlchemy's per-row parameter handling cost more than the insert itself."""
-        if not rows:
-            return
-        mark = "?" if self.conn.dialect.paramstyle == "qmark" else "%s"
-        sql = (f"INSERT INTO {t.audit_events.name} ({', '.join(self.COLUMNS)}) "
-               f"VALUES ({', '.join([mark] * len(self.COLUMNS))})")
-        self.conn.exec_driver_sql(sql, rows)
 
     def digest_head(self, node_id: str) -> Any:
         return self.conn.execute(select(t.audit_digests).where(t.audit_digests.c.node_id == node_id)
