@@ -162,11 +162,11 @@ class AuditLog:
         while not frames:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([self._rfd], [], [], remaining)[0]:
-                self._stop_writer()
+                self._stop_writer(kill=True)
                 raise KMSInternalException("The audit writer did not start.")
             data = os.read(self._rfd, 65536)
             if not data:
-                self._stop_writer()
+                self._stop_writer(kill=True)
                 raise KMSInternalException("The audit writer could not open the store.")
             frames = self._reader.feed(data)
         os.set_blocking(self._rfd, False)
@@ -174,7 +174,9 @@ class AuditLog:
             self._on_frame(frame)
         self._ready = self._head_known = True
 
-    def _stop_writer(self) -> None:
+    def _stop_writer(self, kill: bool = False) -> None:
+        """Close the pipes and reap the writer; `kill` it first when it has failed (the event loop
+        must not wait on a writer that may hang)."""
         self._ready = False
         if self._reading is not None:
             with contextlib.suppress(Exception):  # the loop may be closed already
@@ -184,6 +186,9 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if self._proc is not None:
+            if kill:
+                with contextlib.suppress(OSError):
+                    self._proc.kill()
             try:
                 self._proc.wait(timeout=WRITER_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -194,7 +199,7 @@ class AuditLog:
     def _writer_lost(self) -> None:
         """The writer died or its pipe broke: fail every call waiting on it, start afresh later."""
         log.error("the audit writer stopped; calls fail until it is restarted")
-        self._stop_writer()
+        self._stop_writer(kill=True)
         failed = [f for futures, _, _ in self._inflight.values() for f in futures] + self._outbox_futures
         self._inflight.clear()
         self._outbox, self._outbox_futures = [], []
