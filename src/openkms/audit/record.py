@@ -34,8 +34,8 @@ _RANDOM_CHUNK = 16 * 512
 
 def new_id() -> str:
     """A random (version 4) UUID string, without the cost of the uuid module. The random bytes are
-    read from the OS 512 ids at a time: os.urandom releases the GIL, and each release on the event
-    loop's thread hands the GIL to the audit writer and waits to get it back."""
+    read from the OS 512 ids at a time: each os.urandom is a system call that releases the GIL, and
+    with other threads about, the event loop's thread may then wait to get it back."""
     with _random_lock:  # handlers also run on worker threads: no two may take the same bytes
         buf, pos = _random
         if pos >= len(buf):

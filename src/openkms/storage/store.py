@@ -440,10 +440,9 @@ class TagRepo:
 
 
 class AuditAppender:
-    """The audit writer's own driver connection: each batch of records is one multi-row INSERT and
-    a COMMIT, with no SQLAlchemy in between. The writer thread then spends almost all of its time
-    inside the driver, which releases the GIL, instead of running Python that competes with the
-    event loop for it. Rows are tuples in COLUMNS order."""
+    """The audit writer process's own driver connection: each batch of records is one multi-row
+    INSERT and a COMMIT, with no SQLAlchemy in between (its per-row parameter handling and
+    transaction bookkeeping cost more than the insert). Rows are sequences in COLUMNS order."""
 
     COLUMNS = ("node_id", "seq", "event_time", "event_id", "event_name", "caller_account", "owner_account",
                "principal_arn", "key_id", "error_code", "record", "hash")
