@@ -279,7 +279,7 @@ class AuditLog:
         self._batch += 1
         self._inflight[self._batch] = (futures, rows[-1][1], rows[-1][-1])
         try:
-            _write_all(self._wfd, writer.encode(["rows", self._batch, rows]))
+            writer.write_all(self._wfd, writer.encode(["rows", self._batch, rows]))
         except OSError:
             self._writer_lost()
 
@@ -367,16 +367,12 @@ def export_digest(path: Path, digest_seq: int, body: str, signature: bytes) -> N
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        _write_all(fd, digest_line(digest_seq, body, signature).encode())
+        writer.write_all(fd, digest_line(digest_seq, body, signature).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _settle(waiters: list[Waiter], failed: bool) -> None:

@@ -72,7 +72,8 @@ class FrameReader:
         return frames
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a pipe takes what fits)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -92,7 +93,7 @@ def serve(node_id: str, url: str, fd_in: int = 0, fd_out: int = 1) -> None:
 
     seq, head_hash = durable_head()
     expected = seq + 1
-    _write_all(fd_out, encode(["head", seq, head_hash]))
+    write_all(fd_out, encode(["head", seq, head_hash]))
     reader = FrameReader()
     eof = False
     while not eof:
@@ -133,7 +134,7 @@ def serve(node_id: str, url: str, fd_in: int = 0, fd_out: int = 1) -> None:
             expected = seq + 1
             answer += encode(["head", seq, head_hash])
         if answer:
-            _write_all(fd_out, answer)
+            write_all(fd_out, answer)
     appender.close()
     store.close()
 
