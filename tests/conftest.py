@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -60,6 +62,37 @@ def new_pg_database(pg_admin: object, pg_dsn: str) -> str:
 def drop_pg_database(pg_admin: object, url: str) -> None:
     name = url.rpartition("/")[2]
     pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None for the embedded SQLite store, else a fresh PostgreSQL database URL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    admin = request.getfixturevalue("pg_admin")
+    url = new_pg_database(admin, request.getfixturevalue("pg_dsn"))
+    yield url
+    drop_pg_database(admin, url)
+
+
+Statement = str | tuple[str, tuple[Any, ...]]
+
+
+def run_sql(data_dir: Path, store_url: str | None, *statements: Statement) -> None:
+    """Change the store behind the server's back (tests only): each statement is SQL text, or
+    (SQL with ? placeholders, parameters)."""
+    pairs = [(s, ()) if isinstance(s, str) else s for s in statements]
+    if store_url is None:
+        with sqlite3.connect(data_dir / "openkms.db") as conn:
+            for sql, params in pairs:
+                conn.execute(sql, params)
+    else:
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            for sql, params in pairs:
+                conn.execute(sql.replace("?", "%s") if params else sql, params)  # type: ignore[arg-type]
 
 
 @pytest.fixture

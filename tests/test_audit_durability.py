@@ -19,42 +19,14 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import bootstrap_env, drop_pg_database, new_pg_database
+from tests.conftest import bootstrap_env, run_sql
 from tests.server import ServerProcess
 from tests.test_audit import admin_client, all_events, by_request_id, export_events, request_id, verify_log
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """None for the embedded SQLite store, else a fresh PostgreSQL database URL."""
-    if request.param == "sqlite":
-        yield None
-        return
-    admin = request.getfixturevalue("pg_admin")
-    url = new_pg_database(admin, request.getfixturevalue("pg_dsn"))
-    yield url
-    drop_pg_database(admin, url)
-
-
-def run_sql(data_dir: Path, store_url: str | None, *statements: str) -> None:
-    """Change the store behind the server's back."""
-    if store_url is None:
-        with sqlite3.connect(data_dir / "openkms.db") as conn:
-            for sql in statements:
-                conn.execute(sql)
-    else:
-        import psycopg
-
-        with psycopg.connect(store_url, autocommit=True) as conn:
-            for sql in statements:
-                conn.execute(sql)  # type: ignore[arg-type]
 
 
 def store_seqs(data_dir: Path, store_url: str | None) -> list[int]:
@@ -244,7 +216,7 @@ def test_calls_fail_closed_when_the_writer_dies_and_recover(tmp_path: Path, stor
     finally:
         server.stop()
     assert answered, "no call succeeded"
-    missing = [rid for rid in answered + [after] if rid not in events]
+    missing = [rid for rid in [*answered, after] if rid not in events]
     assert not missing, f"{len(missing)} call(s) answered 200 have no audit record"
     assert_verifies(data, store_url)
 

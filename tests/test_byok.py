@@ -190,13 +190,13 @@ def test_import_errors(server: Any, kms: Any) -> None:
 
 
 def test_expired_import_token(server: Any, kms: Any) -> None:
-    from tests.test_lifecycle import run_sql
+    from tests.conftest import run_sql
 
     key_id = kms.create_key(Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
     params = kms.get_parameters_for_import(KeyId=key_id, WrappingAlgorithm="RSAES_OAEP_SHA_256",
                                            WrappingKeySpec="RSA_2048")
-    run_sql(server.data_dir, server.storage_url, "UPDATE import_tokens SET valid_to = ? WHERE key_id = ?",
-            (time.time() - 1, key_id))
+    run_sql(server.data_dir, server.storage_url, ("UPDATE import_tokens SET valid_to = ? WHERE key_id = ?",
+                                                  (time.time() - 1, key_id)))
     with pytest.raises(ClientError) as e:
         kms.import_key_material(KeyId=key_id, ImportToken=params["ImportToken"],
                                 EncryptedKeyMaterial=wrap_key_material(params["PublicKey"], "RSAES_OAEP_SHA_256",

@@ -7,39 +7,15 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import ACCOUNT_ID, bootstrap_env, drop_pg_database, new_pg_database
+from tests.conftest import ACCOUNT_ID, bootstrap_env, run_sql
 from tests.server import ServerProcess
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """None for the embedded SQLite store, else a fresh PostgreSQL database URL."""
-    if request.param == "sqlite":
-        yield None
-        return
-    admin = request.getfixturevalue("pg_admin")
-    url = new_pg_database(admin, request.getfixturevalue("pg_dsn"))
-    yield url
-    drop_pg_database(admin, url)
-
-
-def run_sql(data_dir: Path, store_url: str | None, sql: str, params: tuple[Any, ...] = ()) -> None:
-    """Change the store behind the server's back (tests only)."""
-    if store_url is None:
-        with sqlite3.connect(data_dir / "openkms.db") as conn:
-            conn.execute(sql, params)
-    else:
-        import psycopg
-
-        with psycopg.connect(store_url, autocommit=True) as conn:
-            conn.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
@@ -224,8 +200,8 @@ def test_scheduled_deletion_really_deletes(tmp_path: Path, store_url: str | None
         time.sleep(1.5)  # several scheduler runs: nothing is due yet
         assert kms.describe_key(KeyId=doomed)["KeyMetadata"]["KeyState"] == "PendingDeletion"
         # Move the window's end into the past, as if seven days had gone by.
-        run_sql(data, store_url, "UPDATE kms_keys SET deletion_date = ? WHERE key_id = ?",
-                (time.time() - 1, doomed))
+        run_sql(data, store_url, ("UPDATE kms_keys SET deletion_date = ? WHERE key_id = ?",
+                                  (time.time() - 1, doomed)))
         assert wait_for(lambda: key_gone(kms, doomed))
         assert kms.describe_key(KeyId=kept)["KeyMetadata"]["KeyState"] == "PendingDeletion"
         assert "alias/doomed" not in [a["AliasName"] for a in kms.list_aliases()["Aliases"]]
@@ -246,7 +222,7 @@ def test_deletion_due_while_stopped_happens_after_restart(tmp_path: Path, store_
     doomed = kms.create_key()["KeyMetadata"]["KeyId"]
     kms.schedule_key_deletion(KeyId=doomed, PendingWindowInDays=7)
     server.stop()
-    run_sql(data, store_url, "UPDATE kms_keys SET deletion_date = ? WHERE key_id = ?", (time.time() - 1, doomed))
+    run_sql(data, store_url, ("UPDATE kms_keys SET deletion_date = ? WHERE key_id = ?", (time.time() - 1, doomed)))
     server = ServerProcess(data, storage_url=store_url, env=env, port=server.port)
     server.start()
     try:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import bootstrap_env
+from tests.conftest import bootstrap_env, run_sql
 from tests.server import ServerProcess
-from tests.test_lifecycle import run_sql, store_url, wait_for  # noqa: F401  (store_url is a fixture)
+from tests.test_lifecycle import wait_for
 
 
 def code(e: pytest.ExceptionInfo[ClientError]) -> str:
@@ -101,7 +101,7 @@ def test_on_demand_rotation_limit(kms: Any, key_id: str) -> None:
     assert code(e) == "LimitExceededException"
 
 
-def test_rotations_survive_restart(tmp_path: Path, store_url: str | None) -> None:  # noqa: F811
+def test_rotations_survive_restart(tmp_path: Path, store_url: str | None) -> None:
     env = bootstrap_env()
     server = ServerProcess(tmp_path / "data", storage_url=store_url, env=env)
     server.start()
@@ -123,7 +123,7 @@ def test_rotations_survive_restart(tmp_path: Path, store_url: str | None) -> Non
         server.stop()
 
 
-def test_scheduler_rotates_due_keys(tmp_path: Path, store_url: str | None) -> None:  # noqa: F811
+def test_scheduler_rotates_due_keys(tmp_path: Path, store_url: str | None) -> None:
     env = bootstrap_env() | {"OPENKMS_SCHEDULER_INTERVAL": "0.3"}
     server = ServerProcess(tmp_path / "data", storage_url=store_url, env=env)
     server.start()
@@ -135,8 +135,8 @@ def test_scheduler_rotates_due_keys(tmp_path: Path, store_url: str | None) -> No
         old = kms.encrypt(KeyId=due, Plaintext=b"before")["CiphertextBlob"]
         kms.disable_key(KeyId=disabled)
         for k in (due, disabled):
-            run_sql(server.data_dir, store_url, "UPDATE kms_keys SET next_rotation = ? WHERE key_id = ?",
-                    (time.time() - 1, k))
+            run_sql(server.data_dir, store_url, ("UPDATE kms_keys SET next_rotation = ? WHERE key_id = ?",
+                                                 (time.time() - 1, k)))
         assert wait_for(lambda: len(kms.list_key_rotations(KeyId=due)["Rotations"]) == 1)
         rotation = kms.list_key_rotations(KeyId=due)["Rotations"][0]
         assert rotation["RotationType"] == "AUTOMATIC" and rotation["KeyMaterialState"] == "CURRENT"
@@ -169,8 +169,8 @@ def test_two_nodes_rotate_each_due_key_exactly_once(tmp_path: Path, pg_url: str)
         for k in keys:
             kms_a.enable_key_rotation(KeyId=k, RotationPeriodInDays=90)
         ct = kms_a.encrypt(KeyId=keys[0], Plaintext=b"node a")["CiphertextBlob"]
-        run_sql(tmp_path, pg_url, "UPDATE kms_keys SET next_rotation = ? WHERE next_rotation IS NOT NULL",
-                (time.time() - 1,))
+        run_sql(tmp_path, pg_url, ("UPDATE kms_keys SET next_rotation = ? WHERE next_rotation IS NOT NULL",
+                                   (time.time() - 1,)))
         assert wait_for(lambda: all(len(kms_b.list_key_rotations(KeyId=k)["Rotations"]) >= 1 for k in keys),
                         timeout=30)
         time.sleep(1.5)  # many more scheduler runs on both nodes
