@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import shutil
 import statistics
@@ -41,8 +42,9 @@ def settings(spec: str) -> dict[str, str]:
     return dict((name.strip(), value) for name, value in pairs)
 
 
-def encrypt_request(server: ServerProcess) -> SignedRequest:
-    key_id = create_key(server.endpoint, server.client())
+def encrypt_request(server: ServerProcess, key_id: str | None = None) -> SignedRequest:
+    """A signed Encrypt under `key_id` (a new key if None); it replays for five minutes."""
+    key_id = key_id or create_key(server.endpoint, server.client())
     request = signed_request(server.endpoint, "TrentService.Encrypt",
                              {"KeyId": key_id, "Plaintext": base64.b64encode(os.urandom(32)).decode()},
                              server.access_key_id, server.secret_access_key, region=REGION)
@@ -57,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (3)")
     parser.add_argument("--duration", type=int, default=8, help="seconds per round (8)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections per server (64)")
+    parser.add_argument("--alternate", action="store_true",
+                        help="load one server at a time, a then b (b then a in even rounds), with wrk -t2")
     args = parser.parse_args(argv)
     specs = {"a": settings(args.a), "b": settings(args.b)}
     if shutil.which("wrk") is None:
@@ -68,27 +72,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             for server in servers.values():
                 server.start()
             requests = {name: encrypt_request(server) for name, server in servers.items()}
+            keys = {name: str(json.loads(request.body)["KeyId"]) for name, request in requests.items()}
             for request in requests.values():
                 run_wrk(request, duration=2, connections=args.connections, threads=1)  # warm-up
-            print(f"Encrypt of 32 bytes, two servers loaded at once, wrk -t1 -c{args.connections} "
-                  f"-d{args.duration}s each; a: {args.a or '(defaults)'}; b: {args.b or '(defaults)'}")
+            how = ("one server at a time, alternating, wrk -t2" if args.alternate
+                   else "two servers loaded at once, wrk -t1")
+            print(f"Encrypt of 32 bytes, {how} -c{args.connections} -d{args.duration}s each; "
+                  f"a: {args.a or '(defaults)'}; b: {args.b or '(defaults)'}")
             ratios = []
             for round_no in range(1, args.rounds + 1):
                 rates: dict[str, float] = {}
                 errors: list[BaseException] = []
 
-                def load(name: str, rates: dict[str, float] = rates, errors: list[BaseException] = errors) -> None:
+                def load(name: str, rates: dict[str, float] = rates, errors: list[BaseException] = errors,
+                         requests: dict[str, SignedRequest] = requests) -> None:
                     try:
                         rates[name] = run_wrk(requests[name], duration=args.duration,
                                               connections=args.connections, threads=1)["requests_per_sec"]
                     except BaseException as exc:  # handed to the main thread
                         errors.append(exc)
 
-                threads = [threading.Thread(target=load, args=(name,)) for name in requests]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
+                if args.alternate:  # re-signed each round: a long series outlasts the 5-minute window
+                    requests = {name: encrypt_request(servers[name], keys[name]) for name in servers}
+                    for name in ("a", "b") if round_no % 2 else ("b", "a"):
+                        rates[name] = run_wrk(requests[name], duration=args.duration,
+                                              connections=args.connections)["requests_per_sec"]
+                else:
+                    threads = [threading.Thread(target=load, args=(name,)) for name in requests]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
                 if errors:
                     raise errors[0]
                 ratios.append(rates["a"] / rates["b"])
