@@ -106,9 +106,11 @@ class ServerProcess:
         self.proc = None
 
     def client(self, access_key_id: str | None = None, secret: str | None = None, service: str = "kms",
-               validate: bool = True) -> Any:
+               validate: bool = True, retry: bool = True) -> Any:
+        """A boto3 client; it retries a failed call once unless `retry` is False."""
+        retries = {"max_attempts": 1} if retry else {"total_max_attempts": 1}
         return boto3.client(
             service, endpoint_url=self.endpoint, region_name=REGION,
             aws_access_key_id=access_key_id or self.access_key_id,
             aws_secret_access_key=secret or self.secret_access_key,
-            config=Config(retries={"max_attempts": 1}, parameter_validation=validate))
+            config=Config(retries=retries, parameter_validation=validate))  # type: ignore[arg-type]

@@ -5,6 +5,9 @@
 - Fail closed: a trigger makes INSERTs into audit_events fail while the server runs. Calls must
   then fail with HTTP 500 KMSInternalException, never succeed; without the trigger they succeed
   again and the chain still verifies.
+- Intents: a call that changes state while its record cannot be written is refused, but its
+  change stands with the intent written in the same transaction; the next writer records the
+  call from that intent, marked as recovered. Calls that change nothing leave no intent.
 - Retention: with a tiny OPENKMS_AUDIT_RETENTION_DAYS, records move to <data-dir>/audit-archive,
   leave the store, and verification still covers archive + store, also across a restart; a line
   deleted from an archive file is reported.
@@ -29,14 +32,18 @@ from tests.server import ServerProcess
 from tests.test_audit import admin_client, all_events, by_request_id, export_events, request_id, verify_log
 
 
-def store_seqs(data_dir: Path, store_url: str | None) -> list[int]:
+def store_rows(data_dir: Path, store_url: str | None, sql: str) -> list[tuple[Any, ...]]:
     if store_url is None:
         with sqlite3.connect(data_dir / "openkms.db") as conn:
-            return [r[0] for r in conn.execute("SELECT seq FROM audit_events ORDER BY seq")]
+            return [tuple(r) for r in conn.execute(sql)]
     import psycopg
 
     with psycopg.connect(store_url) as conn:
-        return [r[0] for r in conn.execute("SELECT seq FROM audit_events ORDER BY seq")]
+        return [tuple(r) for r in conn.execute(sql)]  # type: ignore[arg-type]
+
+
+def store_seqs(data_dir: Path, store_url: str | None) -> list[int]:
+    return [r[0] for r in store_rows(data_dir, store_url, "SELECT seq FROM audit_events ORDER BY seq")]
 
 
 def assert_verifies(data_dir: Path, store_url: str | None, records: int | None = None) -> str:
@@ -161,6 +168,60 @@ def test_calls_fail_while_the_audit_store_is_unwritable(tmp_path: Path, store_ur
         # GetKeyLastUsage never names a refused call.
         usage = kms.get_key_last_usage(KeyId=key)["KeyLastUsage"]
         assert usage["KmsRequestId"] in events, "KeyLastUsage names a call that has no audit record"
+    finally:
+        server.stop()
+    assert_verifies(data, store_url)
+
+
+def test_a_change_whose_record_failed_is_recorded_from_its_intent(tmp_path: Path, store_url: str | None) -> None:
+    """A call that changes state writes its intent in the change's own transaction. When its record
+    then fails, the call is refused but the change stands, and so does the intent: the next writer
+    records the call from it, marked as recovered. Calls that change nothing leave no intent."""
+    data = tmp_path / "data"
+    server = ServerProcess(data, storage_url=store_url, env=bootstrap_env())
+    server.start()
+    intents = "SELECT event_id, event FROM audit_pending"
+    try:
+        kms = server.client(retry=False)  # one request per call: a retried DisableKey changes nothing
+        key = kms.create_key()["KeyMetadata"]["KeyId"]
+        kms.tag_resource(KeyId=key, Tags=[{"TagKey": "team", "TagValue": "a"}])
+        kms.encrypt(KeyId=key, Plaintext=b"recorded")
+        assert store_rows(data, store_url, intents) == [], "a recorded call must not leave its intent behind"
+
+        run_sql(data, store_url, *([SQLITE_BLOCK] if store_url is None else PG_BLOCK))
+        disabled = refused(kms.disable_key, KeyId=key)
+        aliased = refused(kms.create_alias, AliasName="alias/unrecorded", TargetKeyId=key)
+        encrypted = refused(kms.encrypt, KeyId=key, Plaintext=b"refused")
+        left = {event_id: json.loads(event) for event_id, event in store_rows(data, store_url, intents)}
+        assert sorted(e["requestID"] for e in left.values()) == sorted(
+            [request_id(disabled), request_id(aliased)]), left  # the Encrypt changed nothing
+        run_sql(data, store_url, "DROP TRIGGER audit_block" if store_url is None
+                else "DROP TRIGGER audit_block ON audit_events")
+        # The refused calls' changes stand...
+        assert kms.describe_key(KeyId=key)["KeyMetadata"]["KeyState"] == "Disabled"
+        assert "alias/unrecorded" in [a["AliasName"] for a in kms.list_aliases()["Aliases"]]
+        events = by_request_id(all_events(admin_client(server)))
+        assert request_id(disabled) not in events and request_id(aliased) not in events
+    finally:
+        server.stop()
+
+    server.start()  # ...and the next writer records them from their intents, once each.
+    try:
+        kms = server.client()
+        kms.list_keys()  # answered once the writer is ready, which it is after recording the intents
+        events = by_request_id(all_events(admin_client(server)))
+        assert request_id(encrypted) not in events
+        for exc, name in ((disabled, "DisableKey"), (aliased, "CreateAlias")):
+            (event,) = events[request_id(exc)]
+            assert event["eventName"] == name and event["eventID"] in left
+            assert event["additionalEventData"] == {"recoveredFromIntent": True}
+            assert "errorCode" not in event and event.get("responseElements") is None
+            assert event["userIdentity"]["accessKeyId"] == server.access_key_id
+            assert event["resources"] and key in event["resources"][0]["ARN"]
+        assert events[request_id(disabled)][0]["requestParameters"] == {"KeyId": key}
+        assert store_rows(data, store_url, intents) == []
+        normal = [e for evs in events.values() for e in evs if "additionalEventData" in e]
+        assert len(normal) == 2, "only the two recovered records carry the mark"
     finally:
         server.stop()
     assert_verifies(data, store_url)
@@ -296,7 +357,7 @@ def test_archiving_after_a_crash_between_file_and_delete(tmp_path: Path, store_u
     """A crash after an archive file is in place but before its rows left the store leaves them in
     both. The next archive run, which also takes records written meanwhile, must not archive them a
     second time (verify would find them twice)."""
-    from openkms.audit.log import index_columns
+    from openkms.audit.chain import index_columns
 
     env = bootstrap_env() | {"OPENKMS_AUDIT_RETENTION_DAYS": "0.00001",  # 0.864 s
                              "OPENKMS_SCHEDULER_INTERVAL": "0.5", "OPENKMS_AUDIT_DIGEST_INTERVAL": "0.5"}

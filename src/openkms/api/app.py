@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..model import Caller
 from ..node import Node, node_id, open_node
+from ..storage.store import Tx, before_commit
 from . import shapes, sts
 from .admin import TARGET_PREFIX as ADMIN_PREFIX
 from .admin import AdminAPI
@@ -92,22 +93,47 @@ class App:
 
     # -- the protocol-independent core ------------------------------------------------------------
     def handle(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-               source_ip: str = "") -> tuple[Response, Event | None]:
-        """The response, and the audit record of the call (None for requests that are not API calls)."""
+               source_ip: str = "") -> tuple[Response, Event | None, bool]:
+        """The response; the audit record of the call (None for requests that are not API calls);
+        and whether the call wrote an intent with a state change (see audit/writer.py)."""
         if method == "GET" and path == "/health":
             return (200, [("content-type", "application/json")],
-                    orjson.dumps({"status": "ok", "region": self.settings.region})), None
+                    orjson.dumps({"status": "ok", "region": self.settings.region})), None, False
         request_id = new_id()
+        event_id = new_id()
         out_headers = [("content-type", JSON_HEADERS), ("x-amzn-requestid", request_id)]
         started = time.perf_counter()
         target = headers.get("x-amz-target", "")
         is_sts = sts.is_sts_request(headers)
         principal = None
         access_key_id: str | None = None
-        params = result = None
+        result = None
         error: KMSError | None = None
         noted: dict[str, Any] = {}  # the redacted request, recorded for failed calls too
         touched = audit_context.touched.set([])
+        name = target.rpartition(".")[2] if target.startswith((KMS_PREFIX, ADMIN_PREFIX)) else ""
+        if is_sts:
+            name = sts.action_of(body)[:64]
+
+        def event_of(result: dict[str, Any] | None, error: KMSError | None, resources: list[tuple[str, str]],
+                     key_id: str | None) -> Event:
+            return build_event(
+                request_id=request_id, event_id=event_id, event_time=time.time(),
+                event_name=name or "Unknown", region=self.settings.region, source_ip=source_ip,
+                user_agent=headers.get("user-agent", ""), principal=principal, access_key_id=key_id,
+                request_parameters=noted.get("params"), response_elements=result,
+                error_code=error.code if error else None, error_message=error.message if error else None,
+                resources=resources, event_source="sts.amazonaws.com" if is_sts else
+                "openkms.admin" if target.startswith(ADMIN_PREFIX) else None)
+
+        intents: list[bool] = []
+
+        def write_intent(tx: Tx) -> None:  # in each transaction of this call that changes state
+            self.audit.write_intent(tx, event_of(None, None, list(audit_context.touched.get() or []),
+                                                 access_key_id))
+            intents.append(True)
+
+        hook = before_commit.set(write_intent if self.audit_enabled else None)
         try:
             if method != "POST" or path != "/":
                 raise UnknownOperationException(f"No operation at {method} {path}.")
@@ -131,30 +157,19 @@ class App:
             error = KMSInternalException("An internal error occurred.")
             status, data = error.status, (sts.error_document(error, request_id) if is_sts else _error_body(error))
         finally:
-            params = noted.get("params")
             resources = audit_context.touched.get() or []
             audit_context.touched.reset(touched)
+            before_commit.reset(hook)
         if access_key_id is None:
             m = _CREDENTIAL_RE.search(headers.get("authorization", ""))
             access_key_id = m.group(1) if m else None
-        name = target.rpartition(".")[2] if target.startswith((KMS_PREFIX, ADMIN_PREFIX)) else ""
         if is_sts:
-            name = sts.action_of(body)[:64]
             out_headers[0] = ("content-type", sts.CONTENT_TYPE)
-        event_id = new_id()
-        now = time.time()
-        event = build_event(
-            request_id=request_id, event_id=event_id, event_time=now,
-            event_name=name or "Unknown", region=self.settings.region, source_ip=source_ip,
-            user_agent=headers.get("user-agent", ""), principal=principal, access_key_id=access_key_id,
-            request_parameters=params, response_elements=result,
-            error_code=error.code if error else None, error_message=error.message if error else None,
-            resources=resources, event_source="sts.amazonaws.com" if is_sts else
-            "openkms.admin" if target.startswith(ADMIN_PREFIX) else None)
+        event = event_of(result, error, resources, access_key_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %d %.1fms %s", request_id, target or path, status,
                       (time.perf_counter() - started) * 1000, source_ip)
-        return (status, out_headers, data), event
+        return (status, out_headers, data), event, bool(intents)
 
     @staticmethod
     def _parse_json(body: bytes) -> Any:
@@ -268,10 +283,10 @@ class App:
         """The response to send; or None when it has been sent already through `send`, which an
         audited call uses to answer the moment its record is durable."""
         if headers.get("x-amz-target") in SLOW_TARGETS:
-            response, event = await asyncio.get_running_loop().run_in_executor(
+            response, event, intent = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, method, path, query, headers, body, client)
         else:
-            response, event = self.handle(method, path, query, headers, body, client)
+            response, event, intent = self.handle(method, path, query, headers, body, client)
         if event is None:
             return response
         if not self.audit_enabled:
@@ -288,7 +303,7 @@ class App:
             outcome.append(answer)
 
         with contextlib.suppress(Exception):  # a failure has called `durable(False)`
-            await self.audit.submit(event, durable)  # answered only once the record is durable
+            await self.audit.submit(event, durable, intent)  # answered only once the record is durable
         if not outcome:  # the audit log failed without calling back
             return _refusal(response)
         return None if send is not None else outcome[0]

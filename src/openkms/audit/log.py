@@ -1,25 +1,21 @@
 """The append-only, hash-chained audit log and its group-commit writer.
 
-Each node keeps its own chain. Record n is stored as the canonical JSON (sorted keys)
-
-    {"event": <CloudTrail-shaped event>, "node": <node id>, "prev": <hash of record n-1>, "seq": n}
-
-and its hash is SHA-256 of exactly that text; record 1's "prev" is 64 zeros. Every
-`digest_interval` seconds with new records, and on shutdown, the writer signs a digest with the
-audit signing key (Ed25519, sealed under the root key like all key material):
+Each node keeps its own chain of records (their format: `chain.py`). Every `digest_interval`
+seconds with new records, and on shutdown, the server signs a digest with the audit signing key
+(Ed25519, sealed under the root key like all key material):
 
     {"created": ..., "digest_seq": d, "node": ..., "prev_digest": <sha256 of digest d-1's body>,
      "record_hash": <hash of the newest record>, "record_seq": <its seq>}
 
-Durability (group commit in a writer process): an API call hands its record to `submit` and is
-answered only once the record is durable. `submit` chains the record onto the tentative head
-(canonical text and hash) on the event loop; the records of one loop iteration go to the writer
-process (`writer.py`) as one frame over a pipe. The writer takes every frame waiting, commits
-them in one transaction (SQLite: WAL with synchronous=FULL; PostgreSQL: a commit) while the loop
-goes on serving, and answers each batch; the answer resolves the calls' futures and, for RSGI,
-sends their responses at once. If a batch cannot be written, every call in it (and in the batches
-chained onto it) fails, and the chain resumes from the durable head the writer reports: nothing
-is answered unaudited. If the writer dies, every waiting call fails and a new writer is started.
+Durability (group commit in a writer process): an API call hands its event to `submit` and is
+answered only once its record is durable. The events of one loop iteration go to the writer
+process (`writer.py`) as one frame over a pipe. The writer takes every frame waiting, chains
+their events onto the durable head (seq, prev, canonical text, hash: `chain.py`), commits them in
+one transaction (SQLite: WAL with synchronous=FULL; PostgreSQL: a commit) while the loop goes on
+serving, and answers each batch with the new durable head; the answer resolves the calls' futures
+and, for RSGI, sends their responses at once. If the transaction fails, every call in it fails
+and the writer's head stays where it was, so the chain has no gap: nothing is answered
+unaudited. If the writer dies, every waiting call fails and a new writer is started.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ import asyncio
 import base64
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import select
@@ -46,13 +41,13 @@ import orjson
 from ..crypto import signing
 from ..crypto.root import RootKey
 from ..errors import InvalidCiphertextException, KMSInternalException
-from ..storage import Store
+from ..storage import Store, Tx
 from . import writer
+from .chain import GENESIS, canonical, record_hash
 from .usage import UsageTracker
 
 log = logging.getLogger("openkms.audit")
 
-GENESIS = "0" * 64
 SIGNING_KEY_META = "audit_signing_key"
 PUBLIC_KEY_META = "audit_public_key"
 SIGNING_KEY_AAD = b"openkms:audit-signing-key"
@@ -60,26 +55,6 @@ Waiter = tuple["asyncio.Future[None]", "Callable[[bool], None] | None"]
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 WRITER_START_TIMEOUT = 60.0
 WRITER_STOP_TIMEOUT = 30.0
-
-
-def canonical(obj: Any) -> str:
-    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
-
-
-def record_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def index_columns(event: dict[str, Any]) -> tuple[Any, ...]:
-    """The copies of an event's fields that queries filter on, in storage column order
-    (event_id, event_name, caller_account, owner_account, principal_arn, key_id, error_code).
-    The writer stores them and `verify` recomputes them, so editing a column is detected."""
-    identity = event.get("userIdentity") or {}
-    resources = event.get("resources") or []
-    key_arn = resources[0]["ARN"] if resources else None
-    return (event["eventID"], event["eventName"], identity.get("accountId"),
-            resources[0]["accountId"] if resources else None, identity.get("arn"),
-            key_arn.rsplit("/", 1)[1] if key_arn else None, event.get("errorCode"))
 
 
 def load_signing_key(store: Store, root: RootKey) -> tuple[bytes, bytes]:
@@ -116,21 +91,20 @@ class AuditLog:
         self._digest_hash = record_hash(digest.body) if digest is not None else GENESIS
         self._digested_seq = int(digest.record_seq) if digest is not None else 0
         self._last_digest = time.monotonic()
-        # Chain state as the loop builds it (tentative: rows handed to the writer), and as the
-        # writer has confirmed it durable (digests sign only this). Both come from the writer's
-        # first answer, the store's head.
-        self._seq, self._hash = 0, GENESIS
+        # The chain's durable head as the writer last reported it (digests sign only this).
         self._confirmed = (0, GENESIS)
         self._head_known = False
-        self._outbox: list[tuple[Any, ...]] = []
+        self._outbox: list[tuple[float, dict[str, Any]]] = []
+        self._outbox_intents: list[str] = []  # event ids of the calls in the outbox that left an intent
         self._outbox_futures: list[Waiter] = []
         self._flush_scheduled = False
-        self._inflight: dict[int, tuple[list[Waiter], int, str]] = {}
+        self._inflight: dict[int, list[Waiter]] = {}
         self._batch = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._reading: asyncio.AbstractEventLoop | None = None
         self._respawn_after = 0.0
         self._closed = False
+        self._spawned = False
         # Digests and key-usage flushes: rare, on a thread of their own.
         self._chores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openkms-audit")
         self._spawn()
@@ -144,9 +118,14 @@ class AuditLog:
         with contextlib.suppress(OSError):  # room for ~800 records in flight; the default will do too
             fcntl.fcntl(self._wfd, F_SETPIPE_SZ, 1 << 20)
         url = self._store.engine.url.render_as_string(hide_password=False)
+        # At the first start every intent left in the store is an orphan of an earlier process;
+        # later, calls of this process may be between their state change and their record.
+        recover_before = time.time() - (writer.RECOVERY_GRACE if self._spawned else 0.0)
+        self._spawned = True
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "openkms.audit.writer", self.node_id], stdin=child_in, stdout=child_out,
+                [sys.executable, "-m", "openkms.audit.writer", self.node_id, repr(recover_before)],
+                stdin=child_in, stdout=child_out,
                 env=os.environ | {writer.URL_VARIABLE: url}, close_fds=True)
         finally:
             os.close(child_in)
@@ -200,25 +179,20 @@ class AuditLog:
         """The writer died or its pipe broke: fail every call waiting on it, start afresh later."""
         log.error("the audit writer stopped; calls fail until it is restarted")
         self._stop_writer(kill=True)
-        failed = [f for futures, _, _ in self._inflight.values() for f in futures] + self._outbox_futures
+        failed = [f for futures in self._inflight.values() for f in futures] + self._outbox_futures
         self._inflight.clear()
-        self._outbox, self._outbox_futures = [], []
+        self._outbox, self._outbox_futures, self._outbox_intents = [], [], []
         _settle(failed, True)
         self._respawn_after = time.monotonic() + 1.0
 
     def _on_frame(self, frame: list[Any], settle: bool = True) -> None:
-        if frame[0] == "ack":
-            entry = self._inflight.pop(frame[1], None)
-            if entry is None:
-                return
-            futures, seq, head_hash = entry
-            if frame[2]:
-                self._confirmed = (seq, head_hash)
-            if settle:
+        if frame[0] == "ack":  # ["ack", batch, ok, seq, hash]: the durable head after that batch
+            self._confirmed = (frame[3], frame[4])
+            futures = self._inflight.pop(frame[1], None)
+            if futures is not None and settle:
                 _settle(futures, not frame[2])
-        elif frame[0] == "head":  # at start, and after a failed batch: chain on from the durable head
+        elif frame[0] == "head":  # ["head", seq, hash]: the writer's first answer
             self._confirmed = (frame[1], frame[2])
-            self._seq, self._hash = self._confirmed
 
     def _on_readable(self) -> None:
         try:
@@ -234,10 +208,12 @@ class AuditLog:
             self._on_frame(frame)
 
     # -- appending (on the event loop) ------------------------------------------------------------
-    def submit(self, event: dict[str, Any], on_done: Callable[[bool], None] | None = None) -> asyncio.Future[None]:
+    def submit(self, event: dict[str, Any], on_done: Callable[[bool], None] | None = None,
+               intent: bool = False) -> asyncio.Future[None]:
         """A future that resolves once the record is durable (fails if it cannot be written).
         `on_done(durable)`, if given, runs the moment that is known, before the future's waiters
-        wake (they wake one loop iteration later): a server answers from it without that delay."""
+        wake (they wake one loop iteration later): a server answers from it without that delay.
+        `intent`: the call wrote an intent (`write_intent`), which the record's transaction deletes."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if not self._ready and not self._start_writer():
@@ -246,15 +222,18 @@ class AuditLog:
         if self._reading is not loop:
             loop.add_reader(self._rfd, self._on_readable)
             self._reading = loop
-        self._seq += 1
-        text = canonical({"event": event, "node": self.node_id, "prev": self._hash, "seq": self._seq})
-        self._hash = record_hash(text)
-        self._outbox.append((self.node_id, self._seq, time.time(), *index_columns(event), text, self._hash))
+        self._outbox.append((time.time(), event))  # the writer chains it: seq, prev, canonical text, hash
         self._outbox_futures.append((future, on_done))
+        if intent:
+            self._outbox_intents.append(event["eventID"])
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)  # after the requests ready now: one frame for all of them
         return future
+
+    def write_intent(self, tx: Tx, event: dict[str, Any]) -> None:
+        """Store a state-changing call's intent in the transaction `tx` of its change (see writer.py)."""
+        tx.audit.insert_pending(self.node_id, event["eventID"], orjson.dumps(event).decode())
 
     def _start_writer(self) -> bool:
         """Have a writer ready: wait for the one starting, or start a new one after a failure."""
@@ -272,14 +251,14 @@ class AuditLog:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        rows, futures = self._outbox, self._outbox_futures
+        rows, futures, intents = self._outbox, self._outbox_futures, self._outbox_intents
         if not rows:
             return
-        self._outbox, self._outbox_futures = [], []
+        self._outbox, self._outbox_futures, self._outbox_intents = [], [], []
         self._batch += 1
-        self._inflight[self._batch] = (futures, rows[-1][1], rows[-1][-1])
+        self._inflight[self._batch] = futures
         try:
-            writer.write_all(self._wfd, writer.encode(["rows", self._batch, rows]))
+            writer.write_all(self._wfd, writer.encode(["events", self._batch, rows, intents]))
         except OSError:
             self._writer_lost()
 

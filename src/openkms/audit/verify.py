@@ -29,7 +29,8 @@ from typing import Any
 
 from ..crypto import signing
 from ..storage import Store
-from .log import GENESIS, PUBLIC_KEY_META, digest_line, index_columns
+from .chain import GENESIS, index_columns
+from .log import PUBLIC_KEY_META, digest_line
 
 
 @dataclass

@@ -1,28 +1,37 @@
 """The audit writer: a child process of each server process that makes audit records durable.
 
-Why a process: the event loop builds each record (canonical text and hash) and must then wait
-for it to be committed. Committed from a thread of the same process, every batch takes the GIL
-several times (driver calls, transaction handling), and each time it does the event loop stalls
-or hands over; under load that cost more than the writing itself. A child process has its own
-interpreter, so the loop only writes one frame per batch to a pipe and reads a short answer.
+Why a process: committing from a thread of the server process, every batch took the GIL several
+times (driver calls, transaction handling), and each time the event loop stalled or handed it
+over; under load that cost more than the writing itself. A child process has its own
+interpreter, so the loop only writes one frame per batch to a pipe and reads a short answer; the
+writer also does the chaining (canonical text and SHA-256 of each record), off the loop.
 
 Protocol (both directions): frames of a 4-byte little-endian length and a JSON array.
 
-  server -> writer  ["rows", batch, [row, ...]]   rows in AuditAppender.COLUMNS order
-  writer -> server  ["head", seq, hash]           the chain's durable head: once at start, and
-                                                  after every transaction that failed
-                    ["ack", batch, ok]            one per batch, in order
+  server -> writer  ["events", batch, [[event_time, event], ...], [event_id, ...]]
+                    the second list names the calls that left an intent (below)
+  writer -> server  ["head", seq, hash]              the chain's durable head: at start, and
+                                                     after recording calls from their intents
+                    ["ack", batch, ok, seq, hash]    one per batch, in order, with the durable
+                                                     head after it
 
-The writer takes every frame waiting in the pipe, writes the rows of all of them in one
-transaction (group commit) and then answers each batch. A batch must continue the chain exactly
-where the durable head (plus the batches accepted before it in the same transaction) ends; one
-that does not, because it was chained onto a batch that failed, is refused. After a failed
-transaction the writer re-reads the head from the store and sends it, and the server chains on
-from there. The writer stops at end of input (the server closed the pipe or died) once the
-transaction in hand is done; it ignores SIGINT and SIGTERM, which the server's process group
-receives on shutdown, so that the server can hand over its last records first.
+The writer takes every frame waiting in the pipe, chains all their events onto the durable head
+and writes them in one transaction (group commit), then answers each batch. The head moves only
+when the transaction commits: after a failed one, every batch in it is answered not ok and the
+next transaction chains from the same head, so a failure leaves no gap in the chain. The writer
+stops at end of input (the server closed the pipe or died) once the transaction in hand is done;
+it ignores SIGINT and SIGTERM, which the server's process group receives on shutdown, so that the
+server can hand over its last records first.
 
-    python -m openkms.audit.writer <node-id>     (store URL in OPENKMS_AUDIT_WRITER_URL)
+Intents: a call that changes state writes its intent (its event as known then) in the same
+transaction as the change (`audit_pending`); the transaction that writes the call's record
+deletes it. An intent left behind means the change committed but the record did not (the record
+failed, the writer died, the server crashed in between). The writer records such calls from their
+intents, marked `additionalEventData.recoveredFromIntent`: at start, those written before the
+server started it (`recover-before`, a Unix time), and every RECOVERY_INTERVAL those older than
+RECOVERY_GRACE.
+
+    python -m openkms.audit.writer <node-id> <recover-before>   (store URL in OPENKMS_AUDIT_WRITER_URL)
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import select
 import signal
 import struct
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -44,6 +54,10 @@ log = logging.getLogger("openkms.audit.writer")
 URL_VARIABLE = "OPENKMS_AUDIT_WRITER_URL"
 HEADER = struct.Struct("<I")
 MAX_READ = 1 << 20
+# Intents older than this are orphans: no call takes that long between its state change and
+# handing over its record. Looked for this often, and at start.
+RECOVERY_GRACE = 60.0
+RECOVERY_INTERVAL = 30.0
 
 
 def encode(message: Any) -> bytes:
@@ -79,9 +93,9 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def serve(node_id: str, url: str, fd_in: int = 0, fd_out: int = 1) -> None:
+def serve(node_id: str, url: str, recover_before: float, fd_in: int = 0, fd_out: int = 1) -> None:
     from ..storage import Store
-    from .log import GENESIS
+    from .chain import GENESIS, chain
 
     store = Store.open(url, prepare=False)
     appender = store.audit_appender()
@@ -92,47 +106,70 @@ def serve(node_id: str, url: str, fd_in: int = 0, fd_out: int = 1) -> None:
         return head if head is not None else (0, GENESIS)
 
     seq, head_hash = durable_head()
-    expected = seq + 1
+
+    def recover(before: float) -> None:
+        """Record the calls whose state change committed with its intent but whose own record
+        was never written (the writer failed or died, the server crashed in between)."""
+        nonlocal seq, head_hash
+        with store.begin() as tx:
+            intents = tx.audit.pending(node_id, before)
+        if not intents:
+            return
+        events = []
+        for _, created, text in intents:
+            event = orjson.loads(text)
+            event["additionalEventData"] = {**(event.get("additionalEventData") or {}), "recoveredFromIntent": True}
+            events.append((created, event))
+        rows, new_seq, new_hash = chain(node_id, seq, head_hash, events)
+        appender.append(rows, node_id, [event_id for event_id, _, _ in intents])
+        seq, head_hash = new_seq, new_hash
+        log.warning("recorded %d call(s) from the intents they left: their own records were not written",
+                    len(rows))
+
+    try:
+        recover(recover_before)
+    except Exception as exc:  # tried again later; the intents stay where they are
+        log.error("cannot record calls from their intents: %s", type(exc).__name__)
     write_all(fd_out, encode(["head", seq, head_hash]))
+    next_recovery = time.monotonic() + RECOVERY_INTERVAL
     reader = FrameReader()
     eof = False
     while not eof:
         frames: list[Any] = []
         while not frames or select.select([fd_in], [], [], 0)[0]:
+            if not frames and not select.select([fd_in], [], [], max(0.0, next_recovery - time.monotonic()))[0]:
+                break  # idle until the next recovery is due
             data = os.read(fd_in, MAX_READ)
             if not data:
                 eof = True
                 break
             frames += reader.feed(data)
-        accepted: list[int] = []
-        refused: set[int] = set()
-        rows: list[Any] = []
-        next_seq = expected
-        for kind, batch, batch_rows in frames:
-            if kind != "rows" or not batch_rows or batch_rows[0][1] != next_seq:
-                refused.add(batch)
-                continue
-            accepted.append(batch)
-            rows += batch_rows
-            next_seq = batch_rows[-1][1] + 1
-        failed = False
-        if rows:
+        events = [timed for frame in frames if frame[0] == "events" for timed in frame[2]]
+        pending = [event_id for frame in frames if frame[0] == "events" for event_id in frame[3]]
+        ok = True
+        if events:
+            rows, new_seq, new_hash = chain(node_id, seq, head_hash, events)
             try:
-                appender.append(rows)
-                expected = next_seq
-                seq, head_hash = rows[-1][1], rows[-1][-1]
+                appender.append(rows, node_id, pending)
+                seq, head_hash = new_seq, new_hash
             except Exception as exc:  # reported to the server as failed batches
                 log.error("audit batch of %d record(s) could not be written: %s", len(rows), type(exc).__name__)
-                failed = True
-        answer = b"".join(encode(["ack", batch, batch not in refused and not failed])
-                          for _, batch, _ in frames)
-        if failed:
+                ok = False
+                try:  # normally unchanged; but a commit can succeed and still report a lost connection
+                    seq, head_hash = durable_head()
+                except Exception as exc:
+                    log.error("cannot read the audit chain's head: %s", type(exc).__name__)
+        answer = b"".join(encode(["ack", frame[1], ok and frame[0] == "events", seq, head_hash])
+                          for frame in frames)
+        if time.monotonic() >= next_recovery and not eof:
+            next_recovery = time.monotonic() + RECOVERY_INTERVAL
             try:
-                seq, head_hash = durable_head()
-            except Exception as exc:  # then the head as last written here
-                log.error("cannot read the audit chain's head: %s", type(exc).__name__)
-            expected = seq + 1
-            answer += encode(["head", seq, head_hash])
+                before = seq
+                recover(time.time() - RECOVERY_GRACE)
+                if seq != before:
+                    answer += encode(["head", seq, head_hash])
+            except Exception as exc:
+                log.error("cannot record calls from their intents: %s", type(exc).__name__)
         if answer:
             write_all(fd_out, answer)
     appender.close()
@@ -148,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     url = os.environ.pop(URL_VARIABLE, "")
-    if len(args) != 1 or not url:
-        print(f"usage: {URL_VARIABLE}=<store-url> python -m openkms.audit.writer <node-id>", file=sys.stderr)
+    if len(args) != 2 or not url:
+        print(f"usage: {URL_VARIABLE}=<store-url> python -m openkms.audit.writer <node-id> <recover-before>",
+              file=sys.stderr)
         return 2
     with contextlib.suppress(BrokenPipeError):  # the server is gone: nobody is waiting for answers
-        serve(args[0], url)
+        serve(args[0], url, float(args[1]))
     return 0
 
 

@@ -20,12 +20,13 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Statements that bring a store of an older schema version up to date, by target version. New
 # tables need none: create_all adds them.
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE kms_keys ADD COLUMN policy TEXT"],
+    3: [],  # audit_pending: a new table, which create_all makes
 }
 
 metadata = MetaData()
@@ -167,6 +168,20 @@ audit_digests = Table(
     Column("created", Float, nullable=False),
     Column("body", Text, nullable=False),        # canonical JSON that was signed
     Column("signature", LargeBinary, nullable=False),
+)
+
+# The intent of an API call that changes state, written in the same transaction as the change
+# (so the two commit together) and deleted in the transaction that writes the call's record. A
+# row left behind means the change committed but its record did not: the node's audit writer
+# turns it into a record at its next start (or once it is a minute old).
+audit_pending = Table(
+    "audit_pending", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("node_id", String(36), nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("event", Text, nullable=False),   # the CloudTrail-shaped event as known at the commit
+    Index("ix_audit_pending_event", "node_id", "event_id"),
 )
 
 key_last_usage = Table(

@@ -7,13 +7,19 @@
 
 SQLite runs in WAL mode with synchronous=FULL, so an acknowledged write survives a crash.
 PostgreSQL is reached through psycopg 3. Database errors are translated at this boundary.
+
+`before_commit` lets a caller add to every transaction that wrote something, in the same
+transaction: the API layer records there the intent of a call that changes state, so that the
+change and its intent commit together (`AuditRepo.insert_pending`).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +48,16 @@ from ..errors import (
 )
 from ..model import Account, Alias, Key, KeyState, KeyUsage, KeyVersion, Origin, Principal
 from . import schema as t
+
+# Called with the Tx of each transaction that wrote, just before it commits; set per request.
+before_commit: ContextVar[Callable[[Tx], None] | None] = ContextVar("openkms_before_commit", default=None)
+_WROTE = "openkms_wrote"
+_WRITES = ("INSERT", "UPDATE", "DELETE", "insert", "update", "delete")
+
+
+def _note_write(conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+    if before_commit.get() is not None and statement.lstrip().startswith(_WRITES):
+        conn.info[_WROTE] = True
 
 
 def to_ts(dt: datetime | None) -> float | None:
@@ -103,6 +119,7 @@ class Store:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
             else:
                 raise ConfigurationError(f"unsupported storage URL scheme: {url.split(':', 1)[0]}")
+            event.listen(engine, "before_cursor_execute", _note_write)
             if prepare:
                 existing = inspect(engine).has_table(t.keys.name)
                 t.metadata.create_all(engine)
@@ -122,7 +139,12 @@ class Store:
     def begin(self) -> Iterator[Tx]:
         try:
             with self.engine.begin() as conn:
-                yield Tx(conn)
+                conn.info[_WROTE] = False
+                tx = Tx(conn)
+                yield tx
+                hook = before_commit.get()
+                if hook is not None and conn.info[_WROTE]:
+                    hook(tx)
         except IntegrityError as exc:
             if _is_unique_violation(exc):
                 raise AlreadyExistsException("The resource already exists.") from None
@@ -451,13 +473,14 @@ class AuditAppender:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._conn: Any = None
-        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._mark = mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
         self._group = f"({', '.join([mark] * len(self.COLUMNS))})"
         self._head = f"INSERT INTO {t.audit_events.name} ({', '.join(self.COLUMNS)}) VALUES "
         self._sql: dict[int, str] = {}
 
-    def append(self, rows: list[tuple[Any, ...]]) -> None:
-        """Write `rows` in one transaction; raise (having rolled back) if that fails."""
+    def append(self, rows: list[tuple[Any, ...]], node_id: str = "", pending: list[str] | None = None) -> None:
+        """Write `rows` in one transaction, deleting the node's `pending` intents (by event id)
+        in the same one; raise (having rolled back) if that fails."""
         if self._conn is None:
             self._conn = self._engine.raw_connection()
         dbapi = self._conn.dbapi_connection
@@ -470,6 +493,10 @@ class AuditAppender:
                     if sql is None:
                         sql = self._sql[len(chunk)] = self._head + ", ".join([self._group] * len(chunk))
                     cursor.execute(sql, [value for row in chunk for value in row])
+                for start in range(0, len(pending or ()), self.ROWS_PER_STATEMENT):
+                    ids = (pending or [])[start:start + self.ROWS_PER_STATEMENT]
+                    cursor.execute(f"DELETE FROM {t.audit_pending.name} WHERE node_id = {self._mark} "
+                                   f"AND event_id IN ({', '.join([self._mark] * len(ids))})", [node_id, *ids])
             finally:
                 cursor.close()
             dbapi.commit()
@@ -502,6 +529,20 @@ class AuditRepo:
                                 .where(t.audit_events.c.node_id == node_id)
                                 .order_by(t.audit_events.c.seq.desc()).limit(1)).first()
         return None if row is None else (int(row.seq), str(row.hash))
+
+    def insert_pending(self, node_id: str, event_id: str, event: str) -> None:
+        self.conn.execute(insert(t.audit_pending).values(node_id=node_id, event_id=event_id,
+                                                         created=time.time(), event=event))
+
+    def pending(self, node_id: str, before: float) -> list[tuple[str, float, str]]:
+        """(event_id, created, event) of the node's intents written before `before`, the latest
+        of each call, oldest call first."""
+        rows = self.conn.execute(select(t.audit_pending.c.event_id, t.audit_pending.c.created,
+                                        t.audit_pending.c.event)
+                                 .where(t.audit_pending.c.node_id == node_id, t.audit_pending.c.created < before)
+                                 .order_by(t.audit_pending.c.id)).all()
+        latest = {str(r.event_id): (str(r.event_id), float(r.created), str(r.event)) for r in rows}
+        return sorted(latest.values(), key=lambda intent: intent[1])
 
     def digest_head(self, node_id: str) -> Any:
         return self.conn.execute(select(t.audit_digests).where(t.audit_digests.c.node_id == node_id)
