@@ -392,15 +392,19 @@ def test_swapped_public_key_in_the_store_is_caught_with_the_published_key(log: L
     assert code != 0 and "digest 1: signature does not verify" in output, output
 
 
-def test_removed_and_renumbered_records_are_reported(log: LogStore, pristine: Pristine) -> None:
-    """Delete record 5 and renumber the rest down: every later record sits at the wrong position
-    and the newest digest now covers a record past the end."""
-    node = log.node
-    log.execute(("DELETE FROM audit_events WHERE node_id = ? AND seq = 5", (node,)),
-                ("UPDATE audit_events SET seq = -(seq - 1) WHERE node_id = ? AND seq > 5", (node,)),
+@pytest.mark.parametrize("first, last", [(5, 5), (5, 7)])
+def test_removed_and_renumbered_records_are_reported(log: LogStore, pristine: Pristine, first: int, last: int) -> None:
+    """Delete records and renumber the rest down to close the gap: reported once, as the removal it
+    is, and not as every later record being out of place or the tail being truncated."""
+    node, gone = log.node, last - first + 1
+    log.execute(("DELETE FROM audit_events WHERE node_id = ? AND seq BETWEEN ? AND ?", (node, first, last)),
+                ("UPDATE audit_events SET seq = -(seq - ?) WHERE node_id = ? AND seq > ?", (gone, node, last)),
                 ("UPDATE audit_events SET seq = -seq WHERE node_id = ? AND seq < 0", (node,)))
-    assert_detected(log, r"record at position 5 is record 6", r"log truncated: digest \d+ covers records up to "
-                         rf"{pristine.records}, but the chain ends at record {pristine.records - 1}")
+    span = f"record {first}" if gone == 1 else f"records {first}-{last}"
+    output = assert_detected(log, rf"{span} removed, and the records after renumbered to close the gap "
+                                  rf"\(record {last + 1} is at position {first}\)")
+    assert "truncated" not in output and "position 6 is" not in output and "does not match" not in output, output
+    assert len([line for line in output.splitlines() if "node " in line and "removed" in line]) == 1, output
 
 
 # The columns that queries filter on (event_name, key_id, error_code, event_time, ...) are copies of

@@ -21,7 +21,7 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,12 +101,22 @@ def _wrong_columns(event: dict[str, Any], columns: tuple[Any, ...]) -> list[str]
     return wrong
 
 
-def verify_chain(node_id: str, rows: Iterable[Row], digests: Iterable[Digest], public_key: bytes,
+def _held_seq(row: Row) -> Any:
+    """The seq a row's hashed record holds (None if it does not parse)."""
+    try:
+        return json.loads(row.record).get("seq")
+    except (ValueError, AttributeError):
+        return None
+
+
+def verify_chain(node_id: str, rows: Sequence[Row], digests: Iterable[Digest], public_key: bytes,
                  report: Report) -> None:
     prefix = f"node {node_id}: "
-    hashes: dict[int, str] = {}
+    hashes: dict[int, str] = {}  # by the seq each record holds, so digests still match renumbered rows
     expected_seq, prev = 1, GENESIS
-    for row in rows:
+    last_held = 0
+    shift = 0  # how far the records hold seqs past their positions, after records were removed and renumbered
+    for i, row in enumerate(rows):
         report.records += 1
         problem_here = False
         if row.seq > expected_seq:
@@ -122,7 +132,8 @@ def verify_chain(node_id: str, rows: Iterable[Row], digests: Iterable[Digest], p
         except (ValueError, AttributeError):
             content, held_seq, held_prev = None, None, None
         actual = _sha(row.record)
-        if content is None or actual != row.hash:
+        intact = content is not None and actual == row.hash
+        if not intact:
             report.problems.append(f"{prefix}record {row.seq} altered (its content does not match its hash)")
             problem_here = True
             actual = row.hash  # judge the next link by the hash the chain had
@@ -130,17 +141,30 @@ def verify_chain(node_id: str, rows: Iterable[Row], digests: Iterable[Digest], p
             report.problems.append(f"{prefix}record {row.seq} altered (its {', '.join(wrong)} column"
                                    f"{'s do' if len(wrong) > 1 else ' does'} not match the hashed record)")
             problem_here = True
-        elif held_seq != row.seq:
-            how = "inserted before it" if isinstance(held_seq, int) and held_seq < row.seq else "reordered"
-            report.problems.append(f"{prefix}record at position {row.seq} is record {held_seq}: records {how}")
+        elif held_seq != row.seq and not (isinstance(held_seq, int) and held_seq - row.seq == shift):
+            following = rows[i + 1] if i + 1 < len(rows) else None
+            if isinstance(held_seq, int) and held_seq - row.seq > shift and (
+                    following is None or _held_seq(following) == following.seq + held_seq - row.seq):
+                # From here on every record sits (held_seq - row.seq) places early: some were
+                # deleted and the later ones renumbered to close the gap.
+                first = held_seq - (held_seq - row.seq - shift)
+                span = f"record {first}" if first == held_seq - 1 else f"records {first}-{held_seq - 1}"
+                report.problems.append(f"{prefix}{span} removed, and the records after renumbered to close "
+                                       f"the gap (record {held_seq} is at position {row.seq})")
+                shift = held_seq - row.seq
+            else:
+                how = "inserted before it" if isinstance(held_seq, int) and held_seq < row.seq else "reordered"
+                report.problems.append(f"{prefix}record at position {row.seq} is record {held_seq}: records {how}")
             problem_here = True
         if not problem_here and held_prev != prev:
             report.problems.append(
                 f"{prefix}record {row.seq} does not follow record {row.seq - 1} "
                 f"(a record was inserted, removed or rewritten between them)")
-        hashes[row.seq] = actual
+        held = held_seq if intact and isinstance(held_seq, int) else row.seq
+        hashes[held] = actual
+        last_held = max(last_held, held)
         prev, expected_seq = actual, max(expected_seq, row.seq + 1)
-    last_seq = expected_seq - 1
+    last_seq = max(expected_seq - 1, last_held)
     prev_digest = GENESIS
     for d in digests:
         report.digests += 1
