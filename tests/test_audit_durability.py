@@ -191,15 +191,18 @@ def test_a_change_whose_record_failed_is_recorded_from_its_intent(tmp_path: Path
         run_sql(data, store_url, *([SQLITE_BLOCK] if store_url is None else PG_BLOCK))
         disabled = refused(kms.disable_key, KeyId=key)
         aliased = refused(kms.create_alias, AliasName="alias/unrecorded", TargetKeyId=key)
+        created = refused(kms.create_key, Description="unrecorded")
         encrypted = refused(kms.encrypt, KeyId=key, Plaintext=b"refused")
         left = {event_id: json.loads(event) for event_id, event in store_rows(data, store_url, intents)}
         assert sorted(e["requestID"] for e in left.values()) == sorted(
-            [request_id(disabled), request_id(aliased)]), left  # the Encrypt changed nothing
+            [request_id(disabled), request_id(aliased), request_id(created)]), left  # the Encrypt changed nothing
         run_sql(data, store_url, "DROP TRIGGER audit_block" if store_url is None
                 else "DROP TRIGGER audit_block ON audit_events")
         # The refused calls' changes stand...
         assert kms.describe_key(KeyId=key)["KeyMetadata"]["KeyState"] == "Disabled"
         assert "alias/unrecorded" in [a["AliasName"] for a in kms.list_aliases()["Aliases"]]
+        new_keys = {k["KeyArn"] for k in kms.list_keys()["Keys"]} - {kms.describe_key(KeyId=key)["KeyMetadata"]["Arn"]}
+        assert len(new_keys) == 1, "the refused CreateKey's key exists"
         events = by_request_id(all_events(admin_client(server)))
         assert request_id(disabled) not in events and request_id(aliased) not in events
     finally:
@@ -211,17 +214,20 @@ def test_a_change_whose_record_failed_is_recorded_from_its_intent(tmp_path: Path
         kms.list_keys()  # answered once the writer is ready, which it is after recording the intents
         events = by_request_id(all_events(admin_client(server)))
         assert request_id(encrypted) not in events
-        for exc, name in ((disabled, "DisableKey"), (aliased, "CreateAlias")):
+        for exc, name, arn in ((disabled, "DisableKey", None), (aliased, "CreateAlias", None),
+                               (created, "CreateKey", new_keys.pop())):
             (event,) = events[request_id(exc)]
             assert event["eventName"] == name and event["eventID"] in left
             assert event["additionalEventData"] == {"recoveredFromIntent": True}
             assert "errorCode" not in event and event.get("responseElements") is None
             assert event["userIdentity"]["accessKeyId"] == server.access_key_id
-            assert event["resources"] and key in event["resources"][0]["ARN"]
+            resource = event["resources"][0]["ARN"]  # the key the change was made to
+            assert resource == arn if arn else resource.endswith(key), (name, event["resources"])
         assert events[request_id(disabled)][0]["requestParameters"] == {"KeyId": key}
+        assert events[request_id(created)][0]["requestParameters"]["Description"] == "unrecorded"
         assert store_rows(data, store_url, intents) == []
         normal = [e for evs in events.values() for e in evs if "additionalEventData" in e]
-        assert len(normal) == 2, "only the two recovered records carry the mark"
+        assert len(normal) == 3, "only the three recovered records carry the mark"
     finally:
         server.stop()
     assert_verifies(data, store_url)

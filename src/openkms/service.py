@@ -313,8 +313,8 @@ class KMS:
                 tx.versions.insert(KeyVersion(key.key_id, 1, key.created, material_id, True), sealed)
             for k, v in tags.items():
                 tx.tags.put(key.key_id, k, v)
+            note_key(key.arn, key.account_id)  # before the commit, so the call's intent names the new key
         self._remember(key)
-        note_key(key.arn, key.account_id)
         return {"KeyMetadata": self.key_metadata(key)}
 
     def describe_key(self, caller: Caller, p: Params) -> Result:

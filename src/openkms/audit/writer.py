@@ -29,7 +29,9 @@ deletes it. An intent left behind means the change committed but the record did 
 failed, the writer died, the server crashed in between). The writer records such calls from their
 intents, marked `additionalEventData.recoveredFromIntent`: at start, those written before the
 server started it (`recover-before`, a Unix time), and every RECOVERY_INTERVAL those older than
-RECOVERY_GRACE.
+RECOVERY_GRACE, RECOVERY_CHUNK per transaction. A call so recorded whose own record still arrives
+is not recorded again; and two writers of one node (a dead server's, finishing its last batch,
+and its successor's) cannot both write a record: they would both take the same seq.
 
     python -m openkms.audit.writer <node-id> <recover-before>   (store URL in OPENKMS_AUDIT_WRITER_URL)
 """
@@ -58,6 +60,7 @@ MAX_READ = 1 << 20
 # handing over its record. Looked for this often, and at start.
 RECOVERY_GRACE = 60.0
 RECOVERY_INTERVAL = 30.0
+RECOVERY_CHUNK = 500  # intents per transaction
 
 
 def encode(message: Any) -> bytes:
@@ -106,31 +109,56 @@ def serve(node_id: str, url: str, recover_before: float, fd_in: int = 0, fd_out:
         return head if head is not None else (0, GENESIS)
 
     seq, head_hash = durable_head()
+    recovered: set[str] = set()  # event ids this writer recorded from their intents
 
-    def recover(before: float) -> None:
-        """Record the calls whose state change committed with its intent but whose own record
-        was never written (the writer failed or died, the server crashed in between)."""
+    def write(events: list[Any], pending: list[str]) -> bool:
+        """Chain `events` onto the head and commit them, deleting the `pending` intents."""
         nonlocal seq, head_hash
-        with store.begin() as tx:
-            intents = tx.audit.pending(node_id, before)
-        if not intents:
-            return
-        events = []
-        for _, created, text in intents:
-            event = orjson.loads(text)
-            event["additionalEventData"] = {**(event.get("additionalEventData") or {}), "recoveredFromIntent": True}
-            events.append((created, event))
         rows, new_seq, new_hash = chain(node_id, seq, head_hash, events)
-        appender.append(rows, node_id, [event_id for event_id, _, _ in intents])
+        try:
+            appender.append(rows, node_id, pending)
+        except Exception as exc:  # reported to the server as failed batches
+            log.error("audit batch of %d record(s) could not be written: %s", len(rows), type(exc).__name__)
+            try:  # normally unchanged; but a commit can succeed and still report a lost connection
+                seq, head_hash = durable_head()
+            except Exception as exc:
+                log.error("cannot read the audit chain's head: %s", type(exc).__name__)
+            return False
         seq, head_hash = new_seq, new_hash
-        log.warning("recorded %d call(s) from the intents they left: their own records were not written",
-                    len(rows))
+        return True
 
-    try:
-        recover(recover_before)
-    except Exception as exc:  # tried again later; the intents stay where they are
-        log.error("cannot record calls from their intents: %s", type(exc).__name__)
+    def recover(before: float) -> bool:
+        """Record the calls whose state change committed with its intent but whose own record
+        was never written (the writer failed or died, the server crashed in between), a chunk
+        per transaction. True if the head moved."""
+        moved = False
+        while True:
+            try:
+                with store.begin() as tx:
+                    intents = tx.audit.pending(node_id, before, RECOVERY_CHUNK)
+            except Exception as exc:
+                log.error("cannot read the intents of unrecorded calls: %s", type(exc).__name__)
+                return moved
+            if not intents:
+                return moved
+            events = []
+            for _, created, text in intents:
+                event = orjson.loads(text)
+                event["additionalEventData"] = {**(event.get("additionalEventData") or {}),
+                                                "recoveredFromIntent": True}
+                events.append((created, event))
+            ids = [event_id for event_id, _, _ in intents]
+            if not write(events, ids):  # the intents stay; tried again at the next recovery
+                return moved
+            recovered.update(ids)
+            moved = True
+            log.warning("recorded %d call(s) from the intents they left: their own records were not written",
+                        len(ids))
+
+    # The head first: the server waits for it, and the events it sends meanwhile wait in the pipe.
     write_all(fd_out, encode(["head", seq, head_hash]))
+    if recover(recover_before):
+        write_all(fd_out, encode(["head", seq, head_hash]))
     next_recovery = time.monotonic() + RECOVERY_INTERVAL
     reader = FrameReader()
     eof = False
@@ -145,31 +173,16 @@ def serve(node_id: str, url: str, recover_before: float, fd_in: int = 0, fd_out:
                 break
             frames += reader.feed(data)
         events = [timed for frame in frames if frame[0] == "events" for timed in frame[2]]
+        if recovered:  # a call recorded from its intent already (its record came late) is not recorded twice
+            events = [timed for timed in events if timed[1].get("eventID") not in recovered]
         pending = [event_id for frame in frames if frame[0] == "events" for event_id in frame[3]]
-        ok = True
-        if events:
-            rows, new_seq, new_hash = chain(node_id, seq, head_hash, events)
-            try:
-                appender.append(rows, node_id, pending)
-                seq, head_hash = new_seq, new_hash
-            except Exception as exc:  # reported to the server as failed batches
-                log.error("audit batch of %d record(s) could not be written: %s", len(rows), type(exc).__name__)
-                ok = False
-                try:  # normally unchanged; but a commit can succeed and still report a lost connection
-                    seq, head_hash = durable_head()
-                except Exception as exc:
-                    log.error("cannot read the audit chain's head: %s", type(exc).__name__)
+        ok = write(events, pending) if events else True
         answer = b"".join(encode(["ack", frame[1], ok and frame[0] == "events", seq, head_hash])
                           for frame in frames)
         if time.monotonic() >= next_recovery and not eof:
             next_recovery = time.monotonic() + RECOVERY_INTERVAL
-            try:
-                before = seq
-                recover(time.time() - RECOVERY_GRACE)
-                if seq != before:
-                    answer += encode(["head", seq, head_hash])
-            except Exception as exc:
-                log.error("cannot record calls from their intents: %s", type(exc).__name__)
+            if recover(time.time() - RECOVERY_GRACE):
+                answer += encode(["head", seq, head_hash])
         if answer:
             write_all(fd_out, answer)
     appender.close()

@@ -534,13 +534,13 @@ class AuditRepo:
         self.conn.execute(insert(t.audit_pending).values(node_id=node_id, event_id=event_id,
                                                          created=time.time(), event=event))
 
-    def pending(self, node_id: str, before: float) -> list[tuple[str, float, str]]:
-        """(event_id, created, event) of the node's intents written before `before`, the latest
-        of each call, oldest call first."""
+    def pending(self, node_id: str, before: float, limit: int) -> list[tuple[str, float, str]]:
+        """(event_id, created, event) of the node's oldest `limit` intents written before
+        `before`, the latest of each call, oldest call first."""
         rows = self.conn.execute(select(t.audit_pending.c.event_id, t.audit_pending.c.created,
                                         t.audit_pending.c.event)
                                  .where(t.audit_pending.c.node_id == node_id, t.audit_pending.c.created < before)
-                                 .order_by(t.audit_pending.c.id)).all()
+                                 .order_by(t.audit_pending.c.id).limit(limit)).all()
         latest = {str(r.event_id): (str(r.event_id), float(r.created), str(r.event)) for r in rows}
         return sorted(latest.values(), key=lambda intent: intent[1])
 
