@@ -147,7 +147,7 @@ def verify_chain(node_id: str, rows: Sequence[Row], digests: Iterable[Digest], p
                     following is None or _held_seq(following) == following.seq + held_seq - row.seq):
                 # From here on every record sits (held_seq - row.seq) places early: some were
                 # deleted and the later ones renumbered to close the gap.
-                first = held_seq - (held_seq - row.seq - shift)
+                first = row.seq + shift  # the first record missing, as first numbered
                 span = f"record {first}" if first == held_seq - 1 else f"records {first}-{held_seq - 1}"
                 report.problems.append(f"{prefix}{span} removed, and the records after renumbered to close "
                                        f"the gap (record {held_seq} is at position {row.seq})")
