@@ -478,7 +478,7 @@ class AuditAppender:
         self._head = f"INSERT INTO {t.audit_events.name} ({', '.join(self.COLUMNS)}) VALUES "
         self._sql: dict[int, str] = {}
 
-    def append(self, rows: list[tuple[Any, ...]], node_id: str = "", pending: list[str] | None = None) -> None:
+    def append(self, rows: list[tuple[Any, ...]], node_id: str, pending: list[str]) -> None:
         """Write `rows` in one transaction, deleting the node's `pending` intents (by event id)
         in the same one; raise (having rolled back) if that fails."""
         if self._conn is None:
@@ -493,8 +493,8 @@ class AuditAppender:
                     if sql is None:
                         sql = self._sql[len(chunk)] = self._head + ", ".join([self._group] * len(chunk))
                     cursor.execute(sql, [value for row in chunk for value in row])
-                for start in range(0, len(pending or ()), self.ROWS_PER_STATEMENT):
-                    ids = (pending or [])[start:start + self.ROWS_PER_STATEMENT]
+                for start in range(0, len(pending), self.ROWS_PER_STATEMENT):
+                    ids = pending[start:start + self.ROWS_PER_STATEMENT]
                     cursor.execute(f"DELETE FROM {t.audit_pending.name} WHERE node_id = {self._mark} "
                                    f"AND event_id IN ({', '.join([self._mark] * len(ids))})", [node_id, *ids])
             finally:
