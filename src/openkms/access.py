@@ -153,8 +153,12 @@ class AccessControl:
 
     def authorize(self, caller: Caller, key: Key, action: str, *,
                   encryption_context: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None,
-                  grant_tokens: Iterable[str] = ()) -> None:
-        """Raise AccessDeniedException unless `caller` may do `kms:<action>` with `key`."""
+                  grant_tokens: Iterable[str] = (), new_grant: Grant | None = None) -> None:
+        """Raise AccessDeniedException unless `caller` may do `kms:<action>` with `key`.
+
+        `new_grant`: for CreateGrant, the grant asked for; a caller allowed only by a grant may
+        create it only if it is at least as narrow as that grant. Such decisions are not cached
+        (they depend on the whole new grant, and CreateGrant is rare)."""
         policy, needs = self.key_policy(key)
         identities, identity_needs = self._identity_with_needs(caller.principal.principal_id)
         needs = needs | identity_needs
@@ -180,16 +184,17 @@ class AccessControl:
         # encryption context. Repeated requests are answered from here instead of re-evaluated.
         cache_key = (id(policy), id(identities), id(grants), principal, caller.account_id, action, key.arn,
                      _freeze(context), _freeze(encryption_context))
-        hit = self._decisions.get(cache_key)
+        hit = self._decisions.get(cache_key) if new_grant is None else None
         if hit is not None and hit[0] is policy and hit[1] is identities and hit[2] is grants:
             decision = hit[3]
         else:
             request = RequestContext(principal, caller.account_id, "kms:" + action, key.arn, key.account_id,
                                      context, encryption_context)
-            decision = evaluate(request, policy, identities, grants)
-            if len(self._decisions) >= MAX_CACHED:
-                self._decisions.clear()
-            self._decisions[cache_key] = (policy, identities, grants, decision)
+            decision = evaluate(request, policy, identities, grants, new_grant=new_grant)
+            if new_grant is None:
+                if len(self._decisions) >= MAX_CACHED:
+                    self._decisions.clear()
+                self._decisions[cache_key] = (policy, identities, grants, decision)
         if not decision.allowed:
             raise AccessDeniedException(decision.reason)
 

@@ -145,13 +145,13 @@ class KMS:
     def _forget_alias(self, account_id: str, name: str) -> None:
         self._aliases.pop((account_id, name))
 
-    def _resolve(self, caller: Caller, key_ref: str, allow_alias: bool = True, *, action: str | None = None,
-                 encryption_context: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None) -> Key:
-        """A key id, key ARN, alias name or alias ARN -> the key, if the caller may `action` it.
+    def _find(self, caller: Caller, key_ref: str, allow_alias: bool = True) -> tuple[Key, str | None]:
+        """A key id, key ARN, alias name or alias ARN -> (the key, the alias name it was named by).
 
-        `action` defaults to the operation being called; "" skips the policy check (for callers that
-        have already authorized). A key of another account can only be named by its key ARN;
-        aliases never resolve across accounts.
+        No authorization: only for paths where an explicit decision follows (Decrypt routes by the
+        blob's key; ListAliases filters by a key the caller names). Everything else goes through
+        `_authorized`. A key of another account can only be named by its key ARN; aliases never
+        resolve across accounts.
         """
         account = caller.account_id
         key_id: str | None
@@ -186,17 +186,31 @@ class KMS:
         if key is None or key.account_id != owner:
             raise NotFoundException(f"Key 'arn:aws:kms:{self.region}:{owner}:key/{key_id}' does not exist")
         note_key(key.arn, key.account_id)
-        if action is None:
-            if not caller.operation:
-                # Fail closed: a key must never be resolved without knowing what it is wanted for.
-                raise KMSInternalException("A key was resolved outside an operation.")
-            action = caller.operation
-        if action:
-            if request_alias is not None:
-                extra = {**(extra or {}), "kms:RequestAlias": request_alias}
-            self.access.authorize(caller, key, action, encryption_context=encryption_context, extra=extra,
-                                  grant_tokens=caller.grant_tokens)
+        return key, request_alias
+
+    def _authorized(self, caller: Caller, key_ref: str, action: str, *, allow_alias: bool = True,
+                    encryption_context: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None,
+                    new_grant: Grant | None = None) -> Key:
+        """The key `key_ref` names, if the caller may `kms:<action>` it; AccessDeniedException if not.
+
+        Every path from a request to a key passes here, or through `_find` followed by `_decide`.
+        """
+        key, request_alias = self._find(caller, key_ref, allow_alias)
+        self._decide(caller, key, action, request_alias=request_alias, encryption_context=encryption_context,
+                     extra=extra, new_grant=new_grant)
         return key
+
+    def _decide(self, caller: Caller, key: Key, action: str, *, request_alias: str | None = None,
+                encryption_context: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None,
+                new_grant: Grant | None = None) -> None:
+        """The one authorization decision for a request on `key` (key policy, identity policies, grants)."""
+        if not action:
+            # Fail closed: there is no way to ask for a key without saying what it is wanted for.
+            raise KMSInternalException("A key was looked up without an action to authorize.")
+        if request_alias is not None:
+            extra = {**(extra or {}), "kms:RequestAlias": request_alias}
+        self.access.authorize(caller, key, action, encryption_context=encryption_context, extra=extra,
+                              grant_tokens=caller.grant_tokens, new_grant=new_grant)
 
     def _check_usable(self, key: Key) -> None:
         if key.state is KeyState.ENABLED:
@@ -214,10 +228,10 @@ class KMS:
         if key.state is KeyState.PENDING_DELETION:
             raise KMSInvalidStateException(f"{key.arn} is pending deletion.")
 
-    def _crypto_key(self, caller: Caller, key_ref: str, usage: KeyUsage, algorithm: str | None, *,
-                    encryption_context: Mapping[str, str] | None = None, action: str | None = None) -> Key:
+    def _crypto_key(self, caller: Caller, key_ref: str, action: str, usage: KeyUsage, algorithm: str | None, *,
+                    encryption_context: Mapping[str, str] | None = None) -> Key:
         extra = {ALGORITHM_CONDITION[usage]: algorithm} if algorithm else None
-        key = self._resolve(caller, key_ref, action=action, extra=extra,
+        key = self._authorized(caller, key_ref, action, extra=extra,
                             encryption_context=encryption_context if encryption_context is not None else
                             ({} if usage is KeyUsage.ENCRYPT_DECRYPT else None))
         self._check_for_use(key, usage, algorithm)
@@ -318,7 +332,7 @@ class KMS:
         return {"KeyMetadata": self.key_metadata(key)}
 
     def describe_key(self, caller: Caller, p: Params) -> Result:
-        return {"KeyMetadata": self.key_metadata(self._resolve(caller, p["KeyId"]))}
+        return {"KeyMetadata": self.key_metadata(self._authorized(caller, p["KeyId"], "DescribeKey"))}
 
     def list_keys(self, caller: Caller, p: Params) -> Result:
         self.access.authorize_identity(caller, "ListKeys")
@@ -333,7 +347,7 @@ class KMS:
         return result
 
     def enable_key(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "EnableKey", allow_alias=False)
         if key.state is KeyState.DISABLED:
             self._save(dataclasses.replace(key, state=KeyState.ENABLED))
         elif key.state is not KeyState.ENABLED:
@@ -341,7 +355,7 @@ class KMS:
         return {}
 
     def disable_key(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "DisableKey", allow_alias=False)
         if key.state is KeyState.ENABLED:
             self._save(dataclasses.replace(key, state=KeyState.DISABLED))
         elif key.state is not KeyState.DISABLED:
@@ -349,7 +363,7 @@ class KMS:
         return {}
 
     def schedule_key_deletion(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "ScheduleKeyDeletion", allow_alias=False)
         days = p.get("PendingWindowInDays")
         days = 30 if days is None else days
         if not 7 <= days <= 30:
@@ -364,7 +378,7 @@ class KMS:
                 "PendingWindowInDays": days}
 
     def cancel_key_deletion(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "CancelKeyDeletion", allow_alias=False)
         if key.state is not KeyState.PENDING_DELETION:
             raise KMSInvalidStateException(f"{key.arn} is not pending deletion.")
         key = self._save(dataclasses.replace(key, state=KeyState.DISABLED, deletion_date=None,
@@ -372,7 +386,7 @@ class KMS:
         return {"KeyId": key.arn}
 
     def update_key_description(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "UpdateKeyDescription", allow_alias=False)
         self._check_not_pending_deletion(key)
         self._save(dataclasses.replace(key, description=p["Description"]))
         return {}
@@ -411,7 +425,7 @@ class KMS:
 
     def tag_resource(self, caller: Caller, p: Params) -> Result:
         tags = self._checked_tags(p["Tags"])
-        key = self._resolve(caller, p["KeyId"], allow_alias=False, extra=_tag_conditions(tags))
+        key = self._authorized(caller, p["KeyId"], "TagResource", allow_alias=False, extra=_tag_conditions(tags))
         self._check_not_pending_deletion(key)
         with self.store.begin() as tx:
             existing = dict(tx.tags.list(key.key_id))
@@ -423,7 +437,8 @@ class KMS:
         return {}
 
     def untag_resource(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False, extra={"aws:TagKeys": list(p["TagKeys"])})
+        key = self._authorized(caller, p["KeyId"], "UntagResource", allow_alias=False,
+                               extra={"aws:TagKeys": list(p["TagKeys"])})
         self._check_not_pending_deletion(key)
         with self.store.begin() as tx:
             for k in p["TagKeys"]:
@@ -432,7 +447,7 @@ class KMS:
         return {}
 
     def list_resource_tags(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "ListResourceTags", allow_alias=False)
         limit = p.get("Limit") or 50
         if limit > 50:
             raise ValidationException("Limit must be between 1 and 50.")
@@ -457,7 +472,7 @@ class KMS:
     def create_alias(self, caller: Caller, p: Params) -> Result:
         name = p["AliasName"]
         self._check_alias_name(name)
-        key = self._own_key(caller, self._resolve(caller, p["TargetKeyId"], allow_alias=False))
+        key = self._own_key(caller, self._authorized(caller, p["TargetKeyId"], "CreateAlias", allow_alias=False))
         self._check_not_pending_deletion(key)
         now = self.now()
         with self.store.begin() as tx:
@@ -479,7 +494,7 @@ class KMS:
     def update_alias(self, caller: Caller, p: Params) -> Result:
         name = p["AliasName"]
         self._check_alias_name(name)
-        key = self._own_key(caller, self._resolve(caller, p["TargetKeyId"], allow_alias=False))
+        key = self._own_key(caller, self._authorized(caller, p["TargetKeyId"], "UpdateAlias", allow_alias=False))
         self._check_not_pending_deletion(key)
         with self.store.begin() as tx:
             alias = tx.aliases.get(caller.account_id, name)
@@ -491,7 +506,7 @@ class KMS:
                 raise ValidationException(
                     "The new target key must have the same key spec and key usage as the current one.")
             if current is not None:
-                self.access.authorize(caller, current, "UpdateAlias", grant_tokens=caller.grant_tokens)
+                self._decide(caller, current, "UpdateAlias")
             tx.aliases.retarget(caller.account_id, name, key.key_id, self.now())
         self._forget_alias(caller.account_id, name)
         self.access.forget_lookups(key.key_id)
@@ -507,7 +522,7 @@ class KMS:
                 raise NotFoundException(f"Alias {alias_arn(self.region, caller.account_id, name)} is not found.")
             target = tx.keys.get(alias.target_key_id)
         if target is not None:
-            self.access.authorize(caller, target, "DeleteAlias", grant_tokens=caller.grant_tokens)
+            self._decide(caller, target, "DeleteAlias")
             self.access.forget_lookups(target.key_id)
         with self.store.begin() as tx:
             tx.aliases.delete(caller.account_id, name)
@@ -519,7 +534,8 @@ class KMS:
         if limit > 100:
             raise ValidationException("Limit must be between 1 and 100.")
         self.access.authorize_identity(caller, "ListAliases")
-        key_id = (self._own_key(caller, self._resolve(caller, p["KeyId"], allow_alias=False, action="")).key_id
+        # ListAliases is authorized by identity policies alone (above); the key only filters.
+        key_id = (self._own_key(caller, self._find(caller, p["KeyId"], allow_alias=False)[0]).key_id
                   if p.get("KeyId") else None)
         after = _decode_marker(p.get("Marker"))
         with self.store.begin() as tx:
@@ -555,11 +571,13 @@ class KMS:
                  key_ref: str | None, algorithm: str | None, action: str) -> tuple[Key, bytes, str]:
         """Decrypt a symmetric blob (it names its key) or an RSA ciphertext (KeyId required)."""
         algorithm = algorithm or "SYMMETRIC_DEFAULT"
-        requested = self._resolve(caller, key_ref, action="") if key_ref is not None else None
+        # The KeyId only routes (an RSA ciphertext) or is compared with the blob's key: the decision
+        # is made below, on the key that will do the decrypting.
+        requested, request_alias = self._find(caller, key_ref) if key_ref is not None else (None, None)
         if requested is not None and not requested.spec.symmetric:
             key = requested
-            self.access.authorize(caller, key, action, extra={"kms:EncryptionAlgorithm": algorithm},
-                                  grant_tokens=caller.grant_tokens)
+            self._decide(caller, key, action, request_alias=request_alias,
+                         extra={"kms:EncryptionAlgorithm": algorithm})
             self._check_for_use(key, KeyUsage.ENCRYPT_DECRYPT, algorithm)
             if context:
                 raise ValidationException("EncryptionContext is not supported with asymmetric keys.")
@@ -572,8 +590,8 @@ class KMS:
         if key is None or not key.spec.symmetric:
             raise InvalidCiphertextException()
         note_key(key.arn, key.account_id)
-        self.access.authorize(caller, key, action, encryption_context=context or {},
-                              extra={"kms:EncryptionAlgorithm": algorithm}, grant_tokens=caller.grant_tokens)
+        self._decide(caller, key, action, request_alias=request_alias if requested is not None else None,
+                     encryption_context=context or {}, extra={"kms:EncryptionAlgorithm": algorithm})
         self._check_for_use(key, KeyUsage.ENCRYPT_DECRYPT, algorithm)
         if header.version > key.current_version:
             # Another node may have rotated the key since this node cached it.
@@ -585,7 +603,7 @@ class KMS:
 
     def encrypt(self, caller: Caller, p: Params) -> Result:
         algorithm = p.get("EncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, algorithm,
+        key = self._crypto_key(caller, p["KeyId"], "Encrypt", KeyUsage.ENCRYPT_DECRYPT, algorithm,
                                encryption_context=p.get("EncryptionContext") or {})
         self._dry_run(p)
         ciphertext = self._encrypt(key, p["Plaintext"], p.get("EncryptionContext"), algorithm)
@@ -610,8 +628,8 @@ class KMS:
     def re_encrypt(self, caller: Caller, p: Params) -> Result:
         self._require(p, "CiphertextBlob")
         dest_alg = p.get("DestinationEncryptionAlgorithm") or "SYMMETRIC_DEFAULT"
-        dest = self._crypto_key(caller, p["DestinationKeyId"], KeyUsage.ENCRYPT_DECRYPT, dest_alg,
-                                encryption_context=p.get("DestinationEncryptionContext") or {}, action="ReEncryptTo")
+        dest = self._crypto_key(caller, p["DestinationKeyId"], "ReEncryptTo", KeyUsage.ENCRYPT_DECRYPT, dest_alg,
+                                encryption_context=p.get("DestinationEncryptionContext") or {})
         source, plaintext, source_alg = self._decrypt(
             caller, p["CiphertextBlob"], p.get("SourceEncryptionContext"), p.get("SourceKeyId"),
             p.get("SourceEncryptionAlgorithm"), "ReEncryptFrom")
@@ -630,7 +648,7 @@ class KMS:
     def generate_data_key(self, caller: Caller, p: Params) -> Result:
         self._no_recipient(p)
         length = self._data_key_length(p)
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
+        key = self._crypto_key(caller, p["KeyId"], "GenerateDataKey", KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
                                encryption_context=p.get("EncryptionContext") or {})
         self._dry_run(p)
         plaintext = os.urandom(length)
@@ -639,8 +657,8 @@ class KMS:
 
     def generate_data_key_without_plaintext(self, caller: Caller, p: Params) -> Result:
         length = self._data_key_length(p)
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
-                               encryption_context=p.get("EncryptionContext") or {})
+        key = self._crypto_key(caller, p["KeyId"], "GenerateDataKeyWithoutPlaintext", KeyUsage.ENCRYPT_DECRYPT,
+                               "SYMMETRIC_DEFAULT", encryption_context=p.get("EncryptionContext") or {})
         self._dry_run(p)
         ciphertext = self._encrypt(key, os.urandom(length), p.get("EncryptionContext"), "SYMMETRIC_DEFAULT")
         return {"CiphertextBlob": ciphertext, "KeyId": key.arn}
@@ -655,7 +673,7 @@ class KMS:
 
     # -- asymmetric and HMAC operations -------------------------------------------------------
     def get_public_key(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"])
+        key = self._authorized(caller, p["KeyId"], "GetPublicKey")
         if key.spec.symmetric or key.key_usage is KeyUsage.GENERATE_VERIFY_MAC:
             raise UnsupportedOperationException(f"{key.arn} is not an asymmetric key; it has no public key.")
         self._check_usable(key)
@@ -665,14 +683,14 @@ class KMS:
 
     def sign(self, caller: Caller, p: Params) -> Result:
         algorithm = p["SigningAlgorithm"]
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.SIGN_VERIFY, algorithm)
+        key = self._crypto_key(caller, p["KeyId"], "Sign", KeyUsage.SIGN_VERIFY, algorithm)
         self._dry_run(p)
         signature = self.keystore.sign(key, algorithm, p["Message"], p.get("MessageType") or "RAW")
         return {"KeyId": key.arn, "Signature": signature, "SigningAlgorithm": algorithm}
 
     def verify(self, caller: Caller, p: Params) -> Result:
         algorithm = p["SigningAlgorithm"]
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.SIGN_VERIFY, algorithm)
+        key = self._crypto_key(caller, p["KeyId"], "Verify", KeyUsage.SIGN_VERIFY, algorithm)
         valid = self.keystore.verify(key, algorithm, p["Message"], p.get("MessageType") or "RAW", p["Signature"])
         if not valid:
             raise KMSInvalidSignatureException("The signature is not valid for this message, key and algorithm.")
@@ -681,13 +699,13 @@ class KMS:
 
     def generate_mac(self, caller: Caller, p: Params) -> Result:
         algorithm = p["MacAlgorithm"]
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.GENERATE_VERIFY_MAC, algorithm)
+        key = self._crypto_key(caller, p["KeyId"], "GenerateMac", KeyUsage.GENERATE_VERIFY_MAC, algorithm)
         self._dry_run(p)
         return {"Mac": self.keystore.mac(key, algorithm, p["Message"]), "MacAlgorithm": algorithm, "KeyId": key.arn}
 
     def verify_mac(self, caller: Caller, p: Params) -> Result:
         algorithm = p["MacAlgorithm"]
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.GENERATE_VERIFY_MAC, algorithm)
+        key = self._crypto_key(caller, p["KeyId"], "VerifyMac", KeyUsage.GENERATE_VERIFY_MAC, algorithm)
         if not self.keystore.mac_matches(key, algorithm, p["Message"], p["Mac"]):
             raise KMSInvalidMacException("The MAC is not valid for this message, key and algorithm.")
         self._dry_run(p)
@@ -696,17 +714,17 @@ class KMS:
     def derive_shared_secret(self, caller: Caller, p: Params) -> Result:
         self._no_recipient(p)
         algorithm = p["KeyAgreementAlgorithm"]
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.KEY_AGREEMENT, algorithm)
+        key = self._crypto_key(caller, p["KeyId"], "DeriveSharedSecret", KeyUsage.KEY_AGREEMENT, algorithm)
         secret = self.keystore.derive_shared_secret(key, p["PublicKey"])
         self._dry_run(p)
         return {"KeyId": key.arn, "SharedSecret": secret, "KeyAgreementAlgorithm": algorithm,
                 "KeyOrigin": key.origin.value}
 
-    def _data_key_pair(self, caller: Caller, p: Params) -> tuple[Key, bytes, bytes, bytes]:
+    def _data_key_pair(self, caller: Caller, p: Params, operation: str) -> tuple[Key, bytes, bytes, bytes]:
         pair_spec = p["KeyPairSpec"]
         if pair_spec not in DATA_KEY_PAIR_SPECS:
             raise UnsupportedOperationException(f"KeyPairSpec {pair_spec} is not supported by this server.")
-        key = self._crypto_key(caller, p["KeyId"], KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
+        key = self._crypto_key(caller, p["KeyId"], operation, KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
                                encryption_context=p.get("EncryptionContext") or {})
         self._dry_run(p)
         private_der, public_der = self.keystore.new_key_pair(pair_spec)
@@ -715,31 +733,31 @@ class KMS:
 
     def generate_data_key_pair(self, caller: Caller, p: Params) -> Result:
         self._no_recipient(p)
-        key, private_der, public_der, wrapped = self._data_key_pair(caller, p)
+        key, private_der, public_der, wrapped = self._data_key_pair(caller, p, "GenerateDataKeyPair")
         return {"PrivateKeyCiphertextBlob": wrapped, "PrivateKeyPlaintext": private_der, "PublicKey": public_der,
                 "KeyId": key.arn, "KeyPairSpec": p["KeyPairSpec"]}
 
     def generate_data_key_pair_without_plaintext(self, caller: Caller, p: Params) -> Result:
-        key, _, public_der, wrapped = self._data_key_pair(caller, p)
+        key, _, public_der, wrapped = self._data_key_pair(caller, p, "GenerateDataKeyPairWithoutPlaintext")
         return {"PrivateKeyCiphertextBlob": wrapped, "PublicKey": public_der, "KeyId": key.arn,
                 "KeyPairSpec": p["KeyPairSpec"]}
 
     def get_key_last_usage(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "GetKeyLastUsage", allow_alias=False)
         last = self.usage.last(key.key_id) if self.usage is not None else None
         return {"KeyId": key.key_id, "KeyLastUsage": last or {}, "TrackingStartDate": key.created,
                 "KeyCreationDate": key.created}
 
     # -- rotation -----------------------------------------------------------------------------
-    def _rotatable(self, caller: Caller, key_ref: str) -> Key:
-        key = self._resolve(caller, key_ref, allow_alias=False)
+    def _rotatable(self, caller: Caller, key_ref: str, action: str) -> Key:
+        key = self._authorized(caller, key_ref, action, allow_alias=False)
         if not key.spec.symmetric:
             raise UnsupportedOperationException(f"{key.arn} is not a symmetric encryption key; it cannot rotate.")
         self._check_not_pending_deletion(key)
         return key
 
     def enable_key_rotation(self, caller: Caller, p: Params) -> Result:
-        key = self._rotatable(caller, p["KeyId"])
+        key = self._rotatable(caller, p["KeyId"], "EnableKeyRotation")
         if key.origin is Origin.EXTERNAL:
             raise UnsupportedOperationException(
                 f"{key.arn} has imported key material: automatic rotation is not available; "
@@ -751,14 +769,14 @@ class KMS:
         return {}
 
     def disable_key_rotation(self, caller: Caller, p: Params) -> Result:
-        key = self._rotatable(caller, p["KeyId"])
+        key = self._rotatable(caller, p["KeyId"], "DisableKeyRotation")
         if key.state is KeyState.DISABLED:
             raise DisabledException(f"{key.arn} is disabled.")
         self._save(dataclasses.replace(key, rotation_period_days=None, next_rotation=None))
         return {}
 
     def get_key_rotation_status(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"])
+        key = self._authorized(caller, p["KeyId"], "GetKeyRotationStatus")
         if not key.spec.symmetric:
             raise UnsupportedOperationException(f"{key.arn} is not a symmetric encryption key; it cannot rotate.")
         result: Result = {"KeyId": key.arn, "KeyRotationEnabled": key.rotation_period_days is not None}
@@ -768,7 +786,7 @@ class KMS:
         return result
 
     def rotate_key_on_demand(self, caller: Caller, p: Params) -> Result:
-        key = self._rotatable(caller, p["KeyId"])
+        key = self._rotatable(caller, p["KeyId"], "RotateKeyOnDemand")
         self._check_usable(key)
         with self.store.begin() as tx:
             key = tx.keys.get(key.key_id, for_update=True) or key
@@ -804,7 +822,7 @@ class KMS:
         return key
 
     def list_key_rotations(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "ListKeyRotations", allow_alias=False)
         if not key.spec.symmetric:
             raise UnsupportedOperationException(f"{key.arn} is not a symmetric encryption key; it cannot rotate.")
         limit = p.get("Limit") or 100
@@ -857,15 +875,15 @@ class KMS:
         return [k.key_id for k in rotated]
 
     # -- BYOK: import of key material ----------------------------------------------------------
-    def _importable(self, caller: Caller, key_ref: str) -> Key:
-        key = self._resolve(caller, key_ref, allow_alias=False)
+    def _importable(self, caller: Caller, key_ref: str, action: str) -> Key:
+        key = self._authorized(caller, key_ref, action, allow_alias=False)
         if key.origin is not Origin.EXTERNAL:
             raise UnsupportedOperationException(f"{key.arn} was not created with Origin EXTERNAL.")
         self._check_not_pending_deletion(key)
         return key
 
     def get_parameters_for_import(self, caller: Caller, p: Params) -> Result:
-        key = self._importable(caller, p["KeyId"])
+        key = self._importable(caller, p["KeyId"], "GetParametersForImport")
         wrap.check_supported(p["WrappingKeySpec"], p["WrappingAlgorithm"])
         token = os.urandom(32)
         token_id = hashlib.sha256(token).hexdigest()
@@ -877,7 +895,7 @@ class KMS:
         return {"KeyId": key.arn, "ImportToken": token, "PublicKey": public_der, "ParametersValidTo": valid_to}
 
     def import_key_material(self, caller: Caller, p: Params) -> Result:
-        key = self._importable(caller, p["KeyId"])
+        key = self._importable(caller, p["KeyId"], "ImportKeyMaterial")
         token_id = hashlib.sha256(p["ImportToken"]).hexdigest()
         with self.store.begin() as tx:
             token = tx.import_tokens.get(token_id)
@@ -948,7 +966,7 @@ class KMS:
         return model, valid_to
 
     def delete_imported_key_material(self, caller: Caller, p: Params) -> Result:
-        key = self._importable(caller, p["KeyId"])
+        key = self._importable(caller, p["KeyId"], "DeleteImportedKeyMaterial")
         with self.store.begin() as tx:
             versions = tx.versions.list(key.key_id)
             target = p.get("KeyMaterialId")
@@ -1005,7 +1023,7 @@ class KMS:
         return text
 
     def get_key_policy(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "GetKeyPolicy", allow_alias=False)
         name = p.get("PolicyName") or "default"
         if name != "default":
             raise NotFoundException(f"No such policy exists: {name}")
@@ -1013,7 +1031,7 @@ class KMS:
 
     def put_key_policy(self, caller: Caller, p: Params) -> Result:
         bypass = bool(p.get("BypassPolicyLockoutSafetyCheck"))
-        key = self._resolve(caller, p["KeyId"], allow_alias=False,
+        key = self._authorized(caller, p["KeyId"], "PutKeyPolicy", allow_alias=False,
                             extra={"kms:BypassPolicyLockoutSafetyCheck": bypass})
         if (p.get("PolicyName") or "default") != "default":
             raise NotFoundException(f"No such policy exists: {p['PolicyName']}")
@@ -1022,7 +1040,7 @@ class KMS:
         return {}
 
     def list_key_policies(self, caller: Caller, p: Params) -> Result:
-        self._resolve(caller, p["KeyId"], allow_alias=False)
+        self._authorized(caller, p["KeyId"], "ListKeyPolicies", allow_alias=False)
         return {"PolicyNames": ["default"], "Truncated": False}
 
     # -- grants -------------------------------------------------------------------------------
@@ -1042,11 +1060,13 @@ class KMS:
             extra["kms:RetiringPrincipal"] = retiring
         if constraints:
             extra["kms:GrantConstraintType"] = sorted(constraints)
-        key = self._resolve(caller, p["KeyId"], allow_alias=False, extra=extra)
-        self._check_not_pending_deletion(key)
         grant = Grant(grantee_principal=grantee, operations=frozenset(operations), retiring_principal=retiring,
                       encryption_context_subset=(constraints or {}).get("EncryptionContextSubset"),
                       encryption_context_equals=(constraints or {}).get("EncryptionContextEquals"))
+        # `new_grant`: a caller whose CreateGrant permission comes from a grant may only create
+        # grants at least as narrow as that grant (AWS's rule); the decision checks it.
+        key = self._authorized(caller, p["KeyId"], "CreateGrant", allow_alias=False, extra=extra, new_grant=grant)
+        self._check_not_pending_deletion(key)
         self._dry_run(p)
         token = base64.urlsafe_b64encode(os.urandom(48)).decode()
         name = p.get("Name")
@@ -1083,7 +1103,7 @@ class KMS:
         return entry
 
     def list_grants(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "ListGrants", allow_alias=False)
         limit = p.get("Limit") or 50
         after = _decode_marker(p.get("Marker"))
         with self.store.begin() as tx:
@@ -1147,7 +1167,7 @@ class KMS:
         return {}
 
     def revoke_grant(self, caller: Caller, p: Params) -> Result:
-        key = self._resolve(caller, p["KeyId"], allow_alias=False)
+        key = self._authorized(caller, p["KeyId"], "RevokeGrant", allow_alias=False)
         self._dry_run(p)
         with self.store.begin() as tx:
             row = tx.grants.get(p["GrantId"])

@@ -284,3 +284,45 @@ NARROWER_CASES = [
 )
 def test_is_narrower_grant(child: Grant, parent: Grant, expected: bool) -> None:
     assert is_narrower_grant(child, parent) is expected
+
+
+# -- CreateGrant through a grant: the new grant may not be wider (evaluate's new_grant) --------------
+
+def test_create_grant_from_a_grant_only_as_narrow_as_that_grant() -> None:
+    parent = grant(BOB, "CreateGrant", "Decrypt", encryption_context_equals={"tenant": "t1"})
+    ask = request(BOB, "kms:CreateGrant")
+    narrow = grant(ALICE, "Decrypt", encryption_context_equals={"tenant": "t1"})
+    assert evaluate(ask, DEFAULT, (), [parent], new_grant=narrow).basis is Basis.GRANT
+    for wide in (grant(ALICE, "Decrypt"),
+                 grant(ALICE, "Decrypt", "Encrypt", encryption_context_equals={"tenant": "t1"}),
+                 grant(ALICE, "Decrypt", encryption_context_subset={"tenant": "t1"})):
+        decision = evaluate(ask, DEFAULT, (), [parent], new_grant=wide)
+        assert not decision.allowed and decision.basis is Basis.WIDER_THAN_PARENT_GRANT
+        assert decision.reason.startswith(f"User: {BOB} is not authorized to perform: kms:CreateGrant on resource: ")
+
+
+def test_a_second_grant_wide_enough_allows_it() -> None:
+    narrow_parent = grant(BOB, "CreateGrant", "Decrypt", encryption_context_equals={"tenant": "t1"})
+    wide_parent = grant(BOB, "CreateGrant", "Decrypt", "Encrypt")
+    wanted = grant(ALICE, "Decrypt", "Encrypt")
+    assert evaluate(request(BOB, "kms:CreateGrant"), DEFAULT, (), [narrow_parent, wide_parent],
+                    new_grant=wanted).allowed
+
+
+def test_create_grant_allowed_by_a_policy_is_not_limited() -> None:
+    # The account's root (the key policy names it) may grant anything, whatever its grants say.
+    root = f"arn:aws:iam::{ACCT}:root"
+    parent = grant(root, "CreateGrant")
+    decision = evaluate(RequestContext(root, ACCT, "kms:CreateGrant", KEY), DEFAULT, (), [parent],
+                        new_grant=grant(ALICE, "Decrypt", "Encrypt"))
+    assert decision.allowed and decision.basis is Basis.KEY_POLICY
+
+
+def test_create_grant_through_an_account_grant_is_limited_too() -> None:
+    identity = parse_identity_policy(json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "kms:CreateGrant", "Resource": KEY}]}))
+    parent = grant(OTHER_ROOT, "CreateGrant", "Decrypt", encryption_context_subset={"tenant": "c"})
+    ask = RequestContext(CAROL, OTHER, "kms:CreateGrant", KEY)
+    assert not evaluate(ask, DEFAULT, [identity], [parent], new_grant=grant(CAROL, "Decrypt")).allowed
+    assert evaluate(ask, DEFAULT, [identity], [parent],
+                    new_grant=grant(CAROL, "Decrypt", encryption_context_subset={"tenant": "c", "x": "y"})).allowed

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from ..errors import AccessDeniedException, KMSInternalException
 from .document import Policy, PolicyKind, PrincipalMatch, Statement, parse_key_policy
-from .grants import Grant, grant_allows, grant_allows_via_account
+from .grants import Grant, grant_allows, grant_allows_via_account, is_narrower_grant
 from .request import ContextValue, RequestContext, root_arn
 
 
@@ -52,6 +52,7 @@ class Basis(enum.Enum):
     EXPLICIT_DENY_IDENTITY = "explicit-deny:identity-based"
     NO_RESOURCE_ALLOW = "implicit-deny:no-resource-based-allow"
     NO_IDENTITY_ALLOW = "implicit-deny:no-identity-based-allow"
+    WIDER_THAN_PARENT_GRANT = "deny:grant-wider-than-parent-grant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +158,18 @@ def evaluate(
     key_policy: Policy | None,
     identity_policies: Iterable[Policy] = (),
     grants: Iterable[Grant] = (),
+    new_grant: Grant | None = None,
 ) -> Decision:
     """Decide a request against the key's policy, the caller's identity policies and the key's grants.
 
     ``key_policy`` is None for operations that involve no key. Default deny: the request is allowed
     only as the module docstring lays out.
+
+    ``new_grant`` is the grant a ``kms:CreateGrant`` request asks for. A caller whom only a grant
+    allows CreateGrant may create only grants at least as narrow as that grant (its operations or
+    fewer, its constraints or stricter: :func:`is_narrower_grant`); a wider one is denied. A caller
+    whom a policy allows CreateGrant is not limited so (AWS's rule, "Granting CreateGrant
+    permission").
     """
     identities = tuple(identity_policies)
     _check_kinds(key_policy, identities)
@@ -218,17 +226,30 @@ def evaluate(
         )
 
     grant_list = tuple(grants)
+    too_wide: Grant | None = None  # a grant that allows the request, but not the grant asked for
     for grant in grant_list:
         if grant_allows(grant, request):
-            return Decision(True, "allowed by a grant", Basis.GRANT, grant.grant_id or None)
+            if new_grant is None or is_narrower_grant(new_grant, grant):
+                return Decision(True, "allowed by a grant", Basis.GRANT, grant.grant_id or None)
+            too_wide = too_wide or grant
     for grant in grant_list:
         if grant_allows_via_account(grant, request) and identity_allows():
-            return Decision(
-                True,
-                "allowed by a grant to the account and an identity-based policy",
-                Basis.ACCOUNT_GRANT_AND_IDENTITY_POLICY,
-                grant.grant_id or None,
-            )
+            if new_grant is None or is_narrower_grant(new_grant, grant):
+                return Decision(
+                    True,
+                    "allowed by a grant to the account and an identity-based policy",
+                    Basis.ACCOUNT_GRANT_AND_IDENTITY_POLICY,
+                    grant.grant_id or None,
+                )
+            too_wide = too_wide or grant
+    if too_wide is not None:
+        return _denied(
+            request,
+            "because a grant allows kms:CreateGrant only for grants with the same or fewer operations "
+            "and the same or stricter constraints",
+            Basis.WIDER_THAN_PARENT_GRANT,
+            too_wide.grant_id or None,
+        )
 
     if level is not PrincipalMatch.NONE:
         return _denied(request, no_identity, Basis.NO_IDENTITY_ALLOW)
