@@ -135,8 +135,8 @@ def test_create_account_with_id_and_duplicate(admin: AdminCli) -> None:
 
 def test_users_and_access_keys(admin: AdminCli, tenant: Tenant) -> None:
     user = admin("create-user", "--account-id", tenant.account_id, "--user-name", "ops")["User"]
-    assert user == {"UserName": "ops", "AccountId": tenant.account_id, "Admin": False,
-                    "Arn": f"arn:aws:iam::{tenant.account_id}:user/ops"}
+    assert user == {"UserName": "ops", "AccountId": tenant.account_id, "Admin": False, "Operator": False,
+                    "Level": "user", "Arn": f"arn:aws:iam::{tenant.account_id}:user/ops"}
     admin.fails("AlreadyExistsException", "create-user", "--account-id", tenant.account_id, "--user-name", "ops")
     admin.fails("NotFoundException", "create-user", "--account-id", "999999999999", "--user-name", "x")
 

@@ -18,6 +18,7 @@ from .cache import TTLCache
 from .crypto.root import RootKey
 from .errors import (
     AlreadyExistsException,
+    DeleteConflictException,
     InvalidCiphertextException,
     KMSInternalException,
     NotFoundException,
@@ -94,9 +95,9 @@ class Accounts:
             return tx.accounts.count() == 0
 
     def bootstrap(self, account_id: str | None, access_key_id: str | None, secret: str | None) -> IssuedKey:
-        """First start: one account, an admin user in it, and that user's access key."""
+        """First start: one account, an operator in it, and that user's access key."""
         account = self.create_account(name="admin", account_id=account_id)
-        self.create_user(account.account_id, "admin", is_admin=True)
+        self.create_user(account.account_id, "admin", is_admin=True, is_operator=True)
         return self.create_access_key(account.account_id, "admin", access_key_id=access_key_id, secret=secret)
 
     # -- administration ---------------------------------------------------------------------
@@ -124,10 +125,11 @@ class Accounts:
             raise NotFoundException(f"Account {account_id} does not exist.")
         return account
 
-    def create_user(self, account_id: str, name: str, is_admin: bool = False) -> Principal:
+    def create_user(self, account_id: str, name: str, is_admin: bool = False, is_operator: bool = False) -> Principal:
         if not USER_NAME_RE.match(name):
             raise ValidationException("A user name is 1 to 64 characters of letters, digits and +=,.@_-")
-        principal = Principal(uuid.uuid4().hex, account_id, name, is_admin, datetime.now(UTC))
+        principal = Principal(uuid.uuid4().hex, account_id, name, is_admin or is_operator, datetime.now(UTC),
+                              is_operator)
         with self._store.begin() as tx:
             if tx.accounts.get(account_id) is None:
                 raise NotFoundException(f"Account {account_id} does not exist.")
@@ -141,6 +143,45 @@ class Accounts:
             if tx.accounts.get(account_id) is None:
                 raise NotFoundException(f"Account {account_id} does not exist.")
             return tx.accounts.principals(account_id)
+
+    def delete_user(self, account_id: str, name: str) -> Principal:
+        """Delete a user, its access keys (they stop working at once on this node) and its policies."""
+        with self._store.begin() as tx:
+            principal = tx.accounts.principal_by_name(account_id, name)
+            if principal is None:
+                raise NotFoundException(f"User {name} does not exist in account {account_id}.")
+            key_ids = tx.accounts.delete_principal(principal.principal_id)
+        for key_id in key_ids:
+            self._forget(key_id)
+        return principal
+
+    def delete_account(self, account_id: str) -> list[Principal]:
+        """Delete an account and its users; refused while it holds keys that are not deleted yet."""
+        with self._store.begin() as tx:
+            if tx.accounts.get(account_id) is None:
+                raise NotFoundException(f"Account {account_id} does not exist.")
+            keys = tx.accounts.key_count(account_id)
+            if keys:
+                raise DeleteConflictException(
+                    f"Account {account_id} still holds {keys} key(s) that are not deleted: schedule their "
+                    "deletion and wait for it to complete first.")
+            users = tx.accounts.principals(account_id)
+            key_ids = tx.accounts.delete(account_id)
+        for key_id in key_ids:
+            self._forget(key_id)
+        return users
+
+    def user(self, account_id: str, name: str) -> Principal:
+        return self._user(account_id, name)
+
+    def owner_of_access_key(self, access_key_id: str) -> Principal:
+        """The user an access key (active or not) belongs to."""
+        with self._store.begin() as tx:
+            row = tx.accounts.access_key_row(access_key_id)
+            principal = tx.accounts.principal(row.principal_id) if row is not None else None
+        if principal is None:
+            raise NotFoundException("That access key does not exist.")
+        return principal
 
     def _user(self, account_id: str, name: str) -> Principal:
         with self._store.begin() as tx:

@@ -10,6 +10,7 @@ them without a lookup table::
      |    UnrecognizedClientException, InvalidSignatureException,
      |    MissingAuthenticationTokenException (403), IncompleteSignatureException,
      |    AccessDeniedException, NotFoundException, AlreadyExistsException,
+     |    DeleteConflictException (409, admin API: an account that still holds keys),
      |    DisabledException, KMSInvalidStateException, InvalidCiphertextException,
      |    KMSInvalidSignatureException, KMSInvalidMacException, IncorrectKeyMaterialException,
      |    ExpiredImportTokenException, InvalidImportTokenException, MalformedPolicyDocumentException,
@@ -80,6 +81,13 @@ class NotFoundException(KMSError):
 
 class AlreadyExistsException(KMSError):
     code = "AlreadyExistsException"
+
+
+class DeleteConflictException(KMSError):
+    """IAM's code for deleting an entity something still depends on (an account holding keys)."""
+
+    code = "DeleteConflictException"
+    status = 409
 
 
 class DisabledException(KMSError):

@@ -79,17 +79,29 @@ class Account:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller: a user of an account. `is_admin` may call the admin API."""
+    """An authenticated caller: a user of an account.
+
+    Three levels: a plain user (only what policies allow it); an account administrator
+    (`is_admin`: acts as its account's root user and manages its own account's users, policies,
+    access keys and audit records); an operator (`is_operator`, always also `is_admin`: manages
+    every account). The bootstrap administrator is an operator.
+    """
 
     principal_id: str
     account_id: str
     name: str
     is_admin: bool
     created: datetime
+    is_operator: bool = False
 
     @property
     def arn(self) -> str:
         return f"arn:aws:iam::{self.account_id}:user/{self.name}"
+
+    @property
+    def level(self) -> str:
+        """What the admin API and `openkms admin` show: operator, account-admin or user."""
+        return "operator" if self.is_operator else "account-admin" if self.is_admin else "user"
 
 
 class SecretStr:

@@ -1,14 +1,26 @@
 """The admin API: accounts, users and access keys, for `openkms admin` and automation.
 
 Same wire protocol as KMS (JSON 1.1, SigV4 with service `kms`), target prefix `OpenKMSAdmin.`.
-Only principals with the admin flag may call it; others get AccessDeniedException.
+
+Two levels of administration (`OPERATIONS` says which operation takes which):
+
+- an **operator** (the bootstrap administrator, and users an operator makes with `Operator`)
+  manages every account: creates and deletes accounts, and acts in any of them;
+- an **account administrator** (`Admin`) acts as its account's root user: it manages its own
+  account's users (administrators included), their policies and access keys, and reads its own
+  account's audit records. It cannot act on another account, on an operator, or make one.
+
+Everyone else may only ask who it is (GetUser), read the audit public key, and query the audit
+records of its own account. Every refusal is AccessDeniedException, recorded like every call.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,41 +28,77 @@ import orjson
 from ..accounts import Accounts
 from ..audit.log import AuditLog
 from ..crypto.signing import public_pem
-from ..errors import AccessDeniedException, NotFoundException, SerializationException, ValidationException
-from ..model import Caller
+from ..errors import (
+    AccessDeniedException,
+    DeleteConflictException,
+    NotFoundException,
+    SerializationException,
+    ValidationException,
+)
+from ..model import Caller, Principal
+from ..policy import root_arn
 from ..storage import Store
 
 TARGET_PREFIX = "OpenKMSAdmin."
 
-# operation -> {member: (type, required)}
-SCHEMAS: dict[str, dict[str, tuple[type, bool]]] = {
-    "CreateAccount": {"AccountId": (str, False), "Name": (str, True)},
-    "ListAccounts": {},
-    "CreateUser": {"AccountId": (str, True), "UserName": (str, True), "Admin": (bool, False)},
-    "ListUsers": {"AccountId": (str, True)},
-    "CreateAccessKey": {"AccountId": (str, True), "UserName": (str, True)},
-    "ListAccessKeys": {"AccountId": (str, True), "UserName": (str, True)},
-    "UpdateAccessKey": {"AccessKeyId": (str, True), "Status": (str, True)},
-    "DeleteAccessKey": {"AccessKeyId": (str, True)},
-    "PutUserPolicy": {"AccountId": (str, True), "UserName": (str, True), "PolicyName": (str, True),
-                      "PolicyDocument": (str, True)},
-    "GetUserPolicy": {"AccountId": (str, True), "UserName": (str, True), "PolicyName": (str, True)},
-    "DeleteUserPolicy": {"AccountId": (str, True), "UserName": (str, True), "PolicyName": (str, True)},
-    "ListUserPolicies": {"AccountId": (str, True), "UserName": (str, True)},
-    "QueryAuditEvents": {"StartTime": (float, False), "EndTime": (float, False), "AccountId": (str, False),
-                         "PrincipalArn": (str, False), "KeyId": (str, False), "EventName": (str, False),
-                         "ErrorCode": (str, False), "Limit": (int, False), "NextToken": (str, False)},
-    "GetAuditPublicKey": {},
-    "CreateAuditDigest": {},
+
+class Scope(enum.Enum):
+    """Who may call an admin operation (the authorization matrix test reads `OPERATIONS`)."""
+
+    OPERATOR = "operator"  # operators only: they manage every account
+    ACCOUNT = "account"    # an operator, or an administrator of the account the call is about
+    ANY = "any"            # every authenticated user; what it sees is its own account's
+
+
+@dataclass(frozen=True)
+class AdminOperation:
+    schema: dict[str, tuple[type, bool]]  # member -> (type, required)
+    scope: Scope
+    # How the call names the account (and user) it is about, for Scope.ACCOUNT: "account" (an
+    # AccountId member), "user" (AccountId and UserName), "access-key" (an AccessKeyId member),
+    # or "" (ListAccounts: no target; an account administrator sees its own account).
+    target: str = ""
+
+
+_USER: dict[str, tuple[type, bool]] = {"AccountId": (str, True), "UserName": (str, True)}
+OPERATIONS: dict[str, AdminOperation] = {
+    "CreateAccount": AdminOperation({"AccountId": (str, False), "Name": (str, True)}, Scope.OPERATOR),
+    "DeleteAccount": AdminOperation({"AccountId": (str, True)}, Scope.OPERATOR),
+    "ListAccounts": AdminOperation({}, Scope.ACCOUNT),
+    "CreateUser": AdminOperation({**_USER, "Admin": (bool, False), "Operator": (bool, False)}, Scope.ACCOUNT,
+                                 "account"),
+    # GetUser without members answers the caller itself, for every user (who am I, at what level).
+    "GetUser": AdminOperation(_USER, Scope.ACCOUNT, "user"),
+    "DeleteUser": AdminOperation(_USER, Scope.ACCOUNT, "user"),
+    "ListUsers": AdminOperation({"AccountId": (str, True)}, Scope.ACCOUNT, "account"),
+    "CreateAccessKey": AdminOperation(_USER, Scope.ACCOUNT, "user"),
+    "ListAccessKeys": AdminOperation(_USER, Scope.ACCOUNT, "user"),
+    "UpdateAccessKey": AdminOperation({"AccessKeyId": (str, True), "Status": (str, True)}, Scope.ACCOUNT,
+                                      "access-key"),
+    "DeleteAccessKey": AdminOperation({"AccessKeyId": (str, True)}, Scope.ACCOUNT, "access-key"),
+    "PutUserPolicy": AdminOperation({**_USER, "PolicyName": (str, True), "PolicyDocument": (str, True)},
+                                    Scope.ACCOUNT, "user"),
+    "GetUserPolicy": AdminOperation({**_USER, "PolicyName": (str, True)}, Scope.ACCOUNT, "user"),
+    "DeleteUserPolicy": AdminOperation({**_USER, "PolicyName": (str, True)}, Scope.ACCOUNT, "user"),
+    "ListUserPolicies": AdminOperation(_USER, Scope.ACCOUNT, "user"),
+    "QueryAuditEvents": AdminOperation({"StartTime": (float, False), "EndTime": (float, False),
+                                        "AccountId": (str, False), "PrincipalArn": (str, False),
+                                        "KeyId": (str, False), "EventName": (str, False),
+                                        "ErrorCode": (str, False), "Limit": (int, False),
+                                        "NextToken": (str, False)}, Scope.ANY),
+    "GetAuditPublicKey": AdminOperation({}, Scope.ANY),
+    "CreateAuditDigest": AdminOperation({}, Scope.OPERATOR),
 }
-# Open to every principal: a user sees the audit records of its own account, where it is the
-# caller's account or the account that owns the key used (so a key owner sees others' use of it).
-OPEN_TO_ALL = frozenset({"QueryAuditEvents", "GetAuditPublicKey"})
 MAX_AUDIT_PAGE = 1000
 
 
+def _denied(me: Principal, op: str, resource: str, why: str) -> AccessDeniedException:
+    return AccessDeniedException(
+        f"User: {me.arn} is not authorized to perform: openkms-admin:{op} on resource: {resource} because {why}")
+
+
 def _check(op: str, body: dict[str, Any]) -> dict[str, Any]:
-    schema = SCHEMAS[op]
+    schema = OPERATIONS[op].schema
     missing = [name for name, (_, required) in schema.items() if required and body.get(name) is None]
     if missing:
         raise ValidationException(
@@ -65,9 +113,13 @@ def _check(op: str, body: dict[str, Any]) -> dict[str, Any]:
                 value = float(value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise SerializationException(f"Unexpected value type at '{name}'.")
-            body = {**body, name: value}
-            out[name] = body[name]
+            out[name] = value
     return out
+
+
+def user_view(u: Principal) -> dict[str, Any]:
+    return {"UserName": u.name, "AccountId": u.account_id, "Arn": u.arn, "Admin": u.is_admin,
+            "Operator": u.is_operator, "Level": u.level}
 
 
 class AdminAPI:
@@ -76,10 +128,13 @@ class AdminAPI:
         self._forget_identity = forget_identity or (lambda principal_id: None)
         self.store = store
         self.audit = audit
-        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        self._handlers: dict[str, Callable[[Caller, dict[str, Any]], dict[str, Any]]] = {
             "CreateAccount": self._create_account,
+            "DeleteAccount": self._delete_account,
             "ListAccounts": self._list_accounts,
             "CreateUser": self._create_user,
+            "GetUser": self._get_user,
+            "DeleteUser": self._delete_user,
             "ListUsers": self._list_users,
             "CreateAccessKey": self._create_access_key,
             "ListAccessKeys": self._list_access_keys,
@@ -93,27 +148,57 @@ class AdminAPI:
             "GetAuditPublicKey": self._get_audit_public_key,
             "CreateAuditDigest": self._create_audit_digest,
         }
-        self._caller: Caller | None = None
+        assert set(self._handlers) == set(OPERATIONS)
 
     def has(self, op: str) -> bool:
         return op in self._handlers
 
     def call(self, caller: Caller, op: str, body: dict[str, Any]) -> dict[str, Any]:
-        if not caller.principal.is_admin and op not in OPEN_TO_ALL:
-            raise AccessDeniedException(
-                f"User: {caller.principal.arn} is not authorized to perform: openkms-admin:{op} "
-                "because it is not an administrator")
+        operation = OPERATIONS[op]
+        me = caller.principal
+        if op == "GetUser" and body.get("AccountId") is None and body.get("UserName") is None:
+            return {"User": user_view(me)}  # who am I, and at what level: open to every user
+        if operation.scope is Scope.OPERATOR and not me.is_operator:
+            raise _denied(me, op, "*", "only an operator may" if me.is_admin else "it is not an administrator")
+        if operation.scope is Scope.ACCOUNT and not me.is_admin:
+            raise _denied(me, op, "*", "it is not an administrator")
         params = _check(op, body)
-        if op == "QueryAuditEvents" and not caller.principal.is_admin:
+        if operation.scope is Scope.ACCOUNT and not me.is_operator:
+            self._authorize_account_admin(me, op, operation, params)
+        if op == "QueryAuditEvents" and not me.is_operator:
             if params.get("AccountId") not in (None, caller.account_id):
-                raise AccessDeniedException(
-                    f"User: {caller.principal.arn} may only read the audit records of account {caller.account_id}")
+                raise _denied(me, op, root_arn(params["AccountId"]),
+                              f"it may only read the audit records of account {caller.account_id}")
             params["AccountId"] = caller.account_id
-        return self._handlers[op](params)
+        return self._handlers[op](caller, params)
+
+    def _authorize_account_admin(self, me: Principal, op: str, operation: AdminOperation,
+                                 params: dict[str, Any]) -> None:
+        """An account administrator acts as its account's root: it manages its own account's users
+        (administrators too), never another account's, never an operator, and makes no operators."""
+        if not me.is_admin:
+            raise _denied(me, op, "*", "it is not an administrator")
+        target_user: Principal | None = None
+        if operation.target == "access-key":
+            target_user = self.accounts.owner_of_access_key(params["AccessKeyId"])
+            account = target_user.account_id
+        elif operation.target in ("account", "user"):
+            account = params["AccountId"]
+        else:
+            return  # ListAccounts: the handler shows an account administrator only its own account
+        if account != me.account_id:
+            raise _denied(me, op, root_arn(account),
+                          f"an account administrator manages only its own account ({me.account_id})")
+        if operation.target == "user":
+            target_user = self.accounts.user(account, params["UserName"])
+        if target_user is not None and target_user.is_operator:
+            raise _denied(me, op, target_user.arn, "only an operator may manage an operator")
+        if op == "CreateUser" and params.get("Operator"):
+            raise _denied(me, op, root_arn(account), "only an operator may make an operator")
 
     @staticmethod
     def redact_input(op: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in body.items() if k in SCHEMAS.get(op, {})}
+        return {k: v for k, v in body.items() if op in OPERATIONS and k in OPERATIONS[op].schema}
 
     @staticmethod
     def redact_output(op: str, result: dict[str, Any]) -> dict[str, Any] | None:
@@ -125,44 +210,63 @@ class AdminAPI:
             return None  # records of records would only grow the log
         return result
 
-    def _create_account(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _create_account(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         a = self.accounts.create_account(p["Name"], p.get("AccountId"))
         return {"Account": {"AccountId": a.account_id, "Name": a.name, "CreationDate": a.created.timestamp()}}
 
-    def _list_accounts(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _delete_account(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        if p["AccountId"] == caller.account_id:
+            raise DeleteConflictException("An operator cannot delete the account it belongs to.")
+        for user in self.accounts.delete_account(p["AccountId"]):
+            self._forget_identity(user.principal_id)
+        return {}
+
+    def _list_accounts(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        accounts = self.accounts.list_accounts()
+        if not caller.principal.is_operator:
+            accounts = [a for a in accounts if a.account_id == caller.account_id]
         return {"Accounts": [{"AccountId": a.account_id, "Name": a.name, "CreationDate": a.created.timestamp()}
-                             for a in self.accounts.list_accounts()]}
+                             for a in accounts]}
 
-    def _create_user(self, p: dict[str, Any]) -> dict[str, Any]:
-        u = self.accounts.create_user(p["AccountId"], p["UserName"], bool(p.get("Admin", False)))
-        return {"User": {"UserName": u.name, "AccountId": u.account_id, "Arn": u.arn, "Admin": u.is_admin}}
+    def _create_user(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        u = self.accounts.create_user(p["AccountId"], p["UserName"], bool(p.get("Admin", False)),
+                                      bool(p.get("Operator", False)))
+        return {"User": user_view(u)}
 
-    def _list_users(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {"Users": [{"UserName": u.name, "AccountId": u.account_id, "Arn": u.arn, "Admin": u.is_admin}
-                          for u in self.accounts.list_users(p["AccountId"])]}
+    def _get_user(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        return {"User": user_view(self.accounts.user(p["AccountId"], p["UserName"]))}
 
-    def _create_access_key(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _delete_user(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        if (p["AccountId"], p["UserName"]) == (caller.account_id, caller.principal.name):
+            raise DeleteConflictException("A user cannot delete itself.")
+        self._forget_identity(self.accounts.delete_user(p["AccountId"], p["UserName"]).principal_id)
+        return {}
+
+    def _list_users(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        return {"Users": [user_view(u) for u in self.accounts.list_users(p["AccountId"])]}
+
+    def _create_access_key(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         issued = self.accounts.create_access_key(p["AccountId"], p["UserName"])
         return {"AccessKey": {"AccessKeyId": issued.access_key_id,
                               "SecretAccessKey": issued.secret.reveal(),
                               "UserName": issued.principal.name, "AccountId": issued.principal.account_id,
                               "Status": "Active"}}
 
-    def _list_access_keys(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _list_access_keys(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         keys = self.accounts.list_access_keys(p["AccountId"], p["UserName"])
         for k in keys:
             k["CreateDate"] = k["CreateDate"].timestamp()  # type: ignore[attr-defined]
         return {"AccessKeys": keys}
 
-    def _update_access_key(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _update_access_key(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         self.accounts.set_access_key_status(p["AccessKeyId"], p["Status"])
         return {}
 
-    def _delete_access_key(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _delete_access_key(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         self.accounts.delete_access_key(p["AccessKeyId"])
         return {}
 
-    def _query_audit_events(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _query_audit_events(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         limit = p.get("Limit") or 100
         if not 1 <= limit <= MAX_AUDIT_PAGE:
             raise ValidationException(f"Limit must be between 1 and {MAX_AUDIT_PAGE}.")
@@ -191,27 +295,27 @@ class AdminAPI:
                 result["NextToken"] = result["Cursor"]
         return result
 
-    def _get_audit_public_key(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _get_audit_public_key(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         return {"PublicKeyPem": public_pem(self.audit.public_key).decode(), "NodeId": self.audit.node_id}
 
-    def _create_audit_digest(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _create_audit_digest(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         self.audit.digest_now()
         return {}
 
-    def _put_user_policy(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _put_user_policy(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         self.accounts.put_user_policy(p["AccountId"], p["UserName"], p["PolicyName"], p["PolicyDocument"])
         self._forget_identity(self.accounts.principal_id(p["AccountId"], p["UserName"]))
         return {}
 
-    def _get_user_policy(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _get_user_policy(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         for name, document in self.accounts.user_policies(p["AccountId"], p["UserName"]):
             if name == p["PolicyName"]:
                 return {"UserName": p["UserName"], "PolicyName": name, "PolicyDocument": document}
         raise NotFoundException(f"User {p['UserName']} has no policy {p['PolicyName']}.")
 
-    def _delete_user_policy(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _delete_user_policy(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         self._forget_identity(self.accounts.delete_user_policy(p["AccountId"], p["UserName"], p["PolicyName"]))
         return {}
 
-    def _list_user_policies(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _list_user_policies(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         return {"PolicyNames": [name for name, _ in self.accounts.user_policies(p["AccountId"], p["UserName"])]}

@@ -119,10 +119,15 @@ def _document(value: str) -> str:
 ADMIN_COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "create-account": ("CreateAccount", [("--name", {"required": True, "dest": "Name"}),
                                          ("--account-id", {"dest": "AccountId"})]),
+    "delete-account": ("DeleteAccount", [("--account-id", {"required": True, "dest": "AccountId"})]),
     "list-accounts": ("ListAccounts", []),
     "create-user": ("CreateUser", [("--account-id", {"required": True, "dest": "AccountId"}),
                                    ("--user-name", {"required": True, "dest": "UserName"}),
-                                   ("--admin", {"action": "store_true", "dest": "Admin"})]),
+                                   ("--admin", {"action": "store_true", "dest": "Admin"}),
+                                   ("--operator", {"action": "store_true", "dest": "Operator"})]),
+    "get-user": ("GetUser", [("--account-id", {"dest": "AccountId"}), ("--user-name", {"dest": "UserName"})]),
+    "delete-user": ("DeleteUser", [("--account-id", {"required": True, "dest": "AccountId"}),
+                                   ("--user-name", {"required": True, "dest": "UserName"})]),
     "list-users": ("ListUsers", [("--account-id", {"required": True, "dest": "AccountId"})]),
     "create-access-key": ("CreateAccessKey", [("--account-id", {"required": True, "dest": "AccountId"}),
                                               ("--user-name", {"required": True, "dest": "UserName"})]),
@@ -153,8 +158,9 @@ def _admin(args: argparse.Namespace) -> int:
 
     operation, options = ADMIN_COMMANDS[args.admin_command]
     params = {opt["dest"]: getattr(args, opt["dest"]) for _, opt in options}
-    if params.get("Admin") is False:
-        params.pop("Admin")
+    for flag in ("Admin", "Operator"):
+        if params.get(flag) is False:
+            params.pop(flag)
     client = _admin_client(args)
     try:
         result = client.call(operation, **params)

@@ -20,13 +20,19 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Statements that bring a store of an older schema version up to date, by target version. New
 # tables need none: create_all adds them.
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE kms_keys ADD COLUMN policy TEXT"],
     3: [],  # audit_pending: a new table, which create_all makes
+    # Two levels of administration: before v4 every administrator managed every account. The
+    # bootstrap administrator (the first administrator made) keeps that power as the operator; the
+    # others become administrators of their own account only.
+    4: ["ALTER TABLE principals ADD COLUMN is_operator BOOLEAN NOT NULL DEFAULT FALSE",
+        "UPDATE principals SET is_operator = TRUE WHERE principal_id = "
+        "(SELECT principal_id FROM principals WHERE is_admin ORDER BY created LIMIT 1)"],
 }
 
 metadata = MetaData()
@@ -49,7 +55,10 @@ principals = Table(
     Column("principal_id", String(32), primary_key=True),
     Column("account_id", String(12), ForeignKey("accounts.account_id"), nullable=False),
     Column("name", String(128), nullable=False),
+    # is_admin: the account's administrator (acts as its root user, manages its users).
+    # is_operator: also manages every account (the bootstrap administrator and those it names).
     Column("is_admin", Boolean, nullable=False, default=False),
+    Column("is_operator", Boolean, nullable=False, default=False),
     Column("created", Float, nullable=False),
     Index("ux_principals_account_name", "account_id", "name", unique=True),
 )

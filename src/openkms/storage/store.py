@@ -218,12 +218,12 @@ class AccountRepo:
     def insert_principal(self, p: Principal) -> None:
         self.conn.execute(insert(t.principals).values(
             principal_id=p.principal_id, account_id=p.account_id, name=p.name,
-            is_admin=p.is_admin, created=_now_ts(p.created)))
+            is_admin=p.is_admin, is_operator=p.is_operator, created=_now_ts(p.created)))
 
     @staticmethod
     def _principal(row: Any) -> Principal:
         return Principal(row.principal_id, row.account_id, row.name, bool(row.is_admin),
-                         from_ts(row.created))  # type: ignore[arg-type]
+                         from_ts(row.created), bool(row.is_operator))  # type: ignore[arg-type]
 
     def principal(self, principal_id: str) -> Principal | None:
         row = self.conn.execute(select(t.principals).where(t.principals.c.principal_id == principal_id)).first()
@@ -260,6 +260,27 @@ class AccountRepo:
     def delete_access_key(self, access_key_id: str) -> bool:
         res = self.conn.execute(delete(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id))
         return res.rowcount > 0
+
+    def delete_principal(self, principal_id: str) -> list[str]:
+        """Delete a user with its access keys and identity policies; returns the access key ids."""
+        key_ids = [r.access_key_id for r in self.access_keys(principal_id)]
+        self.conn.execute(delete(t.access_keys).where(t.access_keys.c.principal_id == principal_id))
+        self.conn.execute(delete(t.principal_policies).where(t.principal_policies.c.principal_id == principal_id))
+        self.conn.execute(delete(t.principals).where(t.principals.c.principal_id == principal_id))
+        return key_ids
+
+    def key_count(self, account_id: str) -> int:
+        """Keys of the account that are not deleted yet (pending deletion included)."""
+        return int(self.conn.execute(select(func.count()).select_from(t.keys)
+                                     .where(t.keys.c.account_id == account_id)).scalar_one())
+
+    def delete(self, account_id: str) -> list[str]:
+        """Delete an account that holds no keys, with its users; returns their access key ids."""
+        key_ids: list[str] = []
+        for p in self.principals(account_id):
+            key_ids += self.delete_principal(p.principal_id)
+        self.conn.execute(delete(t.accounts).where(t.accounts.c.account_id == account_id))
+        return key_ids
 
 
 class KeyRepo:

@@ -1,0 +1,431 @@
+"""The authorization matrix: for every operation the server implements, who is refused and who succeeds.
+
+The operations come from botocore's KMS model (those the service implements) and from the admin
+API's operation table, so a new operation fails `test_every_operation_has_a_row` until someone
+says here who may call it. Each row sets up what its operation needs, then calls it, against a
+real server on SQLite and on PostgreSQL:
+
+KMS operations on a key of account A (named by its ARN) are refused (AccessDeniedException, or
+for a row that says so the error AWS gives before authorization, e.g. NotFoundException for an
+alias that only resolves in its own account) to
+  - a user of A with no identity policy,
+  - a user of another account B whose identity policy allows kms:* on every resource,
+  - B's account administrator,
+  - a user of A holding a grant on the key for some other operation;
+and succeed for A's administrator (the account's root) and a user of A whose identity policy
+allows kms:* (the default key policy delegates to identity policies). Operations on no key
+(CreateKey, ListKeys, ...) are refused to A's users without an identity policy, grant or not.
+
+Admin operations, all aimed at account A, are allowed as `OPERATIONS` scopes them: operator-only
+ones to the operator; account ones to the operator and A's administrator, never to B's
+administrator or A's plain user; open ones to everyone (scoped to the caller's own account).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import botocore.loaders
+import pytest
+from botocore.exceptions import ClientError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from openkms.api.admin import OPERATIONS as ADMIN_OPERATIONS
+from openkms.api.admin import Scope
+from openkms.client.admin import AdminClient, AdminError
+from openkms.client.byok import wrap_key_material
+from openkms.service import KMS
+from tests.server import REGION, ServerProcess
+
+KMS_ALL = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]})
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def implemented_kms_operations() -> set[str]:
+    model = botocore.loaders.Loader().load_service_model("kms", "service-2")
+    return {name for name in model["operations"] if callable(getattr(KMS, snake(name), None))}
+
+
+@dataclass
+class Who:
+    name: str
+    account_id: str
+    user: str
+    kms: Any
+    admin: AdminClient
+
+    @property
+    def arn(self) -> str:
+        return f"arn:aws:iam::{self.account_id}:user/{self.user}"
+
+
+@dataclass
+class World:
+    server: ServerProcess
+    operator: Who
+    a: str          # the key's account
+    b: str          # another account
+    people: dict[str, Who]
+    counter: list[int] = field(default_factory=lambda: [0])
+
+    def __getitem__(self, name: str) -> Who:
+        return self.people[name]
+
+    def unique(self, prefix: str) -> str:
+        self.counter[0] += 1
+        return f"{prefix}-{self.counter[0]}-{secrets.token_hex(3)}"
+
+    @property
+    def root(self) -> Any:
+        return self.people["a_admin"].kms
+
+
+def _person(server: ServerProcess, operator: AdminClient, name: str, account_id: str, *, admin: bool = False,
+            policy: str | None = None) -> Who:
+    user = f"{name}-{secrets.token_hex(2)}"
+    operator.call("CreateUser", AccountId=account_id, UserName=user, Admin=admin or None)
+    if policy:
+        operator.call("PutUserPolicy", AccountId=account_id, UserName=user, PolicyName="p", PolicyDocument=policy)
+    key = operator.call("CreateAccessKey", AccountId=account_id, UserName=user)["AccessKey"]
+    return Who(name, account_id, user, server.client(key["AccessKeyId"], key["SecretAccessKey"], retry=False),
+               AdminClient(server.endpoint, key["AccessKeyId"], key["SecretAccessKey"], REGION))
+
+
+@pytest.fixture(scope="module")
+def world(server: ServerProcess) -> World:
+    op_client = AdminClient(server.endpoint, server.access_key_id, server.secret_access_key, REGION)
+    me = op_client.call("GetUser")["User"]
+    operator = Who("operator", me["AccountId"], me["UserName"], server.client(retry=False), op_client)
+    a, b = (str(secrets.randbelow(9 * 10**11) + 10**11) for _ in range(2))
+    op_client.call("CreateAccount", Name="matrix-a", AccountId=a)
+    op_client.call("CreateAccount", Name="matrix-b", AccountId=b)
+    people = {
+        "a_admin": _person(server, op_client, "a_admin", a, admin=True),
+        "a_user": _person(server, op_client, "a_user", a, policy=KMS_ALL),
+        "a_bare": _person(server, op_client, "a_bare", a),
+        "a_grantee": _person(server, op_client, "a_grantee", a),
+        "b_user": _person(server, op_client, "b_user", b, policy=KMS_ALL),
+        "b_admin": _person(server, op_client, "b_admin", b, admin=True),
+    }
+    return World(server, operator, a, b, people)
+
+
+# -- KMS rows ---------------------------------------------------------------------------------------
+
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Row:
+    """`setup(world)` makes what one call needs (with A's administrator); `params(world, state, who)`
+    is the request. `allowed`: who succeeds; `foreign`: the code B's principals get."""
+
+    setup: Callable[[World], State]
+    params: Callable[[World, State, Who], dict[str, Any]]
+    on_key: bool = True
+    allowed: tuple[str, ...] = ("a_admin", "a_user")
+    foreign: str = "AccessDeniedException"
+
+
+def key(spec: str = "SYMMETRIC_DEFAULT", usage: str | None = None, grantee_may: str = "DescribeKey",
+        **extra: Any) -> Callable[[World], State]:
+    """A new key of A, and a grant on it to `a_grantee` for another operation than the row's."""
+    def setup(w: World) -> State:
+        args: dict[str, Any] = {"KeySpec": spec, **extra}
+        if usage:
+            args["KeyUsage"] = usage
+        md = w.root.create_key(**args)["KeyMetadata"]
+        w.root.create_grant(KeyId=md["KeyId"], GranteePrincipal=w["a_grantee"].arn, Operations=[grantee_may])
+        return {"arn": md["Arn"], "key_id": md["KeyId"]}
+    return setup
+
+
+def then(first: Callable[[World], State], more: Callable[[World, State], State]) -> Callable[[World], State]:
+    def setup(w: World) -> State:
+        state = first(w)
+        state.update(more(w, state))
+        return state
+    return setup
+
+
+def on_key(**fixed: Any) -> Callable[[World, State, Who], dict[str, Any]]:
+    return lambda w, s, who: {"KeyId": s["arn"], **fixed}
+
+
+def peer_public_key() -> bytes:
+    return ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def imported(w: World, s: State) -> State:
+    params = w.root.get_parameters_for_import(KeyId=s["arn"], WrappingAlgorithm="RSAES_OAEP_SHA_256",
+                                              WrappingKeySpec="RSA_2048")
+    return {"token": params["ImportToken"],
+            "wrapped": wrap_key_material(params["PublicKey"], "RSAES_OAEP_SHA_256", os.urandom(32))}
+
+
+def do_import(w: World, s: State) -> State:
+    state = imported(w, s)
+    w.root.import_key_material(KeyId=s["arn"], ImportToken=state["token"], EncryptedKeyMaterial=state["wrapped"],
+                               ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE")
+    return {}
+
+
+def grant(retiring: str | None = None) -> Callable[[World, State], State]:
+    def more(w: World, s: State) -> State:
+        args: dict[str, Any] = {"KeyId": s["key_id"], "GranteePrincipal": w["a_bare"].arn, "Operations": ["Decrypt"]}
+        if retiring:
+            args["RetiringPrincipal"] = w[retiring].arn
+        g = w.root.create_grant(**args)
+        return {"grant_id": g["GrantId"], "grant_token": g["GrantToken"]}
+    return more
+
+
+def alias(w: World, s: State) -> State:
+    name = "alias/" + w.unique("matrix")
+    w.root.create_alias(AliasName=name, TargetKeyId=s["key_id"])
+    return {"alias": name, "other_key": w.root.create_key()["KeyMetadata"]["Arn"]}
+
+
+def no_setup(w: World) -> State:
+    return {}
+
+
+SYM = key()
+CONTEXT = {"purpose": "matrix"}
+ROWS: dict[str, Row] = {
+    # keys
+    "CreateKey": Row(no_setup, lambda w, s, who: {"Description": "matrix"}, on_key=False),
+    "ListKeys": Row(no_setup, lambda w, s, who: {}, on_key=False),
+    "DescribeKey": Row(key(grantee_may="Encrypt"), on_key()),
+    "EnableKey": Row(then(SYM, lambda w, s: w.root.disable_key(KeyId=s["key_id"]) and {}), on_key()),
+    "DisableKey": Row(SYM, on_key()),
+    "ScheduleKeyDeletion": Row(SYM, on_key(PendingWindowInDays=7)),
+    "CancelKeyDeletion": Row(then(SYM, lambda w, s: w.root.schedule_key_deletion(KeyId=s["key_id"]) and {}),
+                             on_key()),
+    "UpdateKeyDescription": Row(SYM, on_key(Description="changed")),
+    "GetKeyLastUsage": Row(SYM, on_key()),
+    # tags
+    "TagResource": Row(SYM, on_key(Tags=[{"TagKey": "team", "TagValue": "a"}])),
+    "UntagResource": Row(then(SYM, lambda w, s: w.root.tag_resource(
+        KeyId=s["key_id"], Tags=[{"TagKey": "team", "TagValue": "a"}]) and {}), on_key(TagKeys=["team"])),
+    "ListResourceTags": Row(SYM, on_key()),
+    # aliases: an alias name only ever resolves in the caller's own account
+    "CreateAlias": Row(SYM, lambda w, s, who: {"AliasName": "alias/" + w.unique("new"), "TargetKeyId": s["arn"]}),
+    "UpdateAlias": Row(then(SYM, alias), lambda w, s, who: {"AliasName": s["alias"], "TargetKeyId": s["other_key"]}),
+    "DeleteAlias": Row(then(SYM, alias), lambda w, s, who: {"AliasName": s["alias"]}, foreign="NotFoundException"),
+    "ListAliases": Row(no_setup, lambda w, s, who: {}, on_key=False),
+    # symmetric cryptography
+    "Encrypt": Row(SYM, on_key(Plaintext=b"data", EncryptionContext=CONTEXT)),
+    "Decrypt": Row(then(SYM, lambda w, s: {"ct": w.root.encrypt(KeyId=s["key_id"], Plaintext=b"data",
+                                                                  EncryptionContext=CONTEXT)["CiphertextBlob"]}),
+                   lambda w, s, who: {"CiphertextBlob": s["ct"], "EncryptionContext": CONTEXT}),
+    "ReEncrypt": Row(then(SYM, lambda w, s: {
+        "ct": w.root.encrypt(KeyId=s["key_id"], Plaintext=b"data")["CiphertextBlob"],
+        "dest": w.root.create_key()["KeyMetadata"]["Arn"]}),
+        lambda w, s, who: {"CiphertextBlob": s["ct"], "DestinationKeyId": s["dest"]}),
+    "GenerateDataKey": Row(SYM, on_key(KeySpec="AES_256")),
+    "GenerateDataKeyWithoutPlaintext": Row(SYM, on_key(KeySpec="AES_256")),
+    "GenerateDataKeyPair": Row(SYM, on_key(KeyPairSpec="ECC_NIST_P256")),
+    "GenerateDataKeyPairWithoutPlaintext": Row(SYM, on_key(KeyPairSpec="ECC_NIST_P256")),
+    "GenerateRandom": Row(no_setup, lambda w, s, who: {"NumberOfBytes": 16}, on_key=False),
+    # asymmetric and HMAC
+    "GetPublicKey": Row(key("ECC_NIST_P256", "SIGN_VERIFY"), on_key()),
+    "Sign": Row(key("ECC_NIST_P256", "SIGN_VERIFY"), on_key(Message=b"m", SigningAlgorithm="ECDSA_SHA_256")),
+    "Verify": Row(then(key("ECC_NIST_P256", "SIGN_VERIFY"), lambda w, s: {"sig": w.root.sign(
+        KeyId=s["key_id"], Message=b"m", SigningAlgorithm="ECDSA_SHA_256")["Signature"]}),
+        lambda w, s, who: {"KeyId": s["arn"], "Message": b"m", "SigningAlgorithm": "ECDSA_SHA_256",
+                           "Signature": s["sig"]}),
+    "GenerateMac": Row(key("HMAC_256", "GENERATE_VERIFY_MAC"), on_key(Message=b"m", MacAlgorithm="HMAC_SHA_256")),
+    "VerifyMac": Row(then(key("HMAC_256", "GENERATE_VERIFY_MAC"), lambda w, s: {"mac": w.root.generate_mac(
+        KeyId=s["key_id"], Message=b"m", MacAlgorithm="HMAC_SHA_256")["Mac"]}),
+        lambda w, s, who: {"KeyId": s["arn"], "Message": b"m", "MacAlgorithm": "HMAC_SHA_256", "Mac": s["mac"]}),
+    "DeriveSharedSecret": Row(key("ECC_NIST_P256", "KEY_AGREEMENT"),
+                              on_key(KeyAgreementAlgorithm="ECDH", PublicKey=peer_public_key())),
+    # rotation
+    "EnableKeyRotation": Row(SYM, on_key()),
+    "DisableKeyRotation": Row(SYM, on_key()),
+    "GetKeyRotationStatus": Row(SYM, on_key()),
+    "RotateKeyOnDemand": Row(SYM, on_key()),
+    "ListKeyRotations": Row(SYM, on_key()),
+    # BYOK
+    "GetParametersForImport": Row(key(Origin="EXTERNAL"),
+                                  on_key(WrappingAlgorithm="RSAES_OAEP_SHA_256", WrappingKeySpec="RSA_2048")),
+    "ImportKeyMaterial": Row(then(key(Origin="EXTERNAL"), imported), lambda w, s, who: {
+        "KeyId": s["arn"], "ImportToken": s["token"], "EncryptedKeyMaterial": s["wrapped"],
+        "ExpirationModel": "KEY_MATERIAL_DOES_NOT_EXPIRE"}),
+    "DeleteImportedKeyMaterial": Row(then(key(Origin="EXTERNAL"), do_import), on_key()),
+    # key policies
+    "GetKeyPolicy": Row(SYM, on_key(PolicyName="default")),
+    "ListKeyPolicies": Row(SYM, on_key()),
+    "PutKeyPolicy": Row(SYM, lambda w, s, who: {"KeyId": s["arn"], "PolicyName": "default", "Policy": json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{w.a}:root"},
+                                                 "Action": "kms:*", "Resource": "*"}]})}),
+    # grants
+    "CreateGrant": Row(SYM, lambda w, s, who: {"KeyId": s["arn"], "GranteePrincipal": w["a_bare"].arn,
+                                               "Operations": ["Encrypt"]}),
+    "ListGrants": Row(SYM, on_key()),
+    "RevokeGrant": Row(then(SYM, grant()), lambda w, s, who: {"KeyId": s["arn"], "GrantId": s["grant_id"]}),
+    # RetireGrant: by the key's account, or by the grant's retiring principal (here A's plain user).
+    "RetireGrant": Row(then(SYM, grant(retiring="a_user")), lambda w, s, who: {"GrantToken": s["grant_token"]}),
+    "ListRetirableGrants": Row(no_setup, lambda w, s, who: {"RetiringPrincipal": who.arn}, on_key=False),
+}
+
+
+def call(who: Who, operation: str, params: dict[str, Any]) -> str | None:
+    """The error code of the call, or None if it succeeded."""
+    try:
+        getattr(who.kms, snake(operation))(**params)
+    except ClientError as exc:
+        return str(exc.response["Error"]["Code"])
+    return None
+
+
+def test_every_operation_has_a_row() -> None:
+    implemented = implemented_kms_operations()
+    assert len(implemented) >= 46
+    assert implemented - set(ROWS) == set(), "operations with no row in the authorization matrix"
+    assert set(ROWS) - implemented == set(), "rows for operations the server does not implement"
+    assert set(ADMIN_ROWS) == set(ADMIN_OPERATIONS), "admin operations with no row (or rows for none)"
+
+
+@pytest.mark.parametrize("operation", sorted(ROWS))
+def test_kms_operation(world: World, operation: str) -> None:
+    row = ROWS[operation]
+    state = row.setup(world)
+    if row.on_key:
+        refused = {"a_bare": "AccessDeniedException", "a_grantee": "AccessDeniedException",
+                   "b_user": row.foreign, "b_admin": row.foreign}
+    else:
+        # A grant on some key gives no right to operations on no key.
+        somekey = world.root.create_key()["KeyMetadata"]["KeyId"]
+        world.root.create_grant(KeyId=somekey, GranteePrincipal=world["a_grantee"].arn, Operations=["DescribeKey"])
+        refused = {"a_bare": "AccessDeniedException", "a_grantee": "AccessDeniedException"}
+    refused.update({name: "AccessDeniedException" for name in ("a_user", "a_admin") if name not in row.allowed})
+    for name, expected in refused.items():
+        who = world[name]
+        got = call(who, operation, row.params(world, state, who))
+        assert got == expected, f"{operation} by {name}: {got or 'succeeded'}, expected {expected}"
+    for i, name in enumerate(row.allowed):
+        who = world[name]
+        fresh = state if i == 0 else row.setup(world)
+        got = call(who, operation, row.params(world, fresh, who))
+        assert got is None, f"{operation} by {name} (allowed): {got}"
+
+
+def test_retire_grant_by_its_retiring_principal(world: World) -> None:
+    state = then(SYM, grant(retiring="a_user"))(world)
+    assert call(world["a_bare"], "RetireGrant", {"GrantToken": state["grant_token"]}) == "AccessDeniedException"
+    assert call(world["a_user"], "RetireGrant", {"GrantToken": state["grant_token"]}) is None
+
+
+# -- admin rows -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdminRow:
+    """`params(world)` is a request about account A, fresh for each call. `allowed` overrides what
+    the operation's scope implies."""
+
+    params: Callable[[World], dict[str, Any]]
+    allowed: frozenset[str] | None = None
+
+
+def new_user(w: World, **extra: Any) -> dict[str, Any]:
+    name = w.unique("u")
+    w.operator.admin.call("CreateUser", AccountId=w.a, UserName=name)
+    return {"AccountId": w.a, "UserName": name, **extra}
+
+
+def new_access_key(w: World, **extra: Any) -> dict[str, Any]:
+    user = new_user(w)
+    key = w.operator.admin.call("CreateAccessKey", **user)["AccessKey"]
+    return {"AccessKeyId": key["AccessKeyId"], **extra}
+
+
+def user_with_policy(w: World, **extra: Any) -> dict[str, Any]:
+    user = new_user(w)
+    w.operator.admin.call("PutUserPolicy", **user, PolicyName="p", PolicyDocument=KMS_ALL)
+    return {**user, "PolicyName": "p", **extra}
+
+
+def empty_account(w: World) -> dict[str, Any]:
+    account_id = str(secrets.randbelow(9 * 10**11) + 10**11)
+    w.operator.admin.call("CreateAccount", Name="doomed", AccountId=account_id)
+    return {"AccountId": account_id}
+
+
+ADMIN_ROWS: dict[str, AdminRow] = {
+    "CreateAccount": AdminRow(lambda w: {"Name": "new", "AccountId": str(secrets.randbelow(9 * 10**11) + 10**11)}),
+    "DeleteAccount": AdminRow(empty_account),
+    # An account administrator (of any account) lists its own account only.
+    "ListAccounts": AdminRow(lambda w: {}, frozenset({"operator", "a_admin", "b_admin"})),
+    "CreateUser": AdminRow(lambda w: {"AccountId": w.a, "UserName": w.unique("new"), "Admin": True}),
+    "GetUser": AdminRow(new_user),
+    "DeleteUser": AdminRow(new_user),
+    "ListUsers": AdminRow(lambda w: {"AccountId": w.a}),
+    "CreateAccessKey": AdminRow(new_user),
+    "ListAccessKeys": AdminRow(new_user),
+    "UpdateAccessKey": AdminRow(lambda w: new_access_key(w, Status="Inactive")),
+    "DeleteAccessKey": AdminRow(new_access_key),
+    "PutUserPolicy": AdminRow(lambda w: new_user(w, PolicyName="p", PolicyDocument=KMS_ALL)),
+    "GetUserPolicy": AdminRow(user_with_policy),
+    "DeleteUserPolicy": AdminRow(user_with_policy),
+    "ListUserPolicies": AdminRow(new_user),
+    # Everyone may query the audit log, of its own account only.
+    "QueryAuditEvents": AdminRow(lambda w: {"AccountId": w.a, "Limit": 5},
+                                 frozenset({"operator", "a_admin", "a_user", "a_bare"})),
+    "GetAuditPublicKey": AdminRow(lambda w: {}),
+    "CreateAuditDigest": AdminRow(lambda w: {}),
+}
+SCOPE_ALLOWS = {Scope.OPERATOR: frozenset({"operator"}), Scope.ACCOUNT: frozenset({"operator", "a_admin"}),
+                Scope.ANY: frozenset({"operator", "a_admin", "a_user", "a_bare", "b_admin"})}
+
+
+@pytest.mark.parametrize("operation", sorted(ADMIN_ROWS))
+def test_admin_operation(world: World, operation: str) -> None:
+    row = ADMIN_ROWS[operation]
+    allowed = row.allowed or SCOPE_ALLOWS[ADMIN_OPERATIONS[operation].scope]
+    for name in ("a_bare", "a_user", "b_admin", "a_admin", "operator"):
+        who = world.operator if name == "operator" else world[name]
+        params = row.params(world)
+        try:
+            who.admin.call(operation, **params)
+            got = None
+        except AdminError as exc:
+            got = exc.code
+        if name in allowed:
+            assert got is None, f"{operation} by {name} (allowed): {got}"
+        else:
+            assert got == "AccessDeniedException", f"{operation} by {name}: {got or 'succeeded'}"
+
+
+def test_an_account_administrator_cannot_touch_an_operator(world: World) -> None:
+    boss = world["a_admin"].admin
+    operator_in_a = world.unique("op")
+    world.operator.admin.call("CreateUser", AccountId=world.a, UserName=operator_in_a, Operator=True)
+    target = {"AccountId": world.a, "UserName": operator_in_a}
+    for operation, extra in (("CreateAccessKey", {}), ("DeleteUser", {}), ("ListAccessKeys", {}),
+                             ("PutUserPolicy", {"PolicyName": "p", "PolicyDocument": KMS_ALL}),
+                             ("ListUserPolicies", {}), ("GetUser", {})):
+        with pytest.raises(AdminError) as e:
+            boss.call(operation, **target, **extra)
+        assert e.value.code == "AccessDeniedException", operation
+        assert "only an operator may manage an operator" in e.value.message
+    key = world.operator.admin.call("CreateAccessKey", **target)["AccessKey"]["AccessKeyId"]
+    for operation, extra in (("UpdateAccessKey", {"Status": "Inactive"}), ("DeleteAccessKey", {})):
+        with pytest.raises(AdminError) as e:
+            boss.call(operation, AccessKeyId=key, **extra)
+        assert e.value.code == "AccessDeniedException", operation
+    with pytest.raises(AdminError) as e:
+        boss.call("CreateUser", AccountId=world.a, UserName=world.unique("x"), Operator=True)
+    assert e.value.code == "AccessDeniedException"

@@ -1,0 +1,43 @@
+"""Schema migrations on real stores (SQLite and PostgreSQL): a store of an older version opens and
+is brought up to date, keeping what it holds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import text
+
+from openkms.model import Account, Principal
+from openkms.storage import Store
+
+
+def test_v3_store_gets_two_levels_of_administration(store_url: str | None, tmp_path: Path) -> None:
+    """Before v4 every administrator managed every account. Upgrading keeps that power for the
+    bootstrap administrator (the first administrator made) alone; the others administer their own
+    account from then on."""
+    url = store_url or f"sqlite:///{tmp_path / 'openkms.db'}"
+    store = Store.open(url)
+    t0 = datetime.now(UTC)
+    with store.begin() as tx:
+        for account in ("111111111111", "222222222222"):
+            tx.accounts.insert(Account(account, account, t0))
+        tx.accounts.insert_principal(Principal("p-app", "111111111111", "app", False, t0 - timedelta(days=2)))
+        tx.accounts.insert_principal(Principal("p-boot", "111111111111", "admin", True, t0 - timedelta(days=1)))
+        tx.accounts.insert_principal(Principal("p-cust", "222222222222", "admin", True, t0))
+        # Back to schema v3: no is_operator column.
+        tx.conn.execute(text("ALTER TABLE principals DROP COLUMN is_operator"))
+        tx.conn.execute(text("UPDATE openkms_meta SET value = :v WHERE name = 'schema_version'"), {"v": b"3"})
+    store.close()
+
+    store = Store.open(url)
+    try:
+        with store.begin() as tx:
+            levels = {p.name + "@" + p.account_id: p.level for a in ("111111111111", "222222222222")
+                      for p in tx.accounts.principals(a)}
+            version = tx.meta.get("schema_version")
+        assert levels == {"app@111111111111": "user", "admin@111111111111": "operator",
+                          "admin@222222222222": "account-admin"}
+        assert version == b"4"
+    finally:
+        store.close()
