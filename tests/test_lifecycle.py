@@ -28,8 +28,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
 
 
 def tree_digest(path: Path) -> dict[str, str]:
+    """What the store holds; not SQLite's scratch files, nor the lock file naming the last server."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(("-shm", "-wal"))}
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and not p.name.endswith(("-shm", "-wal")) and p.name != "serve.lock"}
 
 
 def test_first_start_bootstrap(tmp_path: Path) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .errors import ConfigurationError
+
 DEFAULT_DATA_DIR = "./openkms-data"
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+\Z")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class Settings:
     audit: str = "on"  # "off" records nothing: for measuring what auditing costs, not for production
     audit_digest_interval: float = 60.0
     audit_retention_days: float = 0.0
+    # Share the listening port with other processes (SO_REUSEPORT): only for running several
+    # servers of one deployment behind one port on purpose. Off, a port in use refuses the start.
+    reuse_port: bool = False
 
     def __repr__(self) -> str:  # the passphrase must never reach a log
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root_passphrase"}
@@ -64,12 +71,40 @@ class Settings:
                 continue
             value = values[f.name]
             kind = f.type if isinstance(f.type, str) else f.type.__name__
-            if kind == "int":
-                converted[f.name] = int(value)  # type: ignore[call-overload]
-            elif kind == "float":
-                converted[f.name] = float(value)  # type: ignore[arg-type]
-            elif kind == "Path":
-                converted[f.name] = Path(str(value))
-            else:
-                converted[f.name] = str(value)
-        return cls(**converted)  # type: ignore[arg-type]
+            try:
+                if kind == "int":
+                    converted[f.name] = int(value)  # type: ignore[call-overload]
+                elif kind == "float":
+                    converted[f.name] = float(value)  # type: ignore[arg-type]
+                elif kind == "bool":
+                    converted[f.name] = value if isinstance(value, bool) else _flag(str(value))
+                elif kind == "Path":
+                    converted[f.name] = Path(str(value))
+                else:
+                    converted[f.name] = str(value)
+            except ValueError:
+                name = f.name.replace("_", "-")
+                raise ConfigurationError(
+                    f"bad {name} {str(value)!r} (--{name} or OPENKMS_{f.name.upper()}): "
+                    f"it must be {'a number' if kind in ('int', 'float') else 'true or false'}") from None
+        settings = cls(**converted)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse settings no server could run with, with a message naming the setting."""
+        if not 1 <= self.port <= 65535:
+            raise ConfigurationError(f"bad port {self.port}: a port is a number from 1 to 65535")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ConfigurationError(f"bad host {self.host!r}: give an address or a host name to listen on")
+        if not REGION_RE.match(self.region):
+            raise ConfigurationError(f"bad region {self.region!r}: a region looks like us-east-1")
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)

@@ -3,14 +3,25 @@
 Opening a node checks the root key against the store before anything else is written: a wrong
 key file or passphrase stops the start with a clear message and changes nothing on disk (a
 fresh store is only initialised, and a key file only created, when the store has no root yet).
+It then checks that the store serves the configured region (recorded at first start).
+
+A serving process also claims what must not be shared: its data dir (`DataDirLock`, an
+exclusive lock held for the life of the process) and, on a shared PostgreSQL store, its node id
+(`claim_node_id`, a session advisory lock), so that one audit chain is never written by two
+processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .accounts import Accounts, IssuedKey
 from .config import Settings
@@ -23,6 +34,8 @@ from .storage import Store
 META_ROOT_SOURCE = "root_source"
 META_ROOT_CHECK = "root_check"
 META_ROOT_SALT = "root_salt"
+META_REGION = "region"
+LOCK_FILE = "serve.lock"
 
 
 @dataclass
@@ -100,9 +113,96 @@ def open_node(settings: Settings) -> Node:
     except BaseException:
         store.close()
         raise
+    try:
+        _check_region(settings, store)
+    except BaseException:
+        store.close()
+        raise
     accounts = Accounts(store, root, cache_ttl=settings.cache_ttl)
     kms = KMS(store, SoftwareKeyStore(store, root), settings.region, cache_ttl=settings.cache_ttl)
     return Node(settings, store, root, accounts, kms)
+
+
+def _check_region(settings: Settings, store: Store) -> None:
+    """The region is part of the store: ARNs name it. It is recorded at first start (a store made
+    before it was recorded takes the region of its keys), and a start with another is refused."""
+    with store.begin() as tx:
+        recorded = tx.meta.get(META_REGION)
+        if recorded is None:
+            region = tx.keys.any_region() or settings.region
+            tx.meta.put(META_REGION, region.encode())
+        else:
+            region = recorded.decode()
+    if region != settings.region:
+        raise ConfigurationError(
+            f"this store serves region {region}, not {settings.region}: start it with --region {region} "
+            "(one store serves one region)")
+
+
+class DataDirLock:
+    """An exclusive lock on a data dir, held while the process (and the workers it forks) lives.
+
+    The lock file names the process that holds it, so a second server can say who is in the way.
+    The kernel drops the lock when the process dies, however it dies: a stale file locks nothing.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        _prepare_data_dir(data_dir)
+        path = data_dir / LOCK_FILE
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot use data dir {data_dir}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise ConfigurationError(
+                    f"data dir {data_dir.resolve()} is in use by another openkms server{who}") from None
+            raise ConfigurationError(f"cannot lock data dir {data_dir}: {exc.strerror}") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class NodeClaim:
+    """On PostgreSQL: this process's hold on its node id, a session advisory lock on a connection
+    of its own. A second live node with the same id (a copied data dir) cannot take it."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def release(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()
+
+
+def claim_node_id(settings: Settings, node: str) -> NodeClaim | None:
+    """Claim `node` on a shared PostgreSQL store (None on SQLite, which the data dir lock covers)."""
+    if settings.is_embedded:
+        return None
+    import psycopg
+
+    dsn = settings.storage_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    # A signed 64-bit key from the node id; a namespace prefix keeps clear of other users' locks.
+    lock_key = int.from_bytes(hashlib.sha256(f"openkms-node:{node}".encode()).digest()[:8], "big", signed=True)
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        held = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_key,)).fetchone()
+    except psycopg.Error as exc:
+        raise ConfigurationError(f"cannot open the store: {type(exc).__name__}") from None
+    if not held or not held[0]:
+        conn.close()
+        raise ConfigurationError(
+            f"another live openkms node on this store has node id {node} (was its data dir copied?): "
+            f"delete {settings.data_dir.resolve() / 'node-id'} and start again")
+    return NodeClaim(conn)
 
 
 def write_credentials(path: Path, issued: IssuedKey, region: str) -> None:

@@ -16,14 +16,27 @@ from ..config import DEFAULT_DATA_DIR
 
 def _serve(args: argparse.Namespace) -> int:
     # Server imports stay here so that `openkms admin` needs only the client's dependencies.
+    from ..api import listener
     from ..config import Settings
     from ..errors import ConfigurationError, KMSError
-    from ..node import open_node, write_credentials
+    from ..node import DataDirLock, NodeClaim, claim_node_id, node_id, open_node, write_credentials
 
-    settings = Settings.from_env(host=args.host, port=args.port,
-                                 data_dir=Path(args.data_dir) if args.data_dir else None,
-                                 storage_url=args.storage_url, region=args.region)
+    def cannot_start(reason: str) -> int:
+        print(f"openkms: cannot start: {reason}", file=sys.stderr)
+        return 2
+
     try:
+        settings = Settings.from_env(host=args.host, port=args.port,
+                                     data_dir=Path(args.data_dir) if args.data_dir else None,
+                                     storage_url=args.storage_url, region=args.region,
+                                     reuse_port=True if args.reuse_port else None)
+        # First the port, so that a server that cannot listen writes nothing at all; then what
+        # must not be shared: the data dir, and on a shared store the node id.
+        sock = listener.bind(settings.host, settings.port, settings.reuse_port)
+        held: list[DataDirLock | NodeClaim] = [DataDirLock(settings.data_dir)]
+        claim = claim_node_id(settings, node_id(settings.data_dir))
+        if claim is not None:
+            held.append(claim)
         node = open_node(settings)
         try:
             issued = None
@@ -32,22 +45,19 @@ def _serve(args: argparse.Namespace) -> int:
                     os.environ.get("OPENKMS_BOOTSTRAP_ACCOUNT_ID") or None,
                     os.environ.get("OPENKMS_BOOTSTRAP_ACCESS_KEY_ID") or None,
                     os.environ.get("OPENKMS_BOOTSTRAP_SECRET_ACCESS_KEY") or None)
-                settings.data_dir.mkdir(parents=True, exist_ok=True)
                 write_credentials(settings.data_dir / "credentials", issued, settings.region)
             accounts = node.accounts.list_accounts()
         finally:
             node.close()
     except ConfigurationError as exc:
-        print(f"openkms: cannot start: {exc}", file=sys.stderr)
-        return 2
+        return cannot_start(str(exc))
     except KMSError as exc:
-        print(f"openkms: cannot start: {exc.code}: {exc.message}", file=sys.stderr)
-        return 2
+        return cannot_start(f"{exc.code}: {exc.message}")
     except OSError as exc:
-        print(f"openkms: cannot start: {exc.strerror}: {exc.filename}", file=sys.stderr)
-        return 2
+        return cannot_start(f"{exc.strerror}: {exc.filename}")
 
-    endpoint = f"http://{settings.host}:{settings.port}"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    endpoint = f"http://{host}:{settings.port}"
     storage = "sqlite (embedded)" if settings.is_embedded else "postgresql"
     print(f"openkms serving on {endpoint}", flush=True)
     print(f"  region:      {settings.region}")
@@ -69,19 +79,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     from granian.constants import Interfaces, Loops
     from granian.log import LogLevels
-    from granian.server import Server
 
-    Server(
-        "openkms.api.app:create_app",
-        address=settings.host,
-        port=settings.port,
-        interface=Interfaces.RSGI,
-        loop=Loops.uvloop,  # ~50% more requests/s than asyncio's loop on this workload
-        factory=True,
-        workers=1,
-        log_level=LogLevels.warning,
-        backlog=2048,
-    ).serve()
+    try:
+        listener.serve(
+            "openkms.api.app:create_app", sock,
+            interface=Interfaces.RSGI,
+            loop=Loops.uvloop,  # ~50% more requests/s than asyncio's loop on this workload
+            factory=True,
+            workers=1,
+            log_level=LogLevels.warning,
+        )
+    finally:
+        for hold in reversed(held):
+            hold.release()
     return 0
 
 
@@ -275,10 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server (SQLite in ./openkms-data unless told otherwise)")
     serve.add_argument("--host", help="address to listen on [OPENKMS_HOST, 127.0.0.1]")
-    serve.add_argument("--port", type=int, help="port to listen on [OPENKMS_PORT, 8080]")
+    serve.add_argument("--port", help="port to listen on [OPENKMS_PORT, 8080]")
     serve.add_argument("--data-dir", help=f"data directory [OPENKMS_DATA_DIR, {DEFAULT_DATA_DIR}]")
     serve.add_argument("--storage-url", help="postgresql://... to keep state in PostgreSQL [OPENKMS_STORAGE_URL]")
-    serve.add_argument("--region", help="region in ARNs and SigV4 scopes [OPENKMS_REGION, us-east-1]")
+    serve.add_argument("--region", help="region in ARNs and SigV4 scopes, fixed at first start "
+                       "[OPENKMS_REGION, us-east-1]")
+    serve.add_argument("--reuse-port", action="store_true",
+                       help="share the port with other processes (SO_REUSEPORT) [OPENKMS_REUSE_PORT]")
     serve.set_defaults(func=_serve)
 
     admin = sub.add_parser("admin", help="manage accounts, users and access keys through the admin API")

@@ -321,6 +321,10 @@ class KeyRepo:
     def update(self, key: Key) -> None:
         self.conn.execute(update(t.keys).where(t.keys.c.key_id == key.key_id).values(**self._mutable(key)))
 
+    def any_region(self) -> str | None:
+        row = self.conn.execute(select(t.keys.c.region).limit(1)).first()
+        return None if row is None else str(row[0])
+
     def list_ids(self, account_id: str, after: str | None, limit: int) -> list[Key]:
         q = select(t.keys).where(t.keys.c.account_id == account_id)
         if after is not None:
