@@ -885,10 +885,10 @@ class KMS:
     def get_parameters_for_import(self, caller: Caller, p: Params) -> Result:
         key = self._importable(caller, p["KeyId"], "GetParametersForImport")
         wrap.check_supported(p["WrappingKeySpec"], p["WrappingAlgorithm"])
-        token = os.urandom(32)
+        valid_to = self.now() + IMPORT_PARAMETERS_VALID
+        token = self.keystore.new_import_token(key.key_id, valid_to)
         token_id = hashlib.sha256(token).hexdigest()
         public_der, sealed_private = self.keystore.new_wrapping_key(token_id, p["WrappingKeySpec"])
-        valid_to = self.now() + IMPORT_PARAMETERS_VALID
         with self.store.begin() as tx:
             tx.import_tokens.insert(token_id, key.key_id, p["WrappingAlgorithm"], p["WrappingKeySpec"],
                                     sealed_private, valid_to)
@@ -899,7 +899,13 @@ class KMS:
         token_id = hashlib.sha256(p["ImportToken"]).hexdigest()
         with self.store.begin() as tx:
             token = tx.import_tokens.get(token_id)
-        if token is None or token.key_id != key.key_id:
+        if token is None:
+            # Purged once expired; the token itself still says when it expired, if it is ours.
+            expiry = self.keystore.import_token_expiry(key.key_id, p["ImportToken"])
+            if expiry is not None and expiry <= self.now():
+                raise ExpiredImportTokenException("The import token has expired; call GetParametersForImport again.")
+            raise InvalidImportTokenException("The import token is not valid for this key.")
+        if token.key_id != key.key_id:
             raise InvalidImportTokenException("The import token is not valid for this key.")
         if token.valid_to <= self.now().timestamp():
             raise ExpiredImportTokenException("The import token has expired; call GetParametersForImport again.")

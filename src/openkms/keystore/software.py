@@ -8,7 +8,9 @@ read, no unseal and no key parsing.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from ..crypto import asymmetric, blob, wrap
@@ -22,6 +24,10 @@ from ..storage import Store
 def material_aad(key_id: str, version: int) -> bytes:
     """Binds a sealed row to its key and version, so rows cannot be swapped in the database."""
     return f"openkms:key-material:{key_id}:{version}".encode()
+
+
+def _token_aad(key_id: str) -> bytes:
+    return f"openkms:import-token-expiry:{key_id}".encode()
 
 
 class SoftwareKeyStore:
@@ -52,6 +58,21 @@ class SoftwareKeyStore:
         """(public key DER for the customer, the private key sealed for the store)."""
         private_der, public_der = wrap.new_wrapping_key(wrapping_key_spec)
         return public_der, self._root.seal(private_der, f"openkms:import-token:{token_id}".encode())
+
+    def new_import_token(self, key_id: str, valid_to: datetime) -> bytes:
+        """An import token that carries its own expiry, sealed under the root key for one key: it
+        still says it has expired once the store has purged its row (ExpiredImportTokenException)."""
+        return self._root.seal(struct.pack(">d", valid_to.timestamp()) + os.urandom(16), _token_aad(key_id))
+
+    def import_token_expiry(self, key_id: str, token: bytes) -> datetime | None:
+        """When a token this store issued for `key_id` expires; None for any other bytes."""
+        try:
+            opened = self._root.unseal(token, _token_aad(key_id))
+        except InvalidCiphertextException:
+            return None
+        if len(opened) != 24:
+            return None
+        return datetime.fromtimestamp(struct.unpack(">d", opened[:8])[0], UTC)
 
     def unwrap_import(self, token_id: str, sealed_private_key: bytes, algorithm: str, wrapped: bytes) -> bytes:
         try:

@@ -37,6 +37,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 
 from ..errors import (
@@ -628,10 +630,15 @@ class AuditRepo:
         return None if row is None or row[0] is None else int(row[0])
 
     def put_last_usage(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self.conn.execute(delete(t.key_last_usage).where(t.key_last_usage.c.key_id == row["key_id"]))
-        if rows:
-            self.conn.execute(insert(t.key_last_usage), rows)
+        """Upsert: nodes flush concurrently, and of two uses of one key the later one wins."""
+        if not rows:
+            return
+        dialect_insert = pg_insert if self.conn.dialect.name == "postgresql" else sqlite_insert
+        q = dialect_insert(t.key_last_usage)
+        self.conn.execute(q.on_conflict_do_update(
+            index_elements=[t.key_last_usage.c.key_id],
+            set_={c: q.excluded[c] for c in ("operation", "used_at", "event_id", "request_id")},
+            where=q.excluded.used_at > t.key_last_usage.c.used_at), rows)
 
     def last_usage(self, key_id: str) -> Any:
         return self.conn.execute(select(t.key_last_usage).where(t.key_last_usage.c.key_id == key_id)).first()
