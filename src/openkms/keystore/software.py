@@ -26,8 +26,14 @@ def material_aad(key_id: str, version: int) -> bytes:
     return f"openkms:key-material:{key_id}:{version}".encode()
 
 
-def _token_aad(key_id: str) -> bytes:
+def import_token_aad(key_id: str) -> bytes:
+    """Binds an import token (which carries its expiry) to the key it was issued for."""
     return f"openkms:import-token-expiry:{key_id}".encode()
+
+
+def wrapping_key_aad(token_id: str) -> bytes:
+    """Binds the sealed private half of an import's wrapping key to its token."""
+    return f"openkms:import-token:{token_id}".encode()
 
 
 class SoftwareKeyStore:
@@ -57,17 +63,17 @@ class SoftwareKeyStore:
     def new_wrapping_key(self, token_id: str, wrapping_key_spec: str) -> tuple[bytes, bytes]:
         """(public key DER for the customer, the private key sealed for the store)."""
         private_der, public_der = wrap.new_wrapping_key(wrapping_key_spec)
-        return public_der, self._root.seal(private_der, f"openkms:import-token:{token_id}".encode())
+        return public_der, self._root.seal(private_der, wrapping_key_aad(token_id))
 
     def new_import_token(self, key_id: str, valid_to: datetime) -> bytes:
         """An import token that carries its own expiry, sealed under the root key for one key: it
         still says it has expired once the store has purged its row (ExpiredImportTokenException)."""
-        return self._root.seal(struct.pack(">d", valid_to.timestamp()) + os.urandom(16), _token_aad(key_id))
+        return self._root.seal(struct.pack(">d", valid_to.timestamp()) + os.urandom(16), import_token_aad(key_id))
 
     def import_token_expiry(self, key_id: str, token: bytes) -> datetime | None:
         """When a token this store issued for `key_id` expires; None for any other bytes."""
         try:
-            opened = self._root.unseal(token, _token_aad(key_id))
+            opened = self._root.unseal(token, import_token_aad(key_id))
         except InvalidCiphertextException:
             return None
         if len(opened) != 24:
@@ -76,7 +82,7 @@ class SoftwareKeyStore:
 
     def unwrap_import(self, token_id: str, sealed_private_key: bytes, algorithm: str, wrapped: bytes) -> bytes:
         try:
-            private_der = self._root.unseal(sealed_private_key, f"openkms:import-token:{token_id}".encode())
+            private_der = self._root.unseal(sealed_private_key, wrapping_key_aad(token_id))
         except InvalidCiphertextException:
             raise KMSInternalException("A wrapping key failed its integrity check.") from None
         return wrap.unwrap(private_der, algorithm, wrapped)

@@ -1,0 +1,93 @@
+"""Writes the known-answer files of this folder from fixed inputs (run once per new format, never to
+"fix" a failing vector: a vector that no longer opens means stored data would no longer open).
+
+    python tests/vectors/make_vectors.py
+
+Each vector fixes every input, the random ones included (salt, nonce), and records the exact
+bytes the format produced when it was introduced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from unittest import mock
+
+from openkms.accounts import secret_aad
+from openkms.audit.log import SIGNING_KEY_AAD
+from openkms.crypto import blob, root
+from openkms.crypto.wrap import material_id
+from openkms.keystore.software import import_token_aad, material_aad, wrapping_key_aad
+
+HERE = Path(__file__).parent
+KEY_ID = "1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def fixed_random(data: bytes) -> mock._patch[object]:
+    """os.urandom that returns `data` (the one random draw the format makes)."""
+    return mock.patch.object(os, "urandom", lambda n: data[:n])
+
+
+def blob_vectors() -> list[dict[str, object]]:
+    cases = [
+        (bytes(range(32)), KEY_ID, 1, b"", None),
+        (bytes(range(32)), KEY_ID, 1, b"hello", {}),
+        (bytes(range(1, 33)), KEY_ID, 7, b"hello", {"tenant": "t1", "app": "orders"}),
+        (b"\xff" * 32, "00000000-0000-0000-0000-000000000001", 4294967295, bytes(range(256)),
+         {"k\u00e9y": "v\u00e2lue", "": ""}),
+    ]
+    out = []
+    for i, (material, key_id, version, plaintext, context) in enumerate(cases):
+        salt = bytes([0x10 + i]) * blob.SALT_BYTES
+        with fixed_random(salt):
+            sealed = blob.seal(material, key_id, version, plaintext, context)
+        out.append({"material": material.hex(), "key_id": key_id, "version": version, "salt": salt.hex(),
+                    "plaintext": plaintext.hex(), "context": context, "blob": sealed.hex()})
+    return out
+
+
+def sealed_vectors() -> list[dict[str, object]]:
+    key = bytes(range(100, 132))
+    cases = [
+        ("key material", material_aad(KEY_ID, 1), bytes(range(32))),
+        ("key material, later version", material_aad(KEY_ID, 12), b"\x00" * 64),
+        ("secret access key", secret_aad("AKIAIOSFODNN7EXAMPLE"), b"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        ("audit signing key", SIGNING_KEY_AAD, bytes(range(32, 64))),
+        ("root key check", root.CHECK_AAD, root.CHECK_PLAINTEXT),
+        ("import wrapping key", wrapping_key_aad("ab" * 32), b"0\x82\x04\xbd private key DER"),
+        ("import token", import_token_aad(KEY_ID), bytes.fromhex("41d9000000000000") + bytes(16)),
+        ("empty", b"", b""),
+    ]
+    out = []
+    for i, (what, aad, plaintext) in enumerate(cases):
+        nonce = bytes([0x20 + i]) * 12
+        with fixed_random(nonce):
+            sealed = root.RootKey(key, "test").seal(plaintext, aad)
+        out.append({"what": what, "root_key": key.hex(), "aad": aad.decode(), "nonce": nonce.hex(),
+                    "plaintext": plaintext.hex(), "sealed": sealed.hex()})
+    return out
+
+
+def passphrase_vectors() -> list[dict[str, object]]:
+    salt = bytes(range(16))
+    derived = root.from_passphrase("correct horse battery staple", salt)
+    with fixed_random(b"\x30" * 12):
+        check = derived.make_check()
+    return [{"passphrase": "correct horse battery staple", "salt": salt.hex(), "check": check.hex()}]
+
+
+def material_id_vectors() -> list[dict[str, object]]:
+    return [{"key_id": KEY_ID, "material": m.hex(), "material_id": material_id(KEY_ID, m)}
+            for m in (bytes(range(32)), b"\x00" * 16)]
+
+
+def main() -> None:
+    files = {"blob_v1.json": blob_vectors(), "sealed_v1.json": sealed_vectors(),
+             "passphrase_v1.json": passphrase_vectors(), "material_id_v1.json": material_id_vectors()}
+    for name, vectors in files.items():
+        (HERE / name).write_text(json.dumps(vectors, indent=1, ensure_ascii=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
