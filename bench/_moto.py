@@ -71,7 +71,7 @@ class MotoServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        cmd = moto_command() + ["-H", "127.0.0.1", "-p", str(self.port)]
+        cmd = [*moto_command(), "-H", "127.0.0.1", "-p", str(self.port)]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 -- closed in stop(), after the process
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

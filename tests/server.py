@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -64,7 +65,7 @@ class ServerProcess:
     def start(self, timeout: float = 30.0, expect_failure: bool = False) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPENKMS_")}
         env.update(self.env)
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 -- closed in stop(), after the process
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         if expect_failure:
@@ -93,10 +94,8 @@ class ServerProcess:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -331,7 +331,8 @@ def test_generate_data_key_pair(kms: Any, keys: dict[str, str], pair_spec: str) 
 
 def test_wrong_purpose_is_invalid_key_usage(kms: Any, keys: dict[str, str]) -> None:
     calls = [
-        lambda: kms.encrypt(KeyId=keys["RSA_2048/SIGN_VERIFY"], Plaintext=b"x", EncryptionAlgorithm="RSAES_OAEP_SHA_256"),
+        lambda: kms.encrypt(KeyId=keys["RSA_2048/SIGN_VERIFY"], Plaintext=b"x",
+                            EncryptionAlgorithm="RSAES_OAEP_SHA_256"),
         lambda: kms.sign(KeyId=keys["SYMMETRIC"], Message=b"x", SigningAlgorithm="ECDSA_SHA_256"),
         lambda: kms.sign(KeyId=keys["RSA_2048/ENCRYPT_DECRYPT"], Message=b"x", SigningAlgorithm="RSASSA_PSS_SHA_256"),
         lambda: kms.generate_mac(KeyId=keys["SYMMETRIC"], Message=b"x", MacAlgorithm="HMAC_SHA_256"),

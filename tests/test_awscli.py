@@ -64,7 +64,8 @@ class AwsCli:
     def argv(self, args: Sequence[str]) -> list[str]:
         return [AWS_CLI or "aws", "--endpoint-url", self.server.endpoint, "kms", *args]
 
-    def run(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(self.argv(args), env=env or self.env, cwd=self.workdir, capture_output=True,
                               text=True, timeout=60, check=False)
         if check and proc.returncode != 0:

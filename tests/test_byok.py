@@ -107,7 +107,8 @@ def test_openkms_byok_wrap_cli(server: Any, tmp_path: Path) -> None:
 
 
 def test_imported_hmac_key_equals_python_hmac(kms: Any) -> None:
-    key_id = kms.create_key(KeySpec="HMAC_384", KeyUsage="GENERATE_VERIFY_MAC", Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
+    key_id = kms.create_key(KeySpec="HMAC_384", KeyUsage="GENERATE_VERIFY_MAC",
+                            Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
     material = os.urandom(60)
     fresh_key_material_import(kms, key_id, material)
     message = os.urandom(100)
@@ -252,7 +253,8 @@ def test_new_key_material_and_on_demand_rotation(kms: Any) -> None:
     assert code(e) == "KMSInvalidStateException"
     id2 = fresh_key_material_import(kms, key_id, m2, ImportType="NEW_KEY_MATERIAL",
                                     KeyMaterialDescription="second")["KeyMaterialId"]
-    states = {r["KeyMaterialId"]: r for r in kms.list_key_rotations(KeyId=key_id, IncludeKeyMaterial="ALL_KEY_MATERIAL")["Rotations"]}
+    listed = kms.list_key_rotations(KeyId=key_id, IncludeKeyMaterial="ALL_KEY_MATERIAL")["Rotations"]
+    states = {r["KeyMaterialId"]: r for r in listed}
     assert states[id1]["KeyMaterialState"] == "CURRENT" and states[id2]["KeyMaterialState"] == "PENDING_ROTATION"
     assert states[id2]["ImportState"] == "IMPORTED" and states[id2]["KeyMaterialDescription"] == "second"
     ct_before = kms.encrypt(KeyId=key_id, Plaintext=b"still one")["CiphertextBlob"]

@@ -11,6 +11,7 @@ OPENKMS_FUZZ_EXAMPLES=5000 runs a longer hunt than the default 150 examples per 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -94,11 +95,9 @@ def send(server: ServerProcess, body: bytes = b"", headers: dict[str, str] | Non
          method: str = "POST", path: str = "/", timeout: float = 10.0) -> Reply:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     try:
-        try:
+        # The server may answer (413) and close before the body is all sent; read that answer.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             conn.request(method, path, body=body, headers=headers or {})
-        except (BrokenPipeError, ConnectionResetError):
-            # The server may answer (413) and close before the body is all sent; read that answer.
-            pass
         response = conn.getresponse()
         return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
     finally:

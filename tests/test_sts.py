@@ -45,11 +45,12 @@ def test_sts_errors(server: Any, secret: str, code: str) -> None:
 
 def test_kms_signature_is_not_an_sts_signature(server: Any) -> None:
     """A request signed for kms cannot call STS, and the reverse (the scope names the service)."""
+    import urllib.error
+    import urllib.request
+
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
-    import urllib.error
-    import urllib.request
 
     body = b"Action=GetCallerIdentity&Version=2011-06-15"
     request = AWSRequest(method="POST", url=server.endpoint + "/", data=body,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 from hypothesis import given
@@ -19,7 +20,7 @@ def test_frames_survive_any_split(sent: list[list[object]], cuts: list[int]) -> 
     points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
     reader = FrameReader()
     received: list[object] = []
-    for start, end in zip(points, points[1:]):
+    for start, end in itertools.pairwise(points):
         received += reader.feed(stream[start:end])
     assert received == sent
 

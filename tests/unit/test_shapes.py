@@ -207,7 +207,8 @@ def test_errors_across_members_are_all_reported() -> None:
     assert parts == [
         "Value null at 'keyId' failed to satisfy constraint: Member must not be null",
         "Value '0' at 'numberOfBytes' failed to satisfy constraint: Member must have value greater than or equal to 1",
-        "Value 'AES_1' at 'keySpec' failed to satisfy constraint: Member must satisfy enum value set: [AES_256, AES_128]",
+        "Value 'AES_1' at 'keySpec' failed to satisfy constraint: "
+        "Member must satisfy enum value set: [AES_256, AES_128]",
     ]
     with pytest.raises(ValidationException, match=r"^3 validation errors detected: "):
         OPS["GenerateDataKey"].parse({"NumberOfBytes": 0, "KeySpec": "AES_1"})

@@ -61,7 +61,8 @@ def _parse_amz_date(value: str) -> datetime:
     try:
         if m is None:
             raise ValueError
-        return datetime(*(int(g) for g in m.groups()), tzinfo=UTC)  # type: ignore[misc]
+        year, month, day, hour, minute, second = (int(g) for g in m.groups())
+        return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
     except ValueError:
         raise IncompleteSignatureException("The request must carry a valid X-Amz-Date header.") from None
 
@@ -140,15 +141,16 @@ class SigV4Verifier:
             raise InvalidSignatureException("The host header must be signed.")
         lines = []
         for name in signed_names:
-            value = headers.get(name)
-            if value is None:
+            header = headers.get(name)
+            if header is None:
                 raise InvalidSignatureException(f"Header {name} is listed as signed but is not present.")
-            lines.append(f"{name}:{_canonical_value(value)}\n")
+            lines.append(f"{name}:{_canonical_value(header)}\n")
         payload_hash = hashlib.sha256(body).hexdigest()
         canonical = "\n".join((method, path or "/", _canonical_query(query), "".join(lines), signed, payload_hash))
         string_to_sign = "\n".join((ALGORITHM, amz_date, f"{date}/{region}/{scope_service}/aws4_request",
                                     hashlib.sha256(canonical.encode()).hexdigest()))
-        expected = hmac.new(self._key_for(secret.reveal(), date, scope_service), string_to_sign.encode(), "sha256").hexdigest()
+        expected = hmac.new(self._key_for(secret.reveal(), date, scope_service), string_to_sign.encode(),
+                            "sha256").hexdigest()
         if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogatepass")):
             raise InvalidSignatureException(
                 "The request signature we calculated does not match the signature you provided. "

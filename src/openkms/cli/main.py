@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..config import DEFAULT_DATA_DIR
 
@@ -116,7 +117,7 @@ def _admin_client(args: argparse.Namespace) -> Any:
         section = parser[args.profile]
         akid, secret = section["aws_access_key_id"], section["aws_secret_access_key"]
         region = region or section.get("region")
-    return AdminClient(endpoint, akid, secret, region or "us-east-1")  # type: ignore[arg-type]
+    return AdminClient(endpoint, akid, secret, region or "us-east-1")
 
 
 def _document(value: str) -> str:
@@ -214,8 +215,8 @@ def _audit(args: argparse.Namespace) -> int:
         if args.audit_command == "public-key":
             sys.stdout.write(client.call("GetAuditPublicKey")["PublicKeyPem"])
             return 0
-        out = open(args.out, "w") if getattr(args, "out", None) else sys.stdout
-        try:
+        with contextlib.ExitStack() as stack:
+            out: TextIO = stack.enter_context(open(args.out, "w")) if getattr(args, "out", None) else sys.stdout
             token = getattr(args, "next_token", None)
             while True:
                 page = client.call("QueryAuditEvents", Limit=args.limit, NextToken=token, **filters)
@@ -232,9 +233,6 @@ def _audit(args: argparse.Namespace) -> int:
                 if args.audit_command == "query" and page.get("NextToken"):
                     print(f"# more: --next-token {page['NextToken']}", file=sys.stderr)
                 return 0
-        finally:
-            if out is not sys.stdout:
-                out.close()
     except AdminError as exc:
         print(f"openkms audit: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
@@ -280,7 +278,8 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openkms", description="A key management service that speaks the AWS KMS API.")
+    parser = argparse.ArgumentParser(prog="openkms",
+                                     description="A key management service that speaks the AWS KMS API.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server (SQLite in ./openkms-data unless told otherwise)")

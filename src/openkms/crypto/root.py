@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -36,7 +37,7 @@ class RootKey:
     def __repr__(self) -> str:
         return f"RootKey(source={self.source!r})"
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("the root key cannot be pickled")
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
