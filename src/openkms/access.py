@@ -36,6 +36,7 @@ from .policy import (
     root_arn,
 )
 from .storage import Store
+from .storage.store import Changes
 
 MAX_CACHED = 10_000
 
@@ -69,6 +70,7 @@ def grant_from_row(row: Any, key_arn: str) -> Grant:
 class AccessControl:
     def __init__(self, store: Store, cache_ttl: float = 5.0) -> None:
         self._store = store
+        store.on_commit(self._committed)
         self._compiled: dict[str, tuple[Policy, frozenset[str]]] = {}
         self._identity: TTLCache[str, tuple[Policy, ...]] = TTLCache(cache_ttl, MAX_CACHED)
         self._grants: TTLCache[str, tuple[Grant, ...]] = TTLCache(cache_ttl, MAX_CACHED)
@@ -93,8 +95,6 @@ class AccessControl:
             return tuple(parse_identity_policy(doc) for _, doc in documents)
         return self._identity.get(principal_id, load)
 
-    def forget_identity(self, principal_id: str) -> None:
-        self._identity.pop(principal_id)
 
     # -- grants ---------------------------------------------------------------------------------
     def grants(self, key: Key, grant_tokens: Iterable[str] = ()) -> tuple[Grant, ...]:
@@ -117,16 +117,21 @@ class AccessControl:
         with self._store.begin() as tx:
             return tx.grants.by_token_hash(hashlib.sha256(token.encode()).hexdigest())
 
-    def forget_grants(self, key_id: str) -> None:
-        self._grants.pop(key_id)
 
     # -- lookups only some policies need ----------------------------------------------------------
     def _cached(self, kind: str, key_id: str, load: Any) -> Any:
         return self._lookups.get((kind, key_id), load)
 
-    def forget_lookups(self, key_id: str) -> None:
-        self._lookups.pop(("aliases", key_id))
-        self._lookups.pop(("tags", key_id))
+    def _committed(self, changes: Changes) -> None:
+        """Drop what a committed transaction changed (on this node; other nodes within the TTL)."""
+        for principal_id in changes.identities:
+            self._identity.pop(principal_id)
+        for key_id in changes.grants:
+            self._grants.pop(key_id)
+        for key_id in changes.alias_keys:
+            self._lookups.pop(("aliases", key_id))
+        for key_id in changes.tags:
+            self._lookups.pop(("tags", key_id))
 
     def _aliases_of(self, key: Key) -> list[str]:
         def load() -> list[str]:
@@ -137,7 +142,7 @@ class AccessControl:
     def _tags_of(self, key: Key) -> list[tuple[str, str]]:
         def load() -> list[tuple[str, str]]:
             with self._store.begin() as tx:
-                return tx.tags.list(key.key_id)
+                return tx.tags.for_key(key.key_id)
         return self._cached("tags", key.key_id, load)  # type: ignore[no-any-return]
 
     # -- decisions ------------------------------------------------------------------------------

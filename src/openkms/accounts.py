@@ -27,7 +27,7 @@ from .errors import (
 from .model import Account, Principal, SecretStr
 from .policy import parse_identity_policy
 from .storage import Store
-from .storage.store import from_ts
+from .storage.store import Changes, from_ts
 
 ACCOUNT_ID_RE = re.compile(r"^[0-9]{12}\Z")  # \Z: "$" would accept a trailing newline
 ACCESS_KEY_ID_RE = re.compile(r"^[A-Z0-9]{16,128}\Z")
@@ -66,6 +66,12 @@ class Accounts:
         self._store = store
         self._root = root
         self._cache: TTLCache[str, tuple[SecretStr, Principal] | None] = TTLCache(cache_ttl, max_entries=10_000)
+        store.on_commit(self._committed)
+
+    def _committed(self, changes: Changes) -> None:
+        # A key made, switched off or deleted through this node takes effect at once here.
+        for access_key_id in changes.access_keys:
+            self._cache.pop(access_key_id)
 
     # -- the signing path -------------------------------------------------------------------
     def credentials(self, access_key_id: str) -> tuple[SecretStr, Principal] | None:
@@ -85,9 +91,6 @@ class Accounts:
         except InvalidCiphertextException:
             raise KMSInternalException("An access key failed its integrity check.") from None
         return SecretStr(secret), principal
-
-    def _forget(self, access_key_id: str) -> None:
-        self._cache.pop(access_key_id)
 
     # -- bootstrap --------------------------------------------------------------------------
     def is_empty(self) -> bool:
@@ -116,7 +119,7 @@ class Accounts:
 
     def list_accounts(self) -> list[Account]:
         with self._store.begin() as tx:
-            return tx.accounts.list()
+            return tx.accounts.all()
 
     def account(self, account_id: str) -> Account:
         with self._store.begin() as tx:
@@ -150,9 +153,7 @@ class Accounts:
             principal = tx.accounts.principal_by_name(account_id, name)
             if principal is None:
                 raise NotFoundException(f"User {name} does not exist in account {account_id}.")
-            key_ids = tx.accounts.delete_principal(principal.principal_id)
-        for key_id in key_ids:
-            self._forget(key_id)
+            tx.accounts.delete_principal(principal.principal_id)
         return principal
 
     def delete_account(self, account_id: str) -> list[Principal]:
@@ -166,9 +167,7 @@ class Accounts:
                     f"Account {account_id} still holds {keys} key(s) that are not deleted: schedule their "
                     "deletion and wait for it to complete first.")
             users = tx.accounts.principals(account_id)
-            key_ids = tx.accounts.delete(account_id)
-        for key_id in key_ids:
-            self._forget(key_id)
+            tx.accounts.delete(account_id)
         return users
 
     def user(self, account_id: str, name: str) -> Principal:
@@ -204,7 +203,6 @@ class Accounts:
             if tx.accounts.access_key_row(access_key_id) is not None:
                 raise AlreadyExistsException("That access key id is already in use.")
             tx.accounts.insert_access_key(access_key_id, principal.principal_id, sealed, datetime.now(UTC))
-        self._forget(access_key_id)
         return IssuedKey(access_key_id, SecretStr(secret), principal)
 
     def list_access_keys(self, account_id: str, user_name: str) -> list[dict[str, object]]:
@@ -220,13 +218,11 @@ class Accounts:
         with self._store.begin() as tx:
             if not tx.accounts.set_access_key_status(access_key_id, status):
                 raise NotFoundException("That access key does not exist.")
-        self._forget(access_key_id)
 
     def delete_access_key(self, access_key_id: str) -> None:
         with self._store.begin() as tx:
             if not tx.accounts.delete_access_key(access_key_id):
                 raise NotFoundException("That access key does not exist.")
-        self._forget(access_key_id)
 
     # -- identity policies ------------------------------------------------------------------
     def put_user_policy(self, account_id: str, user_name: str, policy_name: str, document: str) -> None:

@@ -17,7 +17,8 @@ them without a lookup table::
      |    IncorrectKeyException, InvalidKeyUsageException, InvalidAliasNameException,
      |    InvalidArnException, InvalidMarkerException, InvalidGrantTokenException,
      |    LimitExceededException, TagException, UnsupportedOperationException,
-     |    DryRunOperationException, RequestEntityTooLarge (413)
+     |    DryRunOperationException, RequestEntityTooLarge (413),
+     |    KeyStoreUnavailable (a KMSInvalidStateException: a key store's backend cannot answer)
      +-- server errors
           KMSInternalException (500), DependencyTimeoutException (503)
 
@@ -44,6 +45,18 @@ class KMSError(Exception):
 
 class ValidationException(KMSError):
     code = "ValidationException"
+
+    @classmethod
+    def detected(cls, violations: list[str]) -> ValidationException:
+        """AWS's message: `2 validation errors detected: <violation>; <violation>`."""
+        n = len(violations)
+        return cls(f"{n} validation error{'s' if n > 1 else ''} detected: " + "; ".join(violations))
+
+    @classmethod
+    def null_members(cls, members: list[str]) -> ValidationException:
+        """Members that must not be null, by their names in the request (`KeyId`)."""
+        return cls.detected([f"Value null at '{m[0].lower() + m[1:]}' failed to satisfy constraint: "
+                             "Member must not be null" for m in members])
 
 
 class SerializationException(KMSError):
@@ -184,6 +197,11 @@ class RequestEntityTooLarge(KMSError):
 class KMSInternalException(KMSError):
     code = "KMSInternalException"
     status = 500
+
+
+class KeyStoreUnavailable(KMSInvalidStateException):
+    """A key store's backend (an HSM, an external key manager) cannot answer now. Clients see
+    KMSInvalidStateException, as AWS answers when a custom key store cannot be reached."""
 
 
 class DependencyTimeoutException(KMSError):

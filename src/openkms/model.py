@@ -6,6 +6,7 @@ import enum
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NoReturn
 
 
 class KeyState(str, enum.Enum):
@@ -28,15 +29,33 @@ class Origin(str, enum.Enum):
     AWS_KMS = "AWS_KMS"
     EXTERNAL = "EXTERNAL"
 
+    @property
+    def imports_material(self) -> bool:
+        """The customer brings the material (BYOK): it can expire, be deleted and be imported again."""
+        return self is Origin.EXTERNAL
+
+    @property
+    def in_custom_key_store(self) -> bool:
+        """The material lives in a key store the customer registers (none is offered yet)."""
+        return False
+
+
+class KeyFamily(str, enum.Enum):
+    SYMMETRIC = "symmetric"  # AES-256-GCM inside the ciphertext blob
+    HMAC = "hmac"
+    RSA = "rsa"
+    ECC = "ecc"
+    ML_DSA = "ml-dsa"
+
 
 @dataclass(frozen=True, slots=True)
 class KeySpecInfo:
     """What one key spec is and what it supports. New specs are new rows, not new branches."""
 
     name: str
+    family: KeyFamily
     algorithms: dict[KeyUsage, tuple[str, ...]]  # usage -> algorithms it allows with that usage
-    symmetric: bool = False
-    material_bytes: int = 0  # generated material length for symmetric specs
+    material_bytes: int = 0  # generated material length for raw (symmetric and HMAC) specs
 
     @property
     def usages(self) -> tuple[KeyUsage, ...]:
@@ -45,24 +64,45 @@ class KeySpecInfo:
     def allowed(self, usage: KeyUsage) -> tuple[str, ...]:
         return self.algorithms.get(usage, ())
 
+    @property
+    def raw_material(self) -> bool:
+        """Material is secret bytes (symmetric, HMAC), not a private key."""
+        return self.family in (KeyFamily.SYMMETRIC, KeyFamily.HMAC)
+
+    @property
+    def rotatable(self) -> bool:
+        """Can take new material under the same key (automatic or on-demand rotation, new imports)."""
+        return self.family is KeyFamily.SYMMETRIC
+
+    @property
+    def has_public_key(self) -> bool:
+        return self.family in (KeyFamily.RSA, KeyFamily.ECC, KeyFamily.ML_DSA)
+
+    @property
+    def ciphertext(self) -> str | None:
+        """What Encrypt makes with it: "blob" (names its key, takes an encryption context), "rsa"
+        (RSA-OAEP: Decrypt needs the KeyId, no context), or None (no encryption)."""
+        return {KeyFamily.SYMMETRIC: "blob", KeyFamily.RSA: "rsa"}.get(self.family)
+
 
 _RSA_SIGN = tuple(f"RSASSA_{p}_SHA_{n}" for p in ("PSS", "PKCS1_V1_5") for n in (256, 384, 512))
 _RSA_ENCRYPT = ("RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
 _SIGN, _ENCRYPT = KeyUsage.SIGN_VERIFY, KeyUsage.ENCRYPT_DECRYPT
 _MAC, _AGREE = KeyUsage.GENERATE_VERIFY_MAC, KeyUsage.KEY_AGREEMENT
 
+_SYM, _RSA, _ECC, _HMAC, _MLDSA = KeyFamily.SYMMETRIC, KeyFamily.RSA, KeyFamily.ECC, KeyFamily.HMAC, KeyFamily.ML_DSA
+
 KEY_SPECS: dict[str, KeySpecInfo] = {
-    "SYMMETRIC_DEFAULT": KeySpecInfo("SYMMETRIC_DEFAULT", {_ENCRYPT: ("SYMMETRIC_DEFAULT",)},
-                                     symmetric=True, material_bytes=32),
-    **{f"RSA_{bits}": KeySpecInfo(f"RSA_{bits}", {_ENCRYPT: _RSA_ENCRYPT, _SIGN: _RSA_SIGN})
+    "SYMMETRIC_DEFAULT": KeySpecInfo("SYMMETRIC_DEFAULT", _SYM, {_ENCRYPT: ("SYMMETRIC_DEFAULT",)}, 32),
+    **{f"RSA_{bits}": KeySpecInfo(f"RSA_{bits}", _RSA, {_ENCRYPT: _RSA_ENCRYPT, _SIGN: _RSA_SIGN})
        for bits in (2048, 3072, 4096)},
-    **{f"ECC_NIST_P{n}": KeySpecInfo(f"ECC_NIST_P{n}", {_SIGN: (f"ECDSA_SHA_{h}",), _AGREE: ("ECDH",)})
+    **{f"ECC_NIST_P{n}": KeySpecInfo(f"ECC_NIST_P{n}", _ECC, {_SIGN: (f"ECDSA_SHA_{h}",), _AGREE: ("ECDH",)})
        for n, h in ((256, 256), (384, 384), (521, 512))},
-    "ECC_SECG_P256K1": KeySpecInfo("ECC_SECG_P256K1", {_SIGN: ("ECDSA_SHA_256",)}),
+    "ECC_SECG_P256K1": KeySpecInfo("ECC_SECG_P256K1", _ECC, {_SIGN: ("ECDSA_SHA_256",)}),
     # ED25519_PH_SHA_512 (pre-hashed Ed25519) is not offered: pyca/cryptography has no Ed25519ph.
-    "ECC_NIST_EDWARDS25519": KeySpecInfo("ECC_NIST_EDWARDS25519", {_SIGN: ("ED25519_SHA_512",)}),
-    **{f"HMAC_{n}": KeySpecInfo(f"HMAC_{n}", {_MAC: (f"HMAC_SHA_{n}",)}) for n in (224, 256, 384, 512)},
-    **{f"ML_DSA_{n}": KeySpecInfo(f"ML_DSA_{n}", {_SIGN: ("ML_DSA_SHAKE_256",)}) for n in (44, 65, 87)},
+    "ECC_NIST_EDWARDS25519": KeySpecInfo("ECC_NIST_EDWARDS25519", _ECC, {_SIGN: ("ED25519_SHA_512",)}),
+    **{f"HMAC_{n}": KeySpecInfo(f"HMAC_{n}", _HMAC, {_MAC: (f"HMAC_SHA_{n}",)}, n // 8) for n in (224, 256, 384, 512)},
+    **{f"ML_DSA_{n}": KeySpecInfo(f"ML_DSA_{n}", _MLDSA, {_SIGN: ("ML_DSA_SHAKE_256",)}) for n in (44, 65, 87)},
 }
 
 # Key pair specs GenerateDataKeyPair can make (SM2 is left out).
@@ -120,7 +160,7 @@ class SecretStr:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("secrets cannot be pickled")
 
 
@@ -194,6 +234,9 @@ class Caller:
     @property
     def account_id(self) -> str:
         return self.principal.account_id
+
+    def for_operation(self, operation: str, grant_tokens: tuple[str, ...]) -> Caller:
+        return Caller(self.principal, self.access_key_id, self.source_ip, operation, grant_tokens)
 
 
 KEY_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -1,4 +1,10 @@
-"""Assembles one openkms node from settings: store, root key, accounts, KMS service.
+"""The composition root: one openkms node from settings, with everything wired in one place.
+
+`open_node` builds what any use of a store needs: the store, the root key, accounts, access
+control, the key stores and the service context (the CLI uses it at start, and tests in-process).
+`serving_node` adds what a serving process runs: the usage tracker, the audit log (with its
+writer process) and the admin API. The HTTP app, the scheduler and the XKS proxy take a node; none
+of them builds parts of it.
 
 Opening a node checks the root key against the store before anything else is written: a wrong
 key file or passphrase stops the start with a clear message and changes nothing on disk (a
@@ -21,15 +27,23 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .access import AccessControl
 from .accounts import Accounts, IssuedKey
 from .config import Settings
 from .crypto import root as rootkey
 from .errors import ConfigurationError
+from .keystore.base import KeyStore
+from .keystore.registry import KeyStores
 from .keystore.software import SoftwareKeyStore
-from .service import KMS
+from .service import Context, KeyLookup
 from .storage import Store
+
+if TYPE_CHECKING:
+    from .api.admin import AdminAPI
+    from .audit.log import AuditLog
+    from .audit.usage import UsageTracker
 
 META_ROOT_SOURCE = "root_source"
 META_ROOT_CHECK = "root_check"
@@ -44,9 +58,15 @@ class Node:
     store: Store
     root: rootkey.RootKey
     accounts: Accounts
-    kms: KMS
+    service: Context
+    # What only a serving process has (serving_node):
+    usage: UsageTracker | None = None
+    audit: AuditLog | None = None
+    admin: AdminAPI | None = None
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()  # flushes pending records and signs a final digest
         self.store.close()
 
 
@@ -105,7 +125,9 @@ def _checked(root: rootkey.RootKey, store: Store) -> rootkey.RootKey:
     return root
 
 
-def open_node(settings: Settings) -> Node:
+def open_node(settings: Settings, keystore: KeyStore | None = None) -> Node:
+    """A node over the configured store. `keystore`: the default key store (the software store
+    sealed under the root key unless given, e.g. the memory store in unit tests)."""
     _prepare_data_dir(settings.data_dir)  # holds the root key file and credentials on every store
     store = Store.open(settings.database_url)
     try:
@@ -119,8 +141,30 @@ def open_node(settings: Settings) -> Node:
         store.close()
         raise
     accounts = Accounts(store, root, cache_ttl=settings.cache_ttl)
-    kms = KMS(store, SoftwareKeyStore(store, root), settings.region, cache_ttl=settings.cache_ttl)
-    return Node(settings, store, root, accounts, kms)
+    access = AccessControl(store, settings.cache_ttl)
+    service = Context(store=store, region=settings.region,
+                      keys=KeyLookup(store, access, settings.region, settings.cache_ttl),
+                      keystores=KeyStores(keystore or SoftwareKeyStore(store, root)), access=access)
+    return Node(settings, store, root, accounts, service)
+
+
+def serving_node(settings: Settings) -> Node:
+    """A node that serves: with the usage tracker, the audit log and the admin API."""
+    from .api.admin import AdminAPI
+    from .audit.log import AuditLog
+    from .audit.usage import UsageTracker
+
+    node = open_node(settings)
+    try:
+        node.usage = node.service.usage = UsageTracker(node.store)
+        chain = node_id(settings.data_dir)
+        node.audit = AuditLog(node.store, node.root, chain, settings.audit_digest_interval, node.usage,
+                              settings.data_dir / "audit-digests" / f"{chain}.jsonl")
+        node.admin = AdminAPI(node.accounts, node.store, node.audit)
+    except BaseException:
+        node.close()
+        raise
+    return node
 
 
 def _check_region(settings: Settings, store: Store) -> None:

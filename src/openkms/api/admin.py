@@ -101,10 +101,7 @@ def _check(op: str, body: dict[str, Any]) -> dict[str, Any]:
     schema = OPERATIONS[op].schema
     missing = [name for name, (_, required) in schema.items() if required and body.get(name) is None]
     if missing:
-        raise ValidationException(
-            f"{len(missing)} validation error{'s' if len(missing) > 1 else ''} detected: " + "; ".join(
-                f"Value null at '{m[0].lower() + m[1:]}' failed to satisfy constraint: Member must not be null"
-                for m in missing))
+        raise ValidationException.null_members(missing)
     out = {}
     for name, (kind, _) in schema.items():
         if body.get(name) is not None:
@@ -123,9 +120,8 @@ def user_view(u: Principal) -> dict[str, Any]:
 
 
 class AdminAPI:
-    def __init__(self, accounts: Accounts, store: Store, audit: AuditLog, forget_identity: Any = None) -> None:
+    def __init__(self, accounts: Accounts, store: Store, audit: AuditLog) -> None:
         self.accounts = accounts
-        self._forget_identity = forget_identity or (lambda principal_id: None)
         self.store = store
         self.audit = audit
         self._handlers: dict[str, Callable[[Caller, dict[str, Any]], dict[str, Any]]] = {
@@ -217,8 +213,7 @@ class AdminAPI:
     def _delete_account(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         if p["AccountId"] == caller.account_id:
             raise DeleteConflictException("An operator cannot delete the account it belongs to.")
-        for user in self.accounts.delete_account(p["AccountId"]):
-            self._forget_identity(user.principal_id)
+        self.accounts.delete_account(p["AccountId"])
         return {}
 
     def _list_accounts(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +234,7 @@ class AdminAPI:
     def _delete_user(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         if (p["AccountId"], p["UserName"]) == (caller.account_id, caller.principal.name):
             raise DeleteConflictException("A user cannot delete itself.")
-        self._forget_identity(self.accounts.delete_user(p["AccountId"], p["UserName"]).principal_id)
+        self.accounts.delete_user(p["AccountId"], p["UserName"])
         return {}
 
     def _list_users(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +299,6 @@ class AdminAPI:
 
     def _put_user_policy(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         self.accounts.put_user_policy(p["AccountId"], p["UserName"], p["PolicyName"], p["PolicyDocument"])
-        self._forget_identity(self.accounts.principal_id(p["AccountId"], p["UserName"]))
         return {}
 
     def _get_user_policy(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
@@ -314,7 +308,7 @@ class AdminAPI:
         raise NotFoundException(f"User {p['UserName']} has no policy {p['PolicyName']}.")
 
     def _delete_user_policy(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
-        self._forget_identity(self.accounts.delete_user_policy(p["AccountId"], p["UserName"], p["PolicyName"]))
+        self.accounts.delete_user_policy(p["AccountId"], p["UserName"], p["PolicyName"])
         return {}
 
     def _list_user_policies(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:

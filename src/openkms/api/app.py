@@ -4,13 +4,16 @@
 the protocol adapters below stay a few lines each and tests can call it without a socket. Every
 failure becomes a JSON error body with an AWS error code; an unexpected exception is logged
 (type and traceback only, never request data) and answered with KMSInternalException.
+
+The app only adapts HTTP: it authenticates (SigV4), routes by X-Amz-Target to an API of
+dispatch.py, records the call in the audit log and answers once the record is durable. The node
+(node.py) and the scheduler (scheduler.py) are built outside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import re
 import time
@@ -20,10 +23,7 @@ from typing import Any
 import orjson
 
 from ..audit import context as audit_context
-from ..audit.log import AuditLog
 from ..audit.record import build_event, new_id
-from ..audit.usage import TRACKED_OPERATIONS, UsageTracker
-from ..audit.verify import archive as archive_audit
 from ..config import Settings
 from ..errors import (
     KMSError,
@@ -31,33 +31,22 @@ from ..errors import (
     RequestEntityTooLarge,
     SerializationException,
     UnknownOperationException,
-    UnsupportedOperationException,
 )
 from ..model import Caller
-from ..node import Node, node_id, open_node
+from ..node import Node, serving_node
+from ..scheduler import Scheduler
 from ..storage.store import Tx, before_commit
-from . import shapes, sts
-from .admin import TARGET_PREFIX as ADMIN_PREFIX
-from .admin import AdminAPI
+from . import sts
+from .dispatch import READ_ONLY_PREFIXES, AdminJsonApi, Dispatcher, JsonApi, KmsApi
 from .sigv4 import SigV4Verifier
 
 log = logging.getLogger("openkms.api")
 
-KMS_PREFIX = "TrentService."
 MAX_BODY_BYTES = 256 * 1024
 JSON_HEADERS = "application/x-amz-json-1.1"
-# Operations that may take a second of CPU (RSA key generation) run on a worker thread so they do
-# not stall every other request on the event loop. The service's caches are plain dicts whose
-# single operations are atomic, and SQLAlchemy's pool is thread-safe.
-SLOW_TARGETS = frozenset(f"TrentService.{op}" for op in (
-    "CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GetParametersForImport"))
 Response = tuple[int, list[tuple[str, str]], bytes]
 Event = dict[str, Any]
 _CREDENTIAL_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _error_body(exc: KMSError) -> bytes:
@@ -71,25 +60,19 @@ def _refusal(response: Response) -> Response:
 
 class App:
     def __init__(self, node: Node) -> None:
+        if node.audit is None or node.admin is None or node.usage is None:
+            raise ValueError("App needs a serving node (node.serving_node)")
         self.node = node
         self.settings = node.settings
-        self.usage = UsageTracker(node.store)
-        node.kms.usage = self.usage
-        chain = node_id(node.settings.data_dir)
-        self.audit = AuditLog(node.store, node.root, chain, node.settings.audit_digest_interval, self.usage,
-                              node.settings.data_dir / "audit-digests" / f"{chain}.jsonl")
-        self.admin = AdminAPI(node.accounts, node.store, self.audit, node.kms.access.forget_identity)
+        self.usage = node.usage
+        self.audit = node.audit
         self.audit_enabled = node.settings.audit.lower() != "off"
         if not self.audit_enabled:
             log.warning("OPENKMS_AUDIT=off: API calls are NOT recorded in the audit log")
         self.verifier = SigV4Verifier(node.settings.region, "kms", node.accounts.credentials)
-        self.operations = shapes.operations()
-        self.handlers: dict[str, Callable[[Caller, dict[str, Any]], dict[str, Any]]] = {}
-        for name in self.operations:
-            method = getattr(node.kms, _snake(name), None)
-            if method is not None:
-                self.handlers[name] = method
-        self._scheduler: asyncio.Task[None] | None = None
+        self.kms_api = KmsApi(node.service, blocking_stores=node.service.keystores.any_blocking)
+        self.dispatch = Dispatcher([self.kms_api, AdminJsonApi(node.admin)])
+        self.scheduler = Scheduler(node)
 
     # -- the protocol-independent core ------------------------------------------------------------
     def handle(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
@@ -111,9 +94,10 @@ class App:
         error: KMSError | None = None
         noted: dict[str, Any] = {}  # the redacted request, recorded for failed calls too
         touched = audit_context.touched.set([])
-        name = target.rpartition(".")[2] if target.startswith((KMS_PREFIX, ADMIN_PREFIX)) else ""
-        if is_sts:
-            name = sts.action_of(body)[:64]
+        routed = None if is_sts else self.dispatch.route(target)
+        api: JsonApi | None = routed[0] if routed else None
+        name = sts.action_of(body)[:64] if is_sts else routed[1] if routed else ""
+        read_only = api.read_only(name) if api is not None else name.startswith(READ_ONLY_PREFIXES)
 
         def event_of(result: dict[str, Any] | None, error: KMSError | None, resources: list[tuple[str, str]],
                      key_id: str | None) -> Event:
@@ -123,8 +107,8 @@ class App:
                 user_agent=headers.get("user-agent", ""), principal=principal, access_key_id=key_id,
                 request_parameters=noted.get("params"), response_elements=result,
                 error_code=error.code if error else None, error_message=error.message if error else None,
-                resources=resources, event_source="sts.amazonaws.com" if is_sts else
-                "openkms.admin" if target.startswith(ADMIN_PREFIX) else None)
+                resources=resources, read_only=read_only,
+                event_source="sts.amazonaws.com" if is_sts else api.event_source if api is not None else None)
 
         intents: list[bool] = []
 
@@ -147,7 +131,9 @@ class App:
                 status = 200
             else:
                 payload = self._parse_json(body)
-                rendered, result = self._dispatch(caller, target, payload, noted)
+                if api is None:
+                    raise UnknownOperationException(f"Unknown operation {target or '(no X-Amz-Target)'}.")
+                rendered, result = api.call(caller, name, payload, noted)
                 status, data = 200, orjson.dumps(rendered)
         except KMSError as exc:
             error = exc
@@ -183,70 +169,12 @@ class App:
             raise SerializationException("The request body must be a JSON object.")
         return payload
 
-    def _dispatch(self, caller: Caller, target: str, payload: dict[str, Any], noted: dict[str, Any]
-                  ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """(rendered response, redacted response elements). The redacted request parameters go in
-        `noted["params"]` as soon as the request parses, so that a call that then fails (not found,
-        denied, invalid ciphertext) is recorded with what it asked for."""
-        if target.startswith(KMS_PREFIX):
-            name = target[len(KMS_PREFIX):]
-            op = self.operations.get(name)
-            if op is None:
-                raise UnknownOperationException(f"Unknown operation {target}.")
-            handler = self.handlers.get(name)
-            if handler is None:
-                raise UnsupportedOperationException(f"{name} is not supported by this server yet.")
-            params = op.parse(payload)
-            noted["params"] = op.redact_input(params) if op.redact_input else None
-            caller = dataclasses.replace(caller, operation=name, grant_tokens=tuple(params.get("GrantTokens") or ()))
-            result = handler(caller, params)
-            return op.render(result), op.redact_output(result) if op.redact_output else None
-        if target.startswith(ADMIN_PREFIX) and self.admin.has(target[len(ADMIN_PREFIX):]):
-            name = target[len(ADMIN_PREFIX):]
-            noted["params"] = self.admin.redact_input(name, payload)
-            result = self.admin.call(caller, name, payload)
-            return result, self.admin.redact_output(name, result)
-        raise UnknownOperationException(f"Unknown operation {target or '(no X-Amz-Target)'}.")
-
     # -- background work --------------------------------------------------------------------------
-    async def _run_scheduler(self) -> None:
-        interval = self.settings.scheduler_interval
-        while True:
-            try:
-                done = self.node.kms.run_scheduled_work()
-                for what, key_ids in done.items():
-                    if key_ids:
-                        log.info("scheduler: %s %d key(s)", what, len(key_ids))
-                if self.settings.audit_retention_days > 0:
-                    moved = await asyncio.get_running_loop().run_in_executor(None, self._archive_audit)
-                    if moved:
-                        log.info("scheduler: archived %d audit record(s)", moved)
-            except Exception:
-                log.exception("scheduler run failed; will retry")
-            await asyncio.sleep(interval)
-
-    def _archive_audit(self) -> int:
-        cutoff = time.time() - self.settings.audit_retention_days * 86400
-        return archive_audit(self.node.store, self.audit.node_id, cutoff, self.settings.data_dir / "audit-archive")
-
-    async def _run_audit_ticks(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                self.audit.tick()
-            except Exception:
-                log.exception("audit tick failed; will retry")
-
     def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._scheduler is None:
-            self._scheduler = loop.create_task(self._run_scheduler())
-            self._ticks = loop.create_task(self._run_audit_ticks())
+        self.scheduler.start(loop)
 
     def stop_background(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            self._ticks.cancel()
-            self._scheduler = None
+        self.scheduler.stop()
 
     # -- RSGI (granian) -------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -254,8 +182,7 @@ class App:
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop_background()
-        self.audit.close()  # flushes pending records and signs a final digest
-        self.node.close()
+        self.node.close()  # the audit log flushes pending records and signs a final digest
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         if scope.proto != "http":
@@ -282,7 +209,8 @@ class App:
                             ) -> Response | None:
         """The response to send; or None when it has been sent already through `send`, which an
         audited call uses to answer the moment its record is durable."""
-        if headers.get("x-amz-target") in SLOW_TARGETS:
+        routed = self.dispatch.route(headers.get("x-amz-target", ""))
+        if routed is not None and routed[0].blocking(routed[1]):
             response, event, intent = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, method, path, query, headers, body, client)
         else:
@@ -311,11 +239,11 @@ class App:
     def _note_usage(self, event: Event) -> None:
         """GetKeyLastUsage: the last successful cryptographic call on each key. Noted only once the
         call is answered (its record durable), so that it never names a refused call's record."""
-        name = event["eventName"]
-        if "errorCode" not in event and name in TRACKED_OPERATIONS:
+        if "errorCode" not in event and event["eventSource"] == "kms.amazonaws.com" and \
+                self.kms_api.tracked(event["eventName"]):
             now = time.time()
             for resource in event["resources"]:
-                self.usage.record(resource["ARN"].rsplit("/", 1)[1], name, now, event["eventID"],
+                self.usage.record(resource["ARN"].rsplit("/", 1)[1], event["eventName"], now, event["eventID"],
                                   event["requestID"])
 
     # -- ASGI (uvicorn and others) ------------------------------------------------------------------
@@ -374,4 +302,4 @@ def create_app(settings: Settings | None = None) -> App:
     """Factory used by the server process (`openkms serve`), by tests and by other ASGI servers."""
     logging.basicConfig(level=(settings or Settings.from_env()).log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return App(open_node(settings or Settings.from_env()))
+    return App(serving_node(settings or Settings.from_env()))

@@ -282,9 +282,7 @@ class Operation:
         errors: list[str] = []
         params = self.parse_input(body, "", errors)
         if errors:
-            count = len(errors)
-            noun = "error" if count == 1 else "errors"
-            raise ValidationException(f"{count} validation {noun} detected: " + "; ".join(errors))
+            raise ValidationException.detected(errors)
         return params  # type: ignore[no-any-return]
 
     def render(self, result: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 EVENT_SOURCE = "kms.amazonaws.com"
-READ_ONLY_PREFIXES = ("Describe", "List", "Get")
 
 
 _second: list[Any] = [0, ""]
@@ -52,7 +51,8 @@ def build_event(*, request_id: str, event_id: str, event_time: float, event_name
                 source_ip: str, user_agent: str, principal: Any | None, access_key_id: str | None,
                 request_parameters: dict[str, Any] | None, response_elements: dict[str, Any] | None,
                 error_code: str | None, error_message: str | None,
-                resources: list[tuple[str, str]], event_source: str | None = None) -> dict[str, Any]:
+                resources: list[tuple[str, str]], read_only: bool,
+                event_source: str | None = None) -> dict[str, Any]:
     identity: dict[str, Any]
     if principal is not None:
         identity = {"type": "IAMUser", "principalId": principal.principal_id, "arn": principal.arn,
@@ -75,7 +75,7 @@ def build_event(*, request_id: str, event_id: str, event_time: float, event_name
         "responseElements": response_elements,
         "requestID": request_id,
         "eventID": event_id,
-        "readOnly": event_name.startswith(READ_ONLY_PREFIXES),
+        "readOnly": read_only,
         "resources": [{"accountId": account, "type": "AWS::KMS::Key", "ARN": arn} for arn, account in resources],
         "eventType": "AwsApiCall",
         "managementEvent": True,

@@ -9,11 +9,6 @@ from typing import Any
 
 from ..storage import Store
 
-TRACKED_OPERATIONS = frozenset({
-    "Decrypt", "DeriveSharedSecret", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext", "GenerateDataKeyWithoutPlaintext", "GenerateMac", "ReEncrypt",
-    "Sign", "Verify", "VerifyMac"})
-
 
 class UsageTracker:
     def __init__(self, store: Store) -> None:

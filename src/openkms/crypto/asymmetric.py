@@ -10,7 +10,6 @@ which check failed.
 from __future__ import annotations
 
 import hmac as std_hmac
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,6 @@ _CURVES: dict[str, type[ec.EllipticCurve]] = {
     "ECC_SECG_P256K1": ec.SECP256K1,
 }
 _RSA_BITS = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
-_HMAC_BYTES = {"HMAC_224": 28, "HMAC_256": 32, "HMAC_384": 48, "HMAC_512": 64}
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {"SHA_1": hashes.SHA1, "SHA_224": hashes.SHA224,
                                                   "SHA_256": hashes.SHA256, "SHA_384": hashes.SHA384,
@@ -66,9 +64,7 @@ _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKey
 
 
 def generate(spec: str) -> bytes:
-    """New material for a key spec: PKCS#8 DER for key pairs, random bytes for HMAC."""
-    if spec in _HMAC_BYTES:
-        return os.urandom(_HMAC_BYTES[spec])
+    """A new private key of a key-pair spec, as PKCS#8 DER (raw specs take random bytes instead)."""
     key: Any
     if spec in _RSA_BITS:
         key = rsa.generate_private_key(public_exponent=65537, key_size=_RSA_BITS[spec])
@@ -83,10 +79,14 @@ def generate(spec: str) -> bytes:
     return key.private_bytes(*_PKCS8)  # type: ignore[no-any-return]
 
 
+def data_key_pair(spec: str) -> tuple[bytes, bytes]:
+    """A data key pair that is handed out, never stored: (PKCS#8 DER private, SPKI DER public)."""
+    private_der = generate(spec)
+    return private_der, public_key_der(load(spec, private_der))
+
+
 def load(spec: str, material: bytes) -> Any:
-    """A handle for cryptography with stored material (the HMAC key itself for HMAC specs)."""
-    if spec in _HMAC_BYTES:
-        return material
+    """A handle (a pyca private key object) for cryptography with a key pair's stored material."""
     return serialization.load_der_private_key(material, password=None)
 
 
@@ -110,11 +110,13 @@ def check_private_key_matches(spec: str, handle: Any) -> bool:
 def _digest_or_raw(scheme: SigningScheme, algorithm: str, message: bytes, message_type: str) -> Any:
     """The hash argument pyca wants: the hash for RAW, Prehashed(hash) for a checked DIGEST."""
     assert scheme.hash is not None
+    # An instance: pyca types digest_size and name as properties of HashAlgorithm, not of its class.
+    h = scheme.hash()
     if message_type == "DIGEST":
-        if len(message) != scheme.hash.digest_size:
+        if len(message) != h.digest_size:
             raise ValidationException(f"Digest is invalid length for algorithm {algorithm}.")
-        return utils.Prehashed(scheme.hash())
-    return scheme.hash()
+        return utils.Prehashed(h)
+    return h
 
 
 def _check_message_type(scheme: SigningScheme, algorithm: str, message_type: str) -> None:
@@ -157,7 +159,8 @@ def _rsa_padding(scheme: SigningScheme) -> padding.AsymmetricPadding:
     assert scheme.hash is not None
     if scheme.kind == "pss":
         # KMS uses a salt as long as the hash output.
-        return padding.PSS(mgf=padding.MGF1(scheme.hash()), salt_length=scheme.hash.digest_size)
+        h = scheme.hash()
+        return padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size)
     return padding.PKCS1v15()
 
 
@@ -167,7 +170,7 @@ def _oaep(algorithm: str) -> padding.OAEP:
 
 
 def rsa_max_plaintext(handle: Any, algorithm: str) -> int:
-    return int(handle.key_size // 8 - 2 * OAEP_HASH[algorithm].digest_size - 2)
+    return int(handle.key_size // 8 - 2 * OAEP_HASH[algorithm]().digest_size - 2)
 
 
 def rsa_encrypt(handle: Any, algorithm: str, plaintext: bytes) -> bytes:
@@ -186,7 +189,7 @@ def rsa_decrypt(handle: Any, algorithm: str, ciphertext: bytes) -> bytes:
 
 
 def mac(key: bytes, algorithm: str, message: bytes) -> bytes:
-    return std_hmac.digest(key, message, MAC_HASH[algorithm].name)
+    return std_hmac.digest(key, message, MAC_HASH[algorithm]().name)
 
 
 def mac_matches(key: bytes, algorithm: str, message: bytes, tag: bytes) -> bool:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..errors import IncorrectKeyMaterialException, InvalidCiphertextException, UnsupportedOperationException
+from ..model import KeyFamily, KeySpecInfo
 from . import asymmetric
 
 WRAPPING_KEY_BITS = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
@@ -29,8 +30,6 @@ WRAPPING_ALGORITHMS: dict[str, tuple[type[hashes.HashAlgorithm], bool]] = {
     "RSA_AES_KEY_WRAP_SHA_1": (hashes.SHA1, True),
     "RSA_AES_KEY_WRAP_SHA_256": (hashes.SHA256, True),
 }
-# HMAC material may be longer than the MAC's output, as in AWS: (min, max) bytes per spec.
-HMAC_MATERIAL_BYTES = {"HMAC_224": (28, 64), "HMAC_256": (32, 64), "HMAC_384": (48, 128), "HMAC_512": (64, 128)}
 
 
 def check_supported(wrapping_key_spec: str, algorithm: str) -> None:
@@ -72,23 +71,24 @@ def unwrap(wrapping_private_der: bytes, algorithm: str, wrapped: bytes) -> bytes
         raise InvalidCiphertextException() from None
 
 
-def check_material(key_spec: str, material: bytes) -> None:
+def check_material(spec: KeySpecInfo, material: bytes) -> None:
     """Imported material must be what the key spec needs, else IncorrectKeyMaterialException."""
-    if key_spec == "SYMMETRIC_DEFAULT":
-        if len(material) != 32:
+    if spec.family is KeyFamily.SYMMETRIC:
+        if len(material) != spec.material_bytes:
             raise IncorrectKeyMaterialException("Symmetric key material must be 32 bytes (256 bits).")
         return
-    if key_spec in HMAC_MATERIAL_BYTES:
-        lo, hi = HMAC_MATERIAL_BYTES[key_spec]
+    if spec.family is KeyFamily.HMAC:
+        # As in AWS: at least the MAC's output length, at most the hash's block size.
+        lo, hi = spec.material_bytes, 64 if spec.material_bytes <= 32 else 128
         if not lo <= len(material) <= hi:
-            raise IncorrectKeyMaterialException(f"{key_spec} key material must be {lo} to {hi} bytes.")
+            raise IncorrectKeyMaterialException(f"{spec.name} key material must be {lo} to {hi} bytes.")
         return
     try:
-        handle = asymmetric.load(key_spec, material)
+        handle = asymmetric.load(spec.name, material)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise IncorrectKeyMaterialException("Key material must be a PKCS#8 DER private key.") from None
-    if not asymmetric.check_private_key_matches(key_spec, handle):
-        raise IncorrectKeyMaterialException(f"The private key does not match the key spec {key_spec}.")
+    if not asymmetric.check_private_key_matches(spec.name, handle):
+        raise IncorrectKeyMaterialException(f"The private key does not match the key spec {spec.name}.")
 
 
 def material_id(key_id: str, material: bytes) -> str:

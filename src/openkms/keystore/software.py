@@ -1,8 +1,10 @@
 """The software key store: key material generated here and sealed under the root key in the store.
 
-Material of a key version never changes, so unsealed versions are cached for the life of the
-process (evicted when a key is deleted) as ready-to-use handles: a warm key costs no database
-read, no unseal and no key parsing.
+A version's locator is its material sealed under the root key, bound to the key and version
+(`material_aad`), kept in the version's row. Material of a version never changes, so unsealed
+versions are cached for the life of the process as ready-to-use handles (a warm key costs no
+database read, no unseal and no key parsing); a committed change to a version's row (an import,
+deleted material) evicts its handle on this node.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..crypto import asymmetric, blob, wrap
-from ..crypto.material import KeyMaterial
+from ..crypto.material import ImportedMaterial, KeyMaterial
 from ..crypto.root import RootKey
 from ..errors import InvalidCiphertextException, KMSInternalException
-from ..model import KEY_SPECS, Key
+from ..model import Key, KeySpecInfo
 from ..storage import Store
+from ..storage.store import Changes
+from .base import StoredVersion
 
 
 def material_aad(key_id: str, version: int) -> bytes:
@@ -38,26 +42,60 @@ def wrapping_key_aad(token_id: str) -> bytes:
 
 class SoftwareKeyStore:
     name = "software"
+    blocking = False
 
     def __init__(self, store: Store, root: RootKey) -> None:
         self._store = store
         self._root = root
-        # (key id, version) -> KeyMaterial (symmetric and HMAC) or a pyca private key object
+        # (key id, version) -> KeyMaterial (raw specs) or a pyca private key object
         self._handles: dict[tuple[str, int], Any] = {}
+        store.on_commit(self._committed)
 
-    # -- material -----------------------------------------------------------------------------
-    def new_material(self, key_id: str, version: int, spec_name: str) -> tuple[bytes, str]:
-        """Fresh material for a key version: (sealed for the store, material id).
+    def _committed(self, changes: Changes) -> None:
+        for key_id, version in changes.versions:
+            self.evict(key_id, version)
 
-        Nothing is cached here: the version only exists once the caller's transaction commits,
+    # -- versions -----------------------------------------------------------------------------
+    @staticmethod
+    def supports(spec: KeySpecInfo) -> bool:
+        return not spec.name.startswith("ML_DSA_") or asymmetric.ML_DSA_SUPPORTED
+
+    def create_version(self, key: Key, version: int) -> StoredVersion:
+        """Nothing is cached here: the version only exists once the caller's transaction commits,
         and its first use unseals it from the store."""
-        spec = KEY_SPECS[spec_name]
-        raw = os.urandom(spec.material_bytes) if spec.symmetric else asymmetric.generate(spec_name)
-        return self._root.seal(raw, material_aad(key_id, version)), wrap.material_id(key_id, raw)
+        spec = key.spec
+        raw = os.urandom(spec.material_bytes) if spec.raw_material else asymmetric.generate(spec.name)
+        return StoredVersion(self._root.seal(raw, material_aad(key.key_id, version)),
+                             wrap.material_id(key.key_id, raw))
 
-    def seal_material(self, key_id: str, version: int, raw: bytes) -> bytes:
-        """Imported material, sealed for the store like generated material."""
-        return self._root.seal(raw, material_aad(key_id, version))
+    def destroy(self, key: Key, version: int | None = None) -> None:
+        # The sealed material is in the version rows the caller deletes or empties in its own
+        # transaction; what is left here is the unsealed copy.
+        self.evict(key.key_id, version)
+
+    def evict(self, key_id: str, version: int | None = None) -> None:
+        for k in [k for k in self._handles if k[0] == key_id and version in (None, k[1])]:
+            del self._handles[k]
+
+    def _handle(self, key: Key, version: int) -> Any:
+        cached = self._handles.get((key.key_id, version))
+        if cached is not None:
+            return cached
+        with self._store.begin() as tx:
+            sealed = tx.versions.get(key.key_id, version)
+        if not sealed:
+            raise InvalidCiphertextException()
+        try:
+            raw = self._root.unseal(sealed, material_aad(key.key_id, version))
+        except InvalidCiphertextException:
+            # The row does not open under our root key: the store was tampered with.
+            raise KMSInternalException("Key material failed its integrity check.") from None
+        handle = KeyMaterial(raw) if key.spec.raw_material else asymmetric.load(key.key_spec, raw)
+        self._handles[(key.key_id, version)] = handle
+        return handle
+
+    def _current(self, key: Key) -> Any:
+        return self._handle(key, key.current_version)
 
     # -- BYOK ---------------------------------------------------------------------------------
     def new_wrapping_key(self, token_id: str, wrapping_key_spec: str) -> tuple[bytes, bytes]:
@@ -80,61 +118,31 @@ class SoftwareKeyStore:
             return None
         return datetime.fromtimestamp(struct.unpack(">d", opened[:8])[0], UTC)
 
-    def unwrap_import(self, token_id: str, sealed_private_key: bytes, algorithm: str, wrapped: bytes) -> bytes:
+    def unwrap_import(self, key: Key, token_id: str, sealed_private_key: bytes, algorithm: str,
+                      wrapped: bytes) -> ImportedMaterial:
         try:
             private_der = self._root.unseal(sealed_private_key, wrapping_key_aad(token_id))
         except InvalidCiphertextException:
             raise KMSInternalException("A wrapping key failed its integrity check.") from None
-        return wrap.unwrap(private_der, algorithm, wrapped)
+        raw = wrap.unwrap(private_der, algorithm, wrapped)
+        wrap.check_material(key.spec, raw)
+        return ImportedMaterial(raw, wrap.material_id(key.key_id, raw))
 
-    @staticmethod
-    def supports(spec_name: str) -> bool:
-        return spec_name in KEY_SPECS and (not spec_name.startswith("ML_DSA_") or asymmetric.ML_DSA_SUPPORTED)
-
-    @staticmethod
-    def new_key_pair(spec_name: str) -> tuple[bytes, bytes]:
-        """A data key pair that is handed out, never stored: (PKCS#8 DER private, SPKI DER public)."""
-        private_der = asymmetric.generate(spec_name)
-        return private_der, asymmetric.public_key_der(asymmetric.load(spec_name, private_der))
-
-    @staticmethod
-    def _make_handle(spec_name: str, raw: bytes) -> Any:
-        spec = KEY_SPECS[spec_name]
-        if spec.symmetric or spec_name.startswith("HMAC_"):
-            return KeyMaterial(raw)
-        return asymmetric.load(spec_name, raw)
-
-    def _handle(self, key_id: str, version: int, spec_name: str) -> Any:
-        cached = self._handles.get((key_id, version))
-        if cached is not None:
-            return cached
-        with self._store.begin() as tx:
-            sealed = tx.versions.get(key_id, version)
-        if sealed is None:
-            raise InvalidCiphertextException()
-        try:
-            raw = self._root.unseal(sealed, material_aad(key_id, version))
-        except InvalidCiphertextException:
-            # The row does not open under our root key: the store was tampered with.
-            raise KMSInternalException("Key material failed its integrity check.") from None
-        handle = self._handles[(key_id, version)] = self._make_handle(spec_name, raw)
-        return handle
-
-    def _current(self, key: Key) -> Any:
-        return self._handle(key.key_id, key.current_version, key.key_spec)
-
-    def forget(self, key_id: str, version: int | None = None) -> None:
-        for k in [k for k in self._handles if k[0] == key_id and version in (None, k[1])]:
-            del self._handles[k]
+    def import_version(self, key: Key, version: int, material: ImportedMaterial) -> StoredVersion:
+        """Imported material, sealed for the store like generated material."""
+        return StoredVersion(self._root.seal(material.reveal(), material_aad(key.key_id, version)),
+                             material.material_id)
 
     # -- symmetric ----------------------------------------------------------------------------
     def encrypt(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
         material = self._current(key).reveal()
         return blob.seal(material, key.key_id, key.current_version, plaintext, context)
 
-    def decrypt(self, key: Key, header: blob.BlobHeader, data: bytes, context: Mapping[str, str] | None) -> bytes:
-        material = self._handle(header.key_id, header.version, key.key_spec).reveal()
-        return blob.open_blob(material, header, data, context)
+    def decrypt(self, key: Key, version: int, ciphertext: bytes, context: Mapping[str, str] | None) -> bytes:
+        header = blob.parse_header(ciphertext)
+        if header.key_id != key.key_id or header.version != version:
+            raise InvalidCiphertextException()
+        return blob.open_blob(self._handle(key, version).reveal(), header, ciphertext, context)
 
     # -- asymmetric and HMAC ------------------------------------------------------------------
     def public_key(self, key: Key) -> bytes:

@@ -11,6 +11,11 @@ PostgreSQL is reached through psycopg 3. Database errors are translated at this 
 `before_commit` lets a caller add to every transaction that wrote something, in the same
 transaction: the API layer records there the intent of a call that changes state, so that the
 change and its intent commit together (`AuditRepo.insert_pending`).
+
+Caches subscribe to what commits (`Store.on_commit`): the repositories note in `tx.changes` which
+keys, versions, aliases, tags, grants, identity policies and access keys a transaction wrote, and
+once it has committed every subscriber hears of it, so that no code path that changes something can
+forget to invalidate a cached copy of it on this node.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -97,9 +103,32 @@ def _migrate(conn: Connection, existing: bool) -> None:
         conn.execute(update(t.meta).where(t.meta.c.name == "schema_version").values(value=str(target).encode()))
 
 
+@dataclass
+class Changes:
+    """What one transaction wrote, as far as caches of this node care (filled by the repositories)."""
+
+    keys: set[str] = field(default_factory=set)                         # key ids (metadata)
+    versions: set[tuple[str, int | None]] = field(default_factory=set)  # (key id, version; None: all)
+    aliases: set[tuple[str, str]] = field(default_factory=set)          # (account id, alias name)
+    alias_keys: set[str] = field(default_factory=set)                   # key ids whose aliases changed
+    tags: set[str] = field(default_factory=set)                         # key ids
+    grants: set[str] = field(default_factory=set)                       # key ids
+    identities: set[str] = field(default_factory=set)                   # principal ids (identity policies)
+    access_keys: set[str] = field(default_factory=set)                  # access key ids
+
+    def __bool__(self) -> bool:
+        return any((self.keys, self.versions, self.aliases, self.alias_keys, self.tags, self.grants,
+                    self.identities, self.access_keys))
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._listeners: list[Callable[[Changes], None]] = []
+
+    def on_commit(self, listener: Callable[[Changes], None]) -> None:
+        """Call `listener(changes)` after every transaction of this store that committed changes."""
+        self._listeners.append(listener)
 
     @classmethod
     def open(cls, url: str, prepare: bool = True) -> Store:
@@ -128,7 +157,8 @@ class Store:
                 with engine.begin() as conn:
                     _migrate(conn, existing)
         except SQLAlchemyError as exc:
-            raise ConfigurationError(f"cannot open the store: {type(exc).__name__}: {exc.args[0] if exc.args else ''}") from None
+            raise ConfigurationError(
+                f"cannot open the store: {type(exc).__name__}: {exc.args[0] if exc.args else ''}") from None
         return cls(engine)
 
     def close(self) -> None:
@@ -148,42 +178,47 @@ class Store:
                 if hook is not None and conn.info[_WROTE]:
                     hook(tx)
         except IntegrityError as exc:
-            if _is_unique_violation(exc):
-                raise AlreadyExistsException("The resource already exists.") from None
-            raise KMSInternalException("The store refused a write.") from None
+            raise _integrity_error(exc) from None
         except DataError:
             # PostgreSQL cannot hold some values SQLite takes (a NUL character in text, say).
             raise ValidationException("The request holds a value the store cannot keep "
                                       "(for example a NUL character).") from None
         except OperationalError:
             raise DependencyTimeoutException("The key store is not available right now; try again.") from None
+        if tx.changes:
+            for listener in self._listeners:
+                listener(tx.changes)
 
 
-def _is_unique_violation(exc: IntegrityError) -> bool:
+def _integrity_error(exc: IntegrityError) -> Exception:
     orig = exc.orig
-    return getattr(orig, "sqlstate", None) == "23505" or "UNIQUE constraint failed" in str(orig)
+    if getattr(orig, "sqlstate", None) == "23505" or "UNIQUE constraint failed" in str(orig):
+        return AlreadyExistsException("The resource already exists.")
+    return KMSInternalException("The store refused a write.")
 
 
 class Tx:
-    """Repositories bound to one transaction."""
+    """Repositories bound to one transaction, and what it changed (`changes`)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.meta = MetaRepo(conn)
-        self.accounts = AccountRepo(conn)
-        self.keys = KeyRepo(conn)
-        self.versions = VersionRepo(conn)
-        self.import_tokens = ImportTokenRepo(conn)
-        self.audit = AuditRepo(conn)
-        self.policies = PolicyRepo(conn)
-        self.grants = GrantRepo(conn)
-        self.aliases = AliasRepo(conn)
-        self.tags = TagRepo(conn)
+        self.changes = changes = Changes()
+        self.meta = MetaRepo(conn, changes)
+        self.accounts = AccountRepo(conn, changes)
+        self.keys = KeyRepo(conn, changes)
+        self.versions = VersionRepo(conn, changes)
+        self.import_tokens = ImportTokenRepo(conn, changes)
+        self.audit = AuditRepo(conn, changes)
+        self.policies = PolicyRepo(conn, changes)
+        self.grants = GrantRepo(conn, changes)
+        self.aliases = AliasRepo(conn, changes)
+        self.tags = TagRepo(conn, changes)
 
 
 class MetaRepo:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     def get(self, name: str) -> bytes | None:
         row = self.conn.execute(select(t.meta.c.value).where(t.meta.c.name == name)).first()
@@ -199,8 +234,9 @@ class MetaRepo:
 class AccountRepo:
     """Accounts, their principals and access keys."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     def count(self) -> int:
         return int(self.conn.execute(select(func.count()).select_from(t.accounts)).scalar_one())
@@ -213,7 +249,7 @@ class AccountRepo:
         row = self.conn.execute(select(t.accounts).where(t.accounts.c.account_id == account_id)).first()
         return None if row is None else Account(row.account_id, row.name, from_ts(row.created))  # type: ignore[arg-type]
 
-    def list(self) -> list[Account]:
+    def all(self) -> list[Account]:
         rows = self.conn.execute(select(t.accounts).order_by(t.accounts.c.account_id))
         return [Account(r.account_id, r.name, from_ts(r.created)) for r in rows]  # type: ignore[arg-type]
 
@@ -246,6 +282,7 @@ class AccountRepo:
         self.conn.execute(insert(t.access_keys).values(
             access_key_id=access_key_id, principal_id=principal_id, status="Active",
             sealed_secret=sealed_secret, created=_now_ts(created)))
+        self.changes.access_keys.add(access_key_id)
 
     def access_key_row(self, access_key_id: str) -> Any:
         return self.conn.execute(select(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id)).first()
@@ -257,10 +294,12 @@ class AccountRepo:
     def set_access_key_status(self, access_key_id: str, status: str) -> bool:
         res = self.conn.execute(update(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id)
                                 .values(status=status))
+        self.changes.access_keys.add(access_key_id)
         return res.rowcount > 0
 
     def delete_access_key(self, access_key_id: str) -> bool:
         res = self.conn.execute(delete(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id))
+        self.changes.access_keys.add(access_key_id)
         return res.rowcount > 0
 
     def delete_principal(self, principal_id: str) -> list[str]:
@@ -269,6 +308,8 @@ class AccountRepo:
         self.conn.execute(delete(t.access_keys).where(t.access_keys.c.principal_id == principal_id))
         self.conn.execute(delete(t.principal_policies).where(t.principal_policies.c.principal_id == principal_id))
         self.conn.execute(delete(t.principals).where(t.principals.c.principal_id == principal_id))
+        self.changes.access_keys.update(key_ids)
+        self.changes.identities.add(principal_id)
         return key_ids
 
     def key_count(self, account_id: str) -> int:
@@ -286,8 +327,9 @@ class AccountRepo:
 
 
 class KeyRepo:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     @staticmethod
     def _key(row: Any) -> Key:
@@ -312,6 +354,7 @@ class KeyRepo:
             key_id=key.key_id, account_id=key.account_id, region=key.region, key_spec=key.key_spec,
             key_usage=key.key_usage.value, origin=key.origin.value, created=_now_ts(key.created),
             **self._mutable(key)))
+        self.changes.keys.add(key.key_id)
 
     def get(self, key_id: str, for_update: bool = False) -> Key | None:
         q = select(t.keys).where(t.keys.c.key_id == key_id)
@@ -322,6 +365,7 @@ class KeyRepo:
 
     def update(self, key: Key) -> None:
         self.conn.execute(update(t.keys).where(t.keys.c.key_id == key.key_id).values(**self._mutable(key)))
+        self.changes.keys.add(key.key_id)
 
     def any_region(self) -> str | None:
         row = self.conn.execute(select(t.keys.c.region).limit(1)).first()
@@ -353,6 +397,13 @@ class KeyRepo:
         return [r.key_id for r in rows]
 
     def delete(self, key_id: str) -> None:
+        """The key and everything of it: versions, tags, aliases, grants, import tokens."""
+        owner = self.conn.execute(select(t.keys.c.account_id).where(t.keys.c.key_id == key_id)).scalar()
+        aliases = self.conn.execute(select(t.aliases.c.name).where(t.aliases.c.target_key_id == key_id))
+        self.changes.aliases.update((str(owner), r.name) for r in aliases)
+        for kind in (self.changes.keys, self.changes.alias_keys, self.changes.tags, self.changes.grants):
+            kind.add(key_id)
+        self.changes.versions.add((key_id, None))
         # Children first: SQLite only cascades when foreign_keys is on, PostgreSQL always does.
         self.conn.execute(delete(t.import_tokens).where(t.import_tokens.c.key_id == key_id))
         self.conn.execute(delete(t.grants).where(t.grants.c.key_id == key_id))
@@ -363,8 +414,9 @@ class KeyRepo:
 
 
 class VersionRepo:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     def insert(self, v: KeyVersion, sealed_material: bytes) -> None:
         self.conn.execute(insert(t.key_versions).values(
@@ -372,6 +424,7 @@ class VersionRepo:
             material_id=v.material_id, rotation_type=v.rotation_type,
             rotated=to_ts(v.rotated or (v.created if v.rotation_type else None)), import_state=v.import_state,
             valid_to=to_ts(v.valid_to), expiration_model=v.expiration_model, description=v.description))
+        self.changes.versions.add((v.key_id, v.version))
 
     def get(self, key_id: str, version: int) -> bytes | None:
         """The sealed material of a version; None if there is no such version or no material."""
@@ -388,7 +441,7 @@ class VersionRepo:
                           valid_to=from_ts(row.valid_to), expiration_model=row.expiration_model,
                           description=row.description)
 
-    def list(self, key_id: str) -> list[KeyVersion]:
+    def for_key(self, key_id: str) -> list[KeyVersion]:
         rows = self.conn.execute(select(t.key_versions).where(t.key_versions.c.key_id == key_id)
                                  .order_by(t.key_versions.c.version))
         return [self._version(r) for r in rows]
@@ -399,11 +452,13 @@ class VersionRepo:
             t.key_versions.c.key_id == key_id, t.key_versions.c.version == version)).values(
             sealed_material=sealed_material, import_state=import_state, valid_to=to_ts(valid_to),
             expiration_model=expiration_model))
+        self.changes.versions.add((key_id, version))
 
     def set_rotation(self, key_id: str, version: int, rotation_type: str, when: datetime) -> None:
         self.conn.execute(update(t.key_versions).where(and_(
             t.key_versions.c.key_id == key_id, t.key_versions.c.version == version)).values(
             rotation_type=rotation_type, rotated=_now_ts(when)))
+        self.changes.versions.add((key_id, version))
 
     def drop_material(self, key_id: str, version: int | None = None) -> None:
         """Forget imported material (all versions, or one); the rows remain as PENDING_IMPORT."""
@@ -411,11 +466,13 @@ class VersionRepo:
         if version is not None:
             q = q.where(t.key_versions.c.version == version)
         self.conn.execute(q.values(sealed_material=b"", import_state="PENDING_IMPORT", valid_to=None))
+        self.changes.versions.add((key_id, version))
 
 
 class ImportTokenRepo:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     def insert(self, token_id: str, key_id: str, algorithm: str, spec: str, sealed_private_key: bytes,
                valid_to: datetime) -> None:
@@ -431,8 +488,9 @@ class ImportTokenRepo:
 
 
 class AliasRepo:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     @staticmethod
     def _alias(row: Any) -> Alias:
@@ -448,17 +506,26 @@ class AliasRepo:
         self.conn.execute(insert(t.aliases).values(
             account_id=alias.account_id, name=alias.name, target_key_id=alias.target_key_id,
             created=_now_ts(alias.created), updated=_now_ts(alias.updated)))
+        self._changed(alias.account_id, alias.name, alias.target_key_id)
+
+    def _changed(self, account_id: str, name: str, *key_ids: str) -> None:
+        self.changes.aliases.add((account_id, name))
+        self.changes.alias_keys.update(key_ids)
 
     def retarget(self, account_id: str, name: str, key_id: str, now: datetime) -> None:
+        old = self.get(account_id, name)
         self.conn.execute(update(t.aliases).where(and_(
             t.aliases.c.account_id == account_id, t.aliases.c.name == name))
             .values(target_key_id=key_id, updated=_now_ts(now)))
+        self._changed(account_id, name, key_id, *([old.target_key_id] if old else []))
 
     def delete(self, account_id: str, name: str) -> None:
+        old = self.get(account_id, name)
         self.conn.execute(delete(t.aliases).where(and_(
             t.aliases.c.account_id == account_id, t.aliases.c.name == name)))
+        self._changed(account_id, name, *([old.target_key_id] if old else []))
 
-    def list(self, account_id: str, key_id: str | None, after: str | None, limit: int) -> list[Alias]:
+    def for_account(self, account_id: str, key_id: str | None, after: str | None, limit: int) -> list[Alias]:
         q = select(t.aliases).where(t.aliases.c.account_id == account_id)
         if key_id is not None:
             q = q.where(t.aliases.c.target_key_id == key_id)
@@ -472,10 +539,11 @@ class AliasRepo:
 
 
 class TagRepo:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
-    def list(self, key_id: str) -> list[tuple[str, str]]:
+    def for_key(self, key_id: str) -> list[tuple[str, str]]:
         rows = self.conn.execute(select(t.tags.c.tag_key, t.tags.c.tag_value)
                                  .where(t.tags.c.key_id == key_id).order_by(t.tags.c.tag_key))
         return [(r.tag_key, r.tag_value) for r in rows]
@@ -483,9 +551,11 @@ class TagRepo:
     def put(self, key_id: str, tag_key: str, tag_value: str) -> None:
         self.conn.execute(delete(t.tags).where(and_(t.tags.c.key_id == key_id, t.tags.c.tag_key == tag_key)))
         self.conn.execute(insert(t.tags).values(key_id=key_id, tag_key=tag_key, tag_value=tag_value))
+        self.changes.tags.add(key_id)
 
     def remove(self, key_id: str, tag_key: str) -> None:
         self.conn.execute(delete(t.tags).where(and_(t.tags.c.key_id == key_id, t.tags.c.tag_key == tag_key)))
+        self.changes.tags.add(key_id)
 
 
 class AuditAppender:
@@ -548,8 +618,9 @@ class AuditRepo:
     """Append-only access to the audit chain: insert, read, query. No update, no delete of records
     (other than `archive_up_to`, which the retention task calls after writing them to a file)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     def head(self, node_id: str) -> tuple[int, str] | None:
         row = self.conn.execute(select(t.audit_events.c.seq, t.audit_events.c.hash)
@@ -647,8 +718,9 @@ class AuditRepo:
 class PolicyRepo:
     """Identity policies attached to users."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     def for_principal(self, principal_id: str) -> list[tuple[str, str]]:
         rows = self.conn.execute(select(t.principal_policies.c.policy_name, t.principal_policies.c.document)
@@ -664,15 +736,18 @@ class PolicyRepo:
     def delete(self, principal_id: str, name: str) -> bool:
         res = self.conn.execute(delete(t.principal_policies).where(and_(
             t.principal_policies.c.principal_id == principal_id, t.principal_policies.c.policy_name == name)))
+        self.changes.identities.add(principal_id)
         return res.rowcount > 0
 
 
 class GrantRepo:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
         self.conn = conn
+        self.changes = changes
 
     def insert(self, row: dict[str, Any]) -> None:
         self.conn.execute(insert(t.grants).values(**row))
+        self.changes.grants.add(row["key_id"])
 
     def for_key(self, key_id: str) -> list[Any]:
         return list(self.conn.execute(select(t.grants).where(t.grants.c.key_id == key_id)
@@ -694,5 +769,6 @@ class GrantRepo:
             q = q.where(t.grants.c.grant_id > after)
         return list(self.conn.execute(q.order_by(t.grants.c.grant_id).limit(limit)))
 
-    def delete(self, grant_id: str) -> bool:
+    def delete(self, grant_id: str, key_id: str) -> bool:
+        self.changes.grants.add(key_id)
         return self.conn.execute(delete(t.grants).where(t.grants.c.grant_id == grant_id)).rowcount > 0

@@ -1,0 +1,120 @@
+"""Which API a JSON 1.1 request is for, by the prefix of its X-Amz-Target; each API knows its own
+operations. A new API is one class here and one entry in `Dispatcher`'s list.
+
+    TrentService.<Operation>   KMS: validated against botocore's model, served by the service's table
+    OpenKMSAdmin.<Operation>   the admin API (accounts, users, access keys, audit queries)
+
+(STS on the same endpoint speaks the Query protocol, not JSON 1.1: see sts.py.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..errors import UnknownOperationException, UnsupportedOperationException
+from ..model import Caller
+from ..service import OPERATIONS, Context
+from . import shapes
+from .admin import TARGET_PREFIX as ADMIN_PREFIX
+from .admin import AdminAPI
+
+KMS_PREFIX = "TrentService."
+READ_ONLY_PREFIXES = ("Describe", "List", "Get")  # for operations no table describes
+
+
+class JsonApi(Protocol):
+    prefix: str
+    event_source: str | None  # None: kms.amazonaws.com
+
+    def known(self, name: str) -> bool: ...
+
+    def blocking(self, name: str) -> bool: ...
+
+    def tracked(self, name: str) -> bool: ...
+
+    def read_only(self, name: str) -> bool: ...
+
+    def call(self, caller: Caller, name: str, payload: dict[str, Any],
+             noted: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(rendered response, redacted response elements). The redacted request goes in
+        `noted["params"]` as soon as it parses, so a call that then fails is recorded with it."""
+        ...
+
+
+class KmsApi:
+    prefix: str = KMS_PREFIX
+    event_source: str | None = None
+
+    def __init__(self, service: Context, blocking_stores: bool = False) -> None:
+        self._service = service
+        self._model = shapes.operations()
+        self._blocking_stores = blocking_stores
+
+    def known(self, name: str) -> bool:
+        return name in self._model
+
+    def blocking(self, name: str) -> bool:
+        op = OPERATIONS.get(name)
+        return op is not None and (op.blocking or self._blocking_stores)
+
+    def tracked(self, name: str) -> bool:
+        op = OPERATIONS.get(name)
+        return op is not None and op.tracked
+
+    def read_only(self, name: str) -> bool:
+        op = OPERATIONS.get(name)
+        return op.read_only if op is not None else name.startswith(READ_ONLY_PREFIXES)
+
+    def call(self, caller: Caller, name: str, payload: dict[str, Any],
+             noted: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        model = self._model.get(name)
+        if model is None:
+            raise UnknownOperationException(f"Unknown operation {KMS_PREFIX}{name}.")
+        op = OPERATIONS.get(name)
+        if op is None:
+            raise UnsupportedOperationException(f"{name} is not supported by this server yet.")
+        params = model.parse(payload)
+        noted["params"] = model.redact_input(params) if model.redact_input else None
+        caller = caller.for_operation(name, tuple(params.get("GrantTokens") or ()))
+        result = op.handler(self._service, caller, params)
+        return model.render(result), model.redact_output(result) if model.redact_output else None
+
+
+class AdminJsonApi:
+    prefix: str = ADMIN_PREFIX
+    event_source: str | None = "openkms.admin"
+
+    def __init__(self, admin: AdminAPI) -> None:
+        self._admin = admin
+
+    def known(self, name: str) -> bool:
+        return self._admin.has(name)
+
+    def blocking(self, name: str) -> bool:
+        return False
+
+    def tracked(self, name: str) -> bool:
+        return False
+
+    def read_only(self, name: str) -> bool:
+        return name.startswith(READ_ONLY_PREFIXES)
+
+    def call(self, caller: Caller, name: str, payload: dict[str, Any],
+             noted: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        if not self._admin.has(name):
+            raise UnknownOperationException(f"Unknown operation {ADMIN_PREFIX}{name}.")
+        noted["params"] = self._admin.redact_input(name, payload)
+        result = self._admin.call(caller, name, payload)
+        return result, self._admin.redact_output(name, result)
+
+
+class Dispatcher:
+    def __init__(self, apis: list[JsonApi]) -> None:
+        self.apis = apis
+
+    def route(self, target: str) -> tuple[JsonApi, str] | None:
+        """The API of an X-Amz-Target and the operation's name, or None for no API's prefix."""
+        for api in self.apis:
+            if target.startswith(api.prefix):
+                return api, target[len(api.prefix):]
+        return None

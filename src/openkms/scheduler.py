@@ -1,0 +1,60 @@
+"""Periodic work of a serving node, on its event loop: the service's scheduled work (deletions,
+rotations, expiries), archiving old audit records, and the audit log's ticks (digests, recovery)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .audit.verify import archive as archive_audit
+from .node import Node
+from .service import run_scheduled_work
+
+log = logging.getLogger("openkms.scheduler")
+
+
+class Scheduler:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._tasks:
+            self._tasks = [loop.create_task(self._run_scheduled_work()), loop.create_task(self._run_audit_ticks())]
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+
+    async def _run_scheduled_work(self) -> None:
+        settings = self.node.settings
+        while True:
+            try:
+                done = run_scheduled_work(self.node.service)
+                for what, key_ids in done.items():
+                    if key_ids:
+                        log.info("scheduler: %s %d key(s)", what, len(key_ids))
+                if settings.audit_retention_days > 0:
+                    moved = await asyncio.get_running_loop().run_in_executor(None, self._archive_audit)
+                    if moved:
+                        log.info("scheduler: archived %d audit record(s)", moved)
+            except Exception:
+                log.exception("scheduler run failed; will retry")
+            await asyncio.sleep(settings.scheduler_interval)
+
+    def _archive_audit(self) -> int:
+        settings, audit = self.node.settings, self.node.audit
+        assert audit is not None
+        cutoff = time.time() - settings.audit_retention_days * 86400
+        return archive_audit(self.node.store, audit.node_id, cutoff, settings.data_dir / "audit-archive")
+
+    async def _run_audit_ticks(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                if self.node.audit is not None:
+                    self.node.audit.tick()
+            except Exception:
+                log.exception("audit tick failed; will retry")
