@@ -137,7 +137,7 @@ def encrypt_records(server: ServerProcess) -> int:
     """How many Encrypt records the server's audit log holds (read straight from its store)."""
     from sqlalchemy import create_engine, text
 
-    from openkms.storage.store import normalize_url
+    from openkms.storage import normalize_url
 
     url = server.storage_url or f"sqlite:///{(server.data_dir / 'openkms.db').resolve()}"
     engine = create_engine(normalize_url(url))

@@ -35,8 +35,7 @@ from .policy import (
     parse_key_policy,
     root_arn,
 )
-from .storage import Store
-from .storage.store import Changes
+from .storage import Changes, Store
 
 MAX_CACHED = 10_000
 

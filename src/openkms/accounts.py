@@ -26,8 +26,7 @@ from .errors import (
 )
 from .model import Account, Principal, SecretStr
 from .policy import parse_identity_policy
-from .storage import Store
-from .storage.store import Changes, from_ts
+from .storage import Changes, Store, from_ts
 
 ACCOUNT_ID_RE = re.compile(r"^[0-9]{12}\Z")  # \Z: "$" would accept a trailing newline
 ACCESS_KEY_ID_RE = re.compile(r"^[A-Z0-9]{16,128}\Z")

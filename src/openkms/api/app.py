@@ -35,7 +35,7 @@ from ..errors import (
 from ..model import Caller
 from ..node import Node, serving_node
 from ..scheduler import Scheduler
-from ..storage.store import Tx, before_commit
+from ..storage import Tx, before_commit
 from . import sts
 from .dispatch import READ_ONLY_PREFIXES, AdminJsonApi, Dispatcher, JsonApi, KmsApi
 from .sigv4 import SigV4Verifier

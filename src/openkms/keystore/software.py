@@ -20,8 +20,7 @@ from ..crypto.material import ImportedMaterial, KeyMaterial
 from ..crypto.root import RootKey
 from ..errors import InvalidCiphertextException, KMSInternalException
 from ..model import Key, KeySpecInfo
-from ..storage import Store
-from ..storage.store import Changes
+from ..storage import Changes, Store
 from .base import StoredVersion
 
 

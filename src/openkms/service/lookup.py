@@ -22,8 +22,7 @@ from ..cache import TTLCache
 from ..errors import KMSInternalException, NotFoundException
 from ..model import ALIAS_ARN_RE, KEY_ARN_RE, KEY_ID_RE, Caller, Key, alias_arn
 from ..policy import Grant
-from ..storage import Store
-from ..storage.store import Changes
+from ..storage import Changes, Store
 
 
 class KeyLookup:

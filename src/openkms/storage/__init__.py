@@ -1,5 +1,11 @@
-"""Database access. SQLite by default, PostgreSQL for shared deployments."""
+"""Database access. SQLite by default, PostgreSQL for shared deployments.
 
-from .store import Store, Tx
+store.py: the Store (engine, transactions, migrations, commit listeners) and Tx; repos.py: one
+repository per aggregate and `Changes`; audit.py: the audit log's appender and repository;
+schema.py: the tables.
+"""
 
-__all__ = ["Store", "Tx"]
+from .repos import Changes, from_ts, to_ts
+from .store import Store, Tx, before_commit, normalize_url
+
+__all__ = ["Changes", "Store", "Tx", "before_commit", "from_ts", "normalize_url", "to_ts"]

@@ -1,0 +1,448 @@
+"""Repositories: one per aggregate, bound to one transaction (see store.Tx), and `Changes`, where
+they note what a transaction wrote for the caches that subscribe to commits (Store.on_commit).
+
+Times are seconds since the epoch in the store, timezone-aware datetimes in the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, func, insert, select, update
+
+from ..model import Account, Alias, Key, KeyState, KeyUsage, KeyVersion, Origin, Principal
+from . import schema as t
+
+
+def to_ts(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
+
+
+def from_ts(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def _now_ts(dt: datetime) -> float:
+    return dt.timestamp()
+
+
+@dataclass
+class Changes:
+    """What one transaction wrote, as far as caches of this node care (filled by the repositories)."""
+
+    keys: set[str] = field(default_factory=set)                         # key ids (metadata)
+    versions: set[tuple[str, int | None]] = field(default_factory=set)  # (key id, version; None: all)
+    aliases: set[tuple[str, str]] = field(default_factory=set)          # (account id, alias name)
+    alias_keys: set[str] = field(default_factory=set)                   # key ids whose aliases changed
+    tags: set[str] = field(default_factory=set)                         # key ids
+    grants: set[str] = field(default_factory=set)                       # key ids
+    identities: set[str] = field(default_factory=set)                   # principal ids (identity policies)
+    access_keys: set[str] = field(default_factory=set)                  # access key ids
+
+    def __bool__(self) -> bool:
+        return any((self.keys, self.versions, self.aliases, self.alias_keys, self.tags, self.grants,
+                    self.identities, self.access_keys))
+
+
+class MetaRepo:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    def get(self, name: str) -> bytes | None:
+        row = self.conn.execute(select(t.meta.c.value).where(t.meta.c.name == name)).first()
+        return None if row is None else bytes(row[0])
+
+    def put(self, name: str, value: bytes) -> None:
+        if self.get(name) is None:
+            self.conn.execute(insert(t.meta).values(name=name, value=value))
+        else:
+            self.conn.execute(update(t.meta).where(t.meta.c.name == name).values(value=value))
+
+
+class AccountRepo:
+    """Accounts, their principals and access keys."""
+
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    def count(self) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(t.accounts)).scalar_one())
+
+    def insert(self, account: Account) -> None:
+        self.conn.execute(insert(t.accounts).values(
+            account_id=account.account_id, name=account.name, created=_now_ts(account.created)))
+
+    def get(self, account_id: str) -> Account | None:
+        row = self.conn.execute(select(t.accounts).where(t.accounts.c.account_id == account_id)).first()
+        return None if row is None else Account(row.account_id, row.name, from_ts(row.created))  # type: ignore[arg-type]
+
+    def all(self) -> list[Account]:
+        rows = self.conn.execute(select(t.accounts).order_by(t.accounts.c.account_id))
+        return [Account(r.account_id, r.name, from_ts(r.created)) for r in rows]  # type: ignore[arg-type]
+
+    def insert_principal(self, p: Principal) -> None:
+        self.conn.execute(insert(t.principals).values(
+            principal_id=p.principal_id, account_id=p.account_id, name=p.name,
+            is_admin=p.is_admin, is_operator=p.is_operator, created=_now_ts(p.created)))
+
+    @staticmethod
+    def _principal(row: Any) -> Principal:
+        return Principal(row.principal_id, row.account_id, row.name, bool(row.is_admin),
+                         from_ts(row.created), bool(row.is_operator))  # type: ignore[arg-type]
+
+    def principal(self, principal_id: str) -> Principal | None:
+        row = self.conn.execute(select(t.principals).where(t.principals.c.principal_id == principal_id)).first()
+        return None if row is None else self._principal(row)
+
+    def principal_by_name(self, account_id: str, name: str) -> Principal | None:
+        row = self.conn.execute(select(t.principals).where(and_(
+            t.principals.c.account_id == account_id, t.principals.c.name == name))).first()
+        return None if row is None else self._principal(row)
+
+    def principals(self, account_id: str) -> list[Principal]:
+        rows = self.conn.execute(select(t.principals).where(t.principals.c.account_id == account_id)
+                                 .order_by(t.principals.c.name))
+        return [self._principal(r) for r in rows]
+
+    def insert_access_key(self, access_key_id: str, principal_id: str, sealed_secret: bytes,
+                          created: datetime) -> None:
+        self.conn.execute(insert(t.access_keys).values(
+            access_key_id=access_key_id, principal_id=principal_id, status="Active",
+            sealed_secret=sealed_secret, created=_now_ts(created)))
+        self.changes.access_keys.add(access_key_id)
+
+    def access_key_row(self, access_key_id: str) -> Any:
+        return self.conn.execute(select(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id)).first()
+
+    def access_keys(self, principal_id: str) -> list[Any]:
+        return list(self.conn.execute(select(t.access_keys).where(t.access_keys.c.principal_id == principal_id)
+                                      .order_by(t.access_keys.c.created)))
+
+    def set_access_key_status(self, access_key_id: str, status: str) -> bool:
+        res = self.conn.execute(update(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id)
+                                .values(status=status))
+        self.changes.access_keys.add(access_key_id)
+        return res.rowcount > 0
+
+    def delete_access_key(self, access_key_id: str) -> bool:
+        res = self.conn.execute(delete(t.access_keys).where(t.access_keys.c.access_key_id == access_key_id))
+        self.changes.access_keys.add(access_key_id)
+        return res.rowcount > 0
+
+    def delete_principal(self, principal_id: str) -> list[str]:
+        """Delete a user with its access keys and identity policies; returns the access key ids."""
+        key_ids = [r.access_key_id for r in self.access_keys(principal_id)]
+        self.conn.execute(delete(t.access_keys).where(t.access_keys.c.principal_id == principal_id))
+        self.conn.execute(delete(t.principal_policies).where(t.principal_policies.c.principal_id == principal_id))
+        self.conn.execute(delete(t.principals).where(t.principals.c.principal_id == principal_id))
+        self.changes.access_keys.update(key_ids)
+        self.changes.identities.add(principal_id)
+        return key_ids
+
+    def key_count(self, account_id: str) -> int:
+        """Keys of the account that are not deleted yet (pending deletion included)."""
+        return int(self.conn.execute(select(func.count()).select_from(t.keys)
+                                     .where(t.keys.c.account_id == account_id)).scalar_one())
+
+    def delete(self, account_id: str) -> list[str]:
+        """Delete an account that holds no keys, with its users; returns their access key ids."""
+        key_ids: list[str] = []
+        for p in self.principals(account_id):
+            key_ids += self.delete_principal(p.principal_id)
+        self.conn.execute(delete(t.accounts).where(t.accounts.c.account_id == account_id))
+        return key_ids
+
+
+class KeyRepo:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    @staticmethod
+    def _key(row: Any) -> Key:
+        return Key(
+            key_id=row.key_id, account_id=row.account_id, region=row.region, description=row.description,
+            key_spec=row.key_spec, key_usage=KeyUsage(row.key_usage), origin=Origin(row.origin),
+            state=KeyState(row.state), created=from_ts(row.created),  # type: ignore[arg-type]
+            deletion_date=from_ts(row.deletion_date), pending_window_days=row.pending_window_days,
+            current_version=row.current_version, rotation_period_days=row.rotation_period_days,
+            next_rotation=from_ts(row.next_rotation), valid_to=from_ts(row.valid_to),
+            expiration_model=row.expiration_model, policy=row.policy)
+
+    @staticmethod
+    def _mutable(key: Key) -> dict[str, Any]:
+        return dict(description=key.description, state=key.state.value, deletion_date=to_ts(key.deletion_date),
+                    pending_window_days=key.pending_window_days, current_version=key.current_version,
+                    rotation_period_days=key.rotation_period_days, next_rotation=to_ts(key.next_rotation),
+                    valid_to=to_ts(key.valid_to), expiration_model=key.expiration_model, policy=key.policy)
+
+    def insert(self, key: Key) -> None:
+        self.conn.execute(insert(t.keys).values(
+            key_id=key.key_id, account_id=key.account_id, region=key.region, key_spec=key.key_spec,
+            key_usage=key.key_usage.value, origin=key.origin.value, created=_now_ts(key.created),
+            **self._mutable(key)))
+        self.changes.keys.add(key.key_id)
+
+    def get(self, key_id: str, for_update: bool = False) -> Key | None:
+        q = select(t.keys).where(t.keys.c.key_id == key_id)
+        if for_update:
+            q = q.with_for_update()
+        row = self.conn.execute(q).first()
+        return None if row is None else self._key(row)
+
+    def update(self, key: Key) -> None:
+        self.conn.execute(update(t.keys).where(t.keys.c.key_id == key.key_id).values(**self._mutable(key)))
+        self.changes.keys.add(key.key_id)
+
+    def any_region(self) -> str | None:
+        row = self.conn.execute(select(t.keys.c.region).limit(1)).first()
+        return None if row is None else str(row[0])
+
+    def list_ids(self, account_id: str, after: str | None, limit: int) -> list[Key]:
+        q = select(t.keys).where(t.keys.c.account_id == account_id)
+        if after is not None:
+            q = q.where(t.keys.c.key_id > after)
+        rows = self.conn.execute(q.order_by(t.keys.c.key_id).limit(limit))
+        return [self._key(r) for r in rows]
+
+    def due_for_deletion(self, now: datetime, limit: int = 100) -> list[str]:
+        rows = self.conn.execute(select(t.keys.c.key_id).where(and_(
+            t.keys.c.state == KeyState.PENDING_DELETION.value, t.keys.c.deletion_date <= _now_ts(now)))
+            .limit(limit))
+        return [r.key_id for r in rows]
+
+    def due_for_rotation(self, now: datetime, limit: int = 100) -> list[Key]:
+        """Keys whose automatic rotation is due, locked for this transaction. Rows another node
+        has locked are skipped (PostgreSQL), so each due key is rotated by exactly one node."""
+        q = (select(t.keys).where(and_(t.keys.c.next_rotation.is_not(None), t.keys.c.next_rotation <= _now_ts(now)))
+             .limit(limit).with_for_update(skip_locked=True))
+        return [self._key(r) for r in self.conn.execute(q)]
+
+    def material_expired(self, now: datetime, limit: int = 100) -> list[str]:
+        rows = self.conn.execute(select(t.keys.c.key_id).where(and_(
+            t.keys.c.valid_to.is_not(None), t.keys.c.valid_to <= _now_ts(now))).limit(limit))
+        return [r.key_id for r in rows]
+
+    def delete(self, key_id: str) -> None:
+        """The key and everything of it: versions, tags, aliases, grants, import tokens."""
+        owner = self.conn.execute(select(t.keys.c.account_id).where(t.keys.c.key_id == key_id)).scalar()
+        aliases = self.conn.execute(select(t.aliases.c.name).where(t.aliases.c.target_key_id == key_id))
+        self.changes.aliases.update((str(owner), r.name) for r in aliases)
+        for kind in (self.changes.keys, self.changes.alias_keys, self.changes.tags, self.changes.grants):
+            kind.add(key_id)
+        self.changes.versions.add((key_id, None))
+        # Children first: SQLite only cascades when foreign_keys is on, PostgreSQL always does.
+        self.conn.execute(delete(t.import_tokens).where(t.import_tokens.c.key_id == key_id))
+        self.conn.execute(delete(t.grants).where(t.grants.c.key_id == key_id))
+        self.conn.execute(delete(t.aliases).where(t.aliases.c.target_key_id == key_id))
+        self.conn.execute(delete(t.tags).where(t.tags.c.key_id == key_id))
+        self.conn.execute(delete(t.key_versions).where(t.key_versions.c.key_id == key_id))
+        self.conn.execute(delete(t.keys).where(t.keys.c.key_id == key_id))
+
+
+class VersionRepo:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    def insert(self, v: KeyVersion, sealed_material: bytes) -> None:
+        self.conn.execute(insert(t.key_versions).values(
+            key_id=v.key_id, version=v.version, sealed_material=sealed_material, created=_now_ts(v.created),
+            material_id=v.material_id, rotation_type=v.rotation_type,
+            rotated=to_ts(v.rotated or (v.created if v.rotation_type else None)), import_state=v.import_state,
+            valid_to=to_ts(v.valid_to), expiration_model=v.expiration_model, description=v.description))
+        self.changes.versions.add((v.key_id, v.version))
+
+    def get(self, key_id: str, version: int) -> bytes | None:
+        """The sealed material of a version; None if there is no such version or no material."""
+        row = self.conn.execute(select(t.key_versions.c.sealed_material).where(and_(
+            t.key_versions.c.key_id == key_id, t.key_versions.c.version == version))).first()
+        return bytes(row[0]) or None if row is not None else None
+
+    @staticmethod
+    def _version(row: Any) -> KeyVersion:
+        return KeyVersion(key_id=row.key_id, version=row.version, created=from_ts(row.created),  # type: ignore[arg-type]
+                          material_id=row.material_id, has_material=bool(row.sealed_material),
+                          rotation_type=row.rotation_type, rotated=from_ts(row.rotated),
+                          import_state=row.import_state,
+                          valid_to=from_ts(row.valid_to), expiration_model=row.expiration_model,
+                          description=row.description)
+
+    def for_key(self, key_id: str) -> list[KeyVersion]:
+        rows = self.conn.execute(select(t.key_versions).where(t.key_versions.c.key_id == key_id)
+                                 .order_by(t.key_versions.c.version))
+        return [self._version(r) for r in rows]
+
+    def set_material(self, key_id: str, version: int, sealed_material: bytes, import_state: str | None,
+                     valid_to: datetime | None, expiration_model: str | None) -> None:
+        self.conn.execute(update(t.key_versions).where(and_(
+            t.key_versions.c.key_id == key_id, t.key_versions.c.version == version)).values(
+            sealed_material=sealed_material, import_state=import_state, valid_to=to_ts(valid_to),
+            expiration_model=expiration_model))
+        self.changes.versions.add((key_id, version))
+
+    def set_rotation(self, key_id: str, version: int, rotation_type: str, when: datetime) -> None:
+        self.conn.execute(update(t.key_versions).where(and_(
+            t.key_versions.c.key_id == key_id, t.key_versions.c.version == version)).values(
+            rotation_type=rotation_type, rotated=_now_ts(when)))
+        self.changes.versions.add((key_id, version))
+
+    def drop_material(self, key_id: str, version: int | None = None) -> None:
+        """Forget imported material (all versions, or one); the rows remain as PENDING_IMPORT."""
+        q = update(t.key_versions).where(t.key_versions.c.key_id == key_id)
+        if version is not None:
+            q = q.where(t.key_versions.c.version == version)
+        self.conn.execute(q.values(sealed_material=b"", import_state="PENDING_IMPORT", valid_to=None))
+        self.changes.versions.add((key_id, version))
+
+
+class ImportTokenRepo:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    def insert(self, token_id: str, key_id: str, algorithm: str, spec: str, sealed_private_key: bytes,
+               valid_to: datetime) -> None:
+        self.conn.execute(insert(t.import_tokens).values(
+            token_id=token_id, key_id=key_id, wrapping_algorithm=algorithm, wrapping_key_spec=spec,
+            sealed_private_key=sealed_private_key, valid_to=_now_ts(valid_to)))
+
+    def get(self, token_id: str) -> Any:
+        return self.conn.execute(select(t.import_tokens).where(t.import_tokens.c.token_id == token_id)).first()
+
+    def delete_expired(self, now: datetime) -> None:
+        self.conn.execute(delete(t.import_tokens).where(t.import_tokens.c.valid_to <= _now_ts(now)))
+
+
+class AliasRepo:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    @staticmethod
+    def _alias(row: Any) -> Alias:
+        return Alias(row.account_id, row.name, row.target_key_id, from_ts(row.created),  # type: ignore[arg-type]
+                     from_ts(row.updated))  # type: ignore[arg-type]
+
+    def get(self, account_id: str, name: str) -> Alias | None:
+        row = self.conn.execute(select(t.aliases).where(and_(
+            t.aliases.c.account_id == account_id, t.aliases.c.name == name))).first()
+        return None if row is None else self._alias(row)
+
+    def insert(self, alias: Alias) -> None:
+        self.conn.execute(insert(t.aliases).values(
+            account_id=alias.account_id, name=alias.name, target_key_id=alias.target_key_id,
+            created=_now_ts(alias.created), updated=_now_ts(alias.updated)))
+        self._changed(alias.account_id, alias.name, alias.target_key_id)
+
+    def _changed(self, account_id: str, name: str, *key_ids: str) -> None:
+        self.changes.aliases.add((account_id, name))
+        self.changes.alias_keys.update(key_ids)
+
+    def retarget(self, account_id: str, name: str, key_id: str, now: datetime) -> None:
+        old = self.get(account_id, name)
+        self.conn.execute(update(t.aliases).where(and_(
+            t.aliases.c.account_id == account_id, t.aliases.c.name == name))
+            .values(target_key_id=key_id, updated=_now_ts(now)))
+        self._changed(account_id, name, key_id, *([old.target_key_id] if old else []))
+
+    def delete(self, account_id: str, name: str) -> None:
+        old = self.get(account_id, name)
+        self.conn.execute(delete(t.aliases).where(and_(
+            t.aliases.c.account_id == account_id, t.aliases.c.name == name)))
+        self._changed(account_id, name, *([old.target_key_id] if old else []))
+
+    def for_account(self, account_id: str, key_id: str | None, after: str | None, limit: int) -> list[Alias]:
+        q = select(t.aliases).where(t.aliases.c.account_id == account_id)
+        if key_id is not None:
+            q = q.where(t.aliases.c.target_key_id == key_id)
+        if after is not None:
+            q = q.where(t.aliases.c.name > after)
+        return [self._alias(r) for r in self.conn.execute(q.order_by(t.aliases.c.name).limit(limit))]
+
+    def names_for_key(self, key_id: str) -> list[str]:
+        rows = self.conn.execute(select(t.aliases.c.name).where(t.aliases.c.target_key_id == key_id))
+        return [r.name for r in rows]
+
+
+class TagRepo:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    def for_key(self, key_id: str) -> list[tuple[str, str]]:
+        rows = self.conn.execute(select(t.tags.c.tag_key, t.tags.c.tag_value)
+                                 .where(t.tags.c.key_id == key_id).order_by(t.tags.c.tag_key))
+        return [(r.tag_key, r.tag_value) for r in rows]
+
+    def put(self, key_id: str, tag_key: str, tag_value: str) -> None:
+        self.conn.execute(delete(t.tags).where(and_(t.tags.c.key_id == key_id, t.tags.c.tag_key == tag_key)))
+        self.conn.execute(insert(t.tags).values(key_id=key_id, tag_key=tag_key, tag_value=tag_value))
+        self.changes.tags.add(key_id)
+
+    def remove(self, key_id: str, tag_key: str) -> None:
+        self.conn.execute(delete(t.tags).where(and_(t.tags.c.key_id == key_id, t.tags.c.tag_key == tag_key)))
+        self.changes.tags.add(key_id)
+
+
+class PolicyRepo:
+    """Identity policies attached to users."""
+
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    def for_principal(self, principal_id: str) -> list[tuple[str, str]]:
+        rows = self.conn.execute(select(t.principal_policies.c.policy_name, t.principal_policies.c.document)
+                                 .where(t.principal_policies.c.principal_id == principal_id)
+                                 .order_by(t.principal_policies.c.policy_name))
+        return [(r.policy_name, r.document) for r in rows]
+
+    def put(self, principal_id: str, name: str, document: str) -> None:
+        self.delete(principal_id, name)
+        self.conn.execute(insert(t.principal_policies).values(principal_id=principal_id, policy_name=name,
+                                                              document=document))
+
+    def delete(self, principal_id: str, name: str) -> bool:
+        res = self.conn.execute(delete(t.principal_policies).where(and_(
+            t.principal_policies.c.principal_id == principal_id, t.principal_policies.c.policy_name == name)))
+        self.changes.identities.add(principal_id)
+        return res.rowcount > 0
+
+
+class GrantRepo:
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    def insert(self, row: dict[str, Any]) -> None:
+        self.conn.execute(insert(t.grants).values(**row))
+        self.changes.grants.add(row["key_id"])
+
+    def for_key(self, key_id: str) -> list[Any]:
+        return list(self.conn.execute(select(t.grants).where(t.grants.c.key_id == key_id)
+                                      .order_by(t.grants.c.created, t.grants.c.grant_id)))
+
+    def by_token_hash(self, token_hash: str) -> Any:
+        return self.conn.execute(select(t.grants).where(t.grants.c.token_hash == token_hash)).first()
+
+    def get(self, grant_id: str) -> Any:
+        return self.conn.execute(select(t.grants).where(t.grants.c.grant_id == grant_id)).first()
+
+    def by_name(self, key_id: str, name: str) -> list[Any]:
+        return list(self.conn.execute(select(t.grants).where(and_(t.grants.c.key_id == key_id,
+                                                                  t.grants.c.name == name))))
+
+    def retirable_by(self, principal: str, after: str | None, limit: int) -> list[Any]:
+        q = select(t.grants).where(t.grants.c.retiring_principal == principal)
+        if after is not None:
+            q = q.where(t.grants.c.grant_id > after)
+        return list(self.conn.execute(q.order_by(t.grants.c.grant_id).limit(limit)))
+
+    def delete(self, grant_id: str, key_id: str) -> bool:
+        self.changes.grants.add(key_id)
+        return self.conn.execute(delete(t.grants).where(t.grants.c.grant_id == grant_id)).rowcount > 0
