@@ -7,16 +7,23 @@ module of this package and one entry in `BACKENDS`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
+from ..crypto.root import RootKey
 from ..errors import UnsupportedOperationException
 from ..model import Key, KeySpecInfo, Origin
+from ..storage import Store
 from .base import Asymmetric, Importing, KeyStore
 from .memory import MemoryKeyStore
 from .software import SoftwareKeyStore
 
-#: Backends by name, for the contract tests and for configuration.
-BACKENDS: dict[str, type] = {"software": SoftwareKeyStore, "memory": MemoryKeyStore}
+#: Backends by name: how to build one over a node's store and root key. The contract tests
+#: (tests/unit/keystore/test_contract.py) run over every entry.
+BACKENDS: dict[str, Callable[[Store, RootKey], KeyStore]] = {
+    "software": SoftwareKeyStore,
+    "memory": lambda store, root: MemoryKeyStore(),
+}
 
 
 class KeyStores:
