@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .cache import TTLCache
-from .errors import AccessDeniedException
 from .model import Caller, Key
 from .policy import (
     Grant,
@@ -199,8 +198,7 @@ class AccessControl:
                 if len(self._decisions) >= MAX_CACHED:
                     self._decisions.clear()
                 self._decisions[cache_key] = (policy, identities, grants, decision)
-        if not decision.allowed:
-            raise AccessDeniedException(decision.reason)
+        decision.raise_if_denied()
 
     def _identity_with_needs(self, principal_id: str) -> tuple[tuple[Policy, ...], frozenset[str]]:
         policies = self.identity_policies(principal_id)
@@ -219,5 +217,4 @@ class AccessControl:
         request = RequestContext(principal_arn(caller), caller.account_id, "kms:" + action, "*", caller.account_id,
                                  self._base_context(caller, extra))
         decision = evaluate(request, None, self.identity_policies(caller.principal.principal_id))
-        if not decision.allowed:
-            raise AccessDeniedException(decision.reason)
+        decision.raise_if_denied()

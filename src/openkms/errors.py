@@ -15,9 +15,8 @@ them without a lookup table::
      |    KMSInvalidSignatureException, KMSInvalidMacException, IncorrectKeyMaterialException,
      |    ExpiredImportTokenException, InvalidImportTokenException, MalformedPolicyDocumentException,
      |    IncorrectKeyException, InvalidKeyUsageException, InvalidAliasNameException,
-     |    InvalidArnException, InvalidMarkerException, InvalidGrantTokenException,
-     |    LimitExceededException, TagException, UnsupportedOperationException,
-     |    DryRunOperationException, RequestEntityTooLarge (413),
+     |    InvalidMarkerException, InvalidGrantTokenException, LimitExceededException, TagException,
+     |    UnsupportedOperationException, DryRunOperationException, RequestEntityTooLarge (413),
      |    KeyStoreUnavailable (a KMSInvalidStateException: a key store's backend cannot answer)
      +-- server errors
           KMSInternalException (500), DependencyTimeoutException (503)
@@ -156,10 +155,6 @@ class InvalidKeyUsageException(KMSError):
 
 class InvalidAliasNameException(KMSError):
     code = "InvalidAliasNameException"
-
-
-class InvalidArnException(KMSError):
-    code = "InvalidArnException"
 
 
 class InvalidMarkerException(KMSError):

@@ -34,6 +34,7 @@ from .accounts import Accounts, IssuedKey
 from .config import Settings
 from .crypto import root as rootkey
 from .errors import ConfigurationError
+from .files import replace_file
 from .keystore.base import KeyStore
 from .keystore.registry import KeyStores
 from .keystore.software import SoftwareKeyStore
@@ -253,24 +254,16 @@ def write_credentials(path: Path, issued: IssuedKey, region: str) -> None:
     """The admin's key pair in the AWS shared credentials format, mode 0600, written atomically."""
     text = (f"[default]\naws_access_key_id = {issued.access_key_id}\n"
             f"aws_secret_access_key = {issued.secret.reveal()}\nregion = {region}\n")
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_file(path, text.encode())
 
 
 def node_id(data_dir: Path) -> str:
-    """This node's id, kept in <data_dir>/node-id: it names the node's audit chain across restarts."""
+    """This node's id, kept in <data_dir>/node-id: it names the node's audit chain across restarts
+    (on disk before it is used: a crash must not leave an empty file that would name a new chain)."""
     path = data_dir / "node-id"
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         value = str(uuid.uuid4())
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(value + "\n")
-        os.replace(tmp, path)
+        replace_file(path, f"{value}\n".encode(), mode=0o644)
         return value

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import botocore.loaders
 
@@ -55,6 +55,15 @@ def _violation(value: Any, path: str, constraint: str, sensitive: bool) -> str:
     return f"{_show(value, sensitive)} at '{path}' failed to satisfy constraint: Member must {constraint}"
 
 
+def _check_bounds(shown: Any, measure: int, what: str, lo: int | None, hi: int | None, path: str,
+                  sensitive: bool, errors: list[str]) -> None:
+    """The min/max constraints: on a length (`what` "length") or on the value itself ("value")."""
+    if lo is not None and measure < lo:
+        errors.append(_violation(shown, path, f"have {what} greater than or equal to {lo}", sensitive))
+    if hi is not None and measure > hi:
+        errors.append(_violation(shown, path, f"have {what} less than or equal to {hi}", sensitive))
+
+
 def _type_error(path: str, expected: str) -> SerializationException:
     return SerializationException(f"Unexpected value type at '{path}': expected {expected}.")
 
@@ -78,119 +87,128 @@ class ModelCompiler:
         return compiled
 
     def _compile_parser(self, shape: dict[str, Any]) -> Parser:
-        kind = shape["type"]
+        build = self._PARSER_BUILDERS.get(shape["type"])
+        if build is None:
+            raise ValueError(f"unsupported shape type {shape['type']}")
+        return build(self, shape)
+
+    def _structure_parser(self, shape: dict[str, Any]) -> Parser:
+        members = {name: (self.parser(m["shape"]), self.shapes[m["shape"]].get("sensitive", False)
+                          or m.get("sensitive", False))
+                   for name, m in shape["members"].items()}
+        required = tuple(shape.get("required", ()))
+
+        def parse_structure(value: Any, path: str, errors: list[str]) -> Any:
+            if not isinstance(value, dict):
+                raise _type_error(path or "request", "an object")
+            out: dict[str, Any] = {}
+            for name in required:
+                if value.get(name) is None:
+                    errors.append(_violation(None, _member_path(path, name), "not be null", False))
+            for name, raw in value.items():
+                entry = members.get(name)
+                if entry is None or raw is None:
+                    continue  # unknown members are ignored, as AWS does
+                out[name] = entry[0](raw, _member_path(path, name), errors)
+            return out
+        return parse_structure
+
+    def _string_parser(self, shape: dict[str, Any]) -> Parser:
         sensitive = bool(shape.get("sensitive"))
         lo, hi = shape.get("min"), shape.get("max")
-        if kind == "structure":
-            members = {name: (self.parser(m["shape"]), self.shapes[m["shape"]].get("sensitive", False)
-                              or m.get("sensitive", False))
-                       for name, m in shape["members"].items()}
-            required = tuple(shape.get("required", ()))
+        enum = tuple(shape.get("enum", ()))
+        pattern = re.compile(shape["pattern"]) if "pattern" in shape else None
 
-            def parse_structure(value: Any, path: str, errors: list[str]) -> Any:
-                if not isinstance(value, dict):
-                    raise _type_error(path or "request", "an object")
-                out: dict[str, Any] = {}
-                for name in required:
-                    if value.get(name) is None:
-                        errors.append(_violation(None, _member_path(path, name), "not be null", False))
-                for name, raw in value.items():
-                    entry = members.get(name)
-                    if entry is None or raw is None:
-                        continue  # unknown members are ignored, as AWS does
-                    out[name] = entry[0](raw, _member_path(path, name), errors)
-                return out
-            return parse_structure
+        def parse_string(value: Any, path: str, errors: list[str]) -> Any:
+            if not isinstance(value, str):
+                raise _type_error(path, "a string")
+            _check_bounds(value, len(value), "length", lo, hi, path, sensitive, errors)
+            if enum and value not in enum:
+                errors.append(_violation(value, path, f"satisfy enum value set: [{', '.join(enum)}]", sensitive))
+            if pattern is not None and not pattern.fullmatch(value):
+                errors.append(_violation(value, path,
+                                         f"satisfy regular expression pattern: {pattern.pattern}", sensitive))
+            return value
+        return parse_string
 
-        if kind == "string":
-            enum = tuple(shape.get("enum", ()))
-            pattern = re.compile(shape["pattern"]) if "pattern" in shape else None
+    def _blob_parser(self, shape: dict[str, Any]) -> Parser:
+        lo, hi = shape.get("min"), shape.get("max")
 
-            def parse_string(value: Any, path: str, errors: list[str]) -> Any:
-                if not isinstance(value, str):
-                    raise _type_error(path, "a string")
-                if lo is not None and len(value) < lo:
-                    errors.append(_violation(value, path, f"have length greater than or equal to {lo}", sensitive))
-                if hi is not None and len(value) > hi:
-                    errors.append(_violation(value, path, f"have length less than or equal to {hi}", sensitive))
-                if enum and value not in enum:
-                    errors.append(_violation(value, path, f"satisfy enum value set: [{', '.join(enum)}]", sensitive))
-                if pattern is not None and not pattern.fullmatch(value):
-                    errors.append(_violation(value, path,
-                                             f"satisfy regular expression pattern: {pattern.pattern}", sensitive))
-                return value
-            return parse_string
+        def parse_blob(value: Any, path: str, errors: list[str]) -> Any:
+            if not isinstance(value, str):
+                raise _type_error(path, "a base64-encoded string")
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise SerializationException(f"Value at '{path}' is not valid base64.") from None
+            _check_bounds(None, len(raw), "length", lo, hi, path, True, errors)
+            return raw
+        return parse_blob
 
-        if kind == "blob":
-            def parse_blob(value: Any, path: str, errors: list[str]) -> Any:
-                if not isinstance(value, str):
-                    raise _type_error(path, "a base64-encoded string")
-                try:
-                    raw = base64.b64decode(value, validate=True)
-                except (binascii.Error, ValueError):
-                    raise SerializationException(f"Value at '{path}' is not valid base64.") from None
-                if lo is not None and len(raw) < lo:
-                    errors.append(_violation(None, path, f"have length greater than or equal to {lo}", True))
-                if hi is not None and len(raw) > hi:
-                    errors.append(_violation(None, path, f"have length less than or equal to {hi}", True))
-                return raw
-            return parse_blob
+    def _integer_parser(self, shape: dict[str, Any]) -> Parser:
+        sensitive = bool(shape.get("sensitive"))
+        lo, hi = shape.get("min"), shape.get("max")
 
-        if kind in ("integer", "long"):
-            def parse_int(value: Any, path: str, errors: list[str]) -> Any:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    if isinstance(value, float) and value.is_integer():
-                        value = int(value)
-                    else:
-                        raise _type_error(path, "an integer")
-                if lo is not None and value < lo:
-                    errors.append(_violation(value, path, f"have value greater than or equal to {lo}", sensitive))
-                if hi is not None and value > hi:
-                    errors.append(_violation(value, path, f"have value less than or equal to {hi}", sensitive))
-                return value
-            return parse_int
+        def parse_int(value: Any, path: str, errors: list[str]) -> Any:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise _type_error(path, "an integer")
+            _check_bounds(value, value, "value", lo, hi, path, sensitive, errors)
+            return value
+        return parse_int
 
-        if kind == "boolean":
-            def parse_bool(value: Any, path: str, errors: list[str]) -> Any:
-                if not isinstance(value, bool):
-                    raise _type_error(path, "a boolean")
-                return value
-            return parse_bool
+    def _boolean_parser(self, shape: dict[str, Any]) -> Parser:
+        def parse_bool(value: Any, path: str, errors: list[str]) -> Any:
+            if not isinstance(value, bool):
+                raise _type_error(path, "a boolean")
+            return value
+        return parse_bool
 
-        if kind == "timestamp":
-            def parse_timestamp(value: Any, path: str, errors: list[str]) -> Any:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise _type_error(path, "a timestamp in epoch seconds")
-                try:
-                    return datetime.fromtimestamp(value, UTC)
-                except (OverflowError, OSError, ValueError):
-                    raise _type_error(path, "a timestamp in epoch seconds") from None
-            return parse_timestamp
+    def _timestamp_parser(self, shape: dict[str, Any]) -> Parser:
+        def parse_timestamp(value: Any, path: str, errors: list[str]) -> Any:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _type_error(path, "a timestamp in epoch seconds")
+            try:
+                return datetime.fromtimestamp(value, UTC)
+            except (OverflowError, OSError, ValueError):
+                raise _type_error(path, "a timestamp in epoch seconds") from None
+        return parse_timestamp
 
-        if kind == "list":
-            member = self.parser(shape["member"]["shape"])
+    def _list_parser(self, shape: dict[str, Any]) -> Parser:
+        lo, hi = shape.get("min"), shape.get("max")
+        member = self.parser(shape["member"]["shape"])
 
-            def parse_list(value: Any, path: str, errors: list[str]) -> Any:
-                if not isinstance(value, list):
-                    raise _type_error(path, "a list")
-                if lo is not None and len(value) < lo:
-                    errors.append(_violation(None, path, f"have length greater than or equal to {lo}", True))
-                if hi is not None and len(value) > hi:
-                    errors.append(_violation(None, path, f"have length less than or equal to {hi}", True))
-                return [member(item, f"{path}.{i + 1}.member", errors) for i, item in enumerate(value)]
-            return parse_list
+        def parse_list(value: Any, path: str, errors: list[str]) -> Any:
+            if not isinstance(value, list):
+                raise _type_error(path, "a list")
+            _check_bounds(None, len(value), "length", lo, hi, path, True, errors)
+            return [member(item, f"{path}.{i + 1}.member", errors) for i, item in enumerate(value)]
+        return parse_list
 
-        if kind == "map":
-            key_parser = self.parser(shape["key"]["shape"])
-            value_parser = self.parser(shape["value"]["shape"])
+    def _map_parser(self, shape: dict[str, Any]) -> Parser:
+        key_parser = self.parser(shape["key"]["shape"])
+        value_parser = self.parser(shape["value"]["shape"])
 
-            def parse_map(value: Any, path: str, errors: list[str]) -> Any:
-                if not isinstance(value, dict):
-                    raise _type_error(path, "an object")
-                return {key_parser(k, path, errors): value_parser(v, path, errors) for k, v in value.items()}
-            return parse_map
+        def parse_map(value: Any, path: str, errors: list[str]) -> Any:
+            if not isinstance(value, dict):
+                raise _type_error(path, "an object")
+            return {key_parser(k, path, errors): value_parser(v, path, errors) for k, v in value.items()}
+        return parse_map
 
-        raise ValueError(f"unsupported shape type {kind}")
+    # One builder per shape type of the model: the shape -> its parser.
+    _PARSER_BUILDERS: ClassVar[dict[str, Callable[[ModelCompiler, dict[str, Any]], Parser]]] = {
+        "structure": _structure_parser,
+        "string": _string_parser,
+        "blob": _blob_parser,
+        "integer": _integer_parser,
+        "long": _integer_parser,
+        "boolean": _boolean_parser,
+        "timestamp": _timestamp_parser,
+        "list": _list_parser,
+        "map": _map_parser,
+    }
 
     # -- audit redaction ----------------------------------------------------------------------
     def redactor(self, shape_name: str) -> Renderer:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import DEFAULT_DATA_DIR
+from ..files import write_file
+from ..wrapping import WRAPPING_ALGORITHMS
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -194,9 +196,7 @@ def _byok_wrap(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"openkms byok wrap: {exc}", file=sys.stderr)
         return 1
-    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(wrapped)
+    write_file(args.out, wrapped)
     return 0
 
 
@@ -306,8 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     byok_sub = byok.add_subparsers(dest="byok_command", required=True)
     wrap = byok_sub.add_parser("wrap", help="wrap key material with the wrapping key from GetParametersForImport")
     wrap.add_argument("--public-key", required=True, help="the wrapping public key (DER or PEM)")
-    wrap.add_argument("--algorithm", required=True, choices=["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256",
-                                                             "RSA_AES_KEY_WRAP_SHA_1", "RSA_AES_KEY_WRAP_SHA_256"])
+    wrap.add_argument("--algorithm", required=True, choices=list(WRAPPING_ALGORITHMS))
     wrap.add_argument("--material", required=True, help="the raw key material (32 bytes, or PKCS#8 DER)")
     wrap.add_argument("--out", required=True, help="where to write the wrapped material (mode 0600)")
     wrap.set_defaults(func=_byok_wrap)

@@ -11,20 +11,17 @@ import os
 from cryptography.hazmat.primitives import hashes, keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-ALGORITHMS: dict[str, tuple[type[hashes.HashAlgorithm], bool]] = {
-    # name: (OAEP hash, wrap an ephemeral AES-256 key with OAEP and the material with AES-KWP)
-    "RSAES_OAEP_SHA_1": (hashes.SHA1, False),
-    "RSAES_OAEP_SHA_256": (hashes.SHA256, False),
-    "RSA_AES_KEY_WRAP_SHA_1": (hashes.SHA1, True),
-    "RSA_AES_KEY_WRAP_SHA_256": (hashes.SHA256, True),
-}
+from ..wrapping import WRAPPING_ALGORITHMS
+
+_OAEP_HASHES: dict[str, type[hashes.HashAlgorithm]] = {"SHA_1": hashes.SHA1, "SHA_256": hashes.SHA256}
 
 
 def wrap_key_material(wrapping_public_key: bytes, algorithm: str, material: bytes) -> bytes:
     """`wrapping_public_key` is the DER (or PEM) SubjectPublicKeyInfo from GetParametersForImport."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown wrapping algorithm {algorithm}; one of {', '.join(ALGORITHMS)}")
-    h, with_aes = ALGORITHMS[algorithm]
+    if algorithm not in WRAPPING_ALGORITHMS:
+        raise ValueError(f"unknown wrapping algorithm {algorithm}; one of {', '.join(WRAPPING_ALGORITHMS)}")
+    hash_name, with_aes = WRAPPING_ALGORITHMS[algorithm]
+    h = _OAEP_HASHES[hash_name]
     if wrapping_public_key.lstrip().startswith(b"-----BEGIN"):
         public = serialization.load_pem_public_key(wrapping_public_key)
     else:

@@ -15,6 +15,7 @@ from typing import NoReturn
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ..errors import ConfigurationError, InvalidCiphertextException
+from ..files import replace_file
 from . import aead
 
 ROOT_KEY_BYTES = 32
@@ -76,14 +77,7 @@ def load_key_file(path: Path, create: bool) -> RootKey:
                 f"root key file {path} is missing, but the store was sealed with a key file; "
                 "restore the file (or start with the store's passphrase)")
         key = os.urandom(ROOT_KEY_BYTES)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        replace_file(path, key)  # 0600, on disk before it is renamed into place
         return RootKey(key, source="file")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:

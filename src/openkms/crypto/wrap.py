@@ -20,16 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..errors import IncorrectKeyMaterialException, InvalidCiphertextException, UnsupportedOperationException
 from ..model import KeyFamily, KeySpecInfo
+from ..wrapping import WRAPPING_ALGORITHMS
 from . import asymmetric
 
 WRAPPING_KEY_BITS = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
-WRAPPING_ALGORITHMS: dict[str, tuple[type[hashes.HashAlgorithm], bool]] = {
-    # name: (OAEP hash, wraps an ephemeral AES key first)
-    "RSAES_OAEP_SHA_1": (hashes.SHA1, False),
-    "RSAES_OAEP_SHA_256": (hashes.SHA256, False),
-    "RSA_AES_KEY_WRAP_SHA_1": (hashes.SHA1, True),
-    "RSA_AES_KEY_WRAP_SHA_256": (hashes.SHA256, True),
-}
+_OAEP_HASHES: dict[str, type[hashes.HashAlgorithm]] = {"SHA_1": hashes.SHA1, "SHA_256": hashes.SHA256}
 
 
 def check_supported(wrapping_key_spec: str, algorithm: str) -> None:
@@ -54,7 +49,8 @@ def _oaep(h: type[hashes.HashAlgorithm]) -> padding.OAEP:
 
 
 def unwrap(wrapping_private_der: bytes, algorithm: str, wrapped: bytes) -> bytes:
-    h, with_aes = WRAPPING_ALGORITHMS[algorithm]
+    hash_name, with_aes = WRAPPING_ALGORITHMS[algorithm]
+    h = _OAEP_HASHES[hash_name]
     key = serialization.load_der_private_key(wrapping_private_der, password=None)
     assert isinstance(key, rsa.RSAPrivateKey)
     block = key.key_size // 8

@@ -18,6 +18,10 @@ evaluation logic" and "Cross-account policy evaluation logic"), in the order app
    A grant to the caller's account allows when the caller's identity policy also allows.
 5. Otherwise: denied (implicit deny).
 
+:func:`evaluate` applies them in that order: :func:`_explicit_deny` (1), :func:`_key_policy_decision`
+(2 and 3), :func:`_grant_decision` (4); an operation without a key goes to :func:`_keyless_decision`
+after rule 1.
+
 The account root user is not subject to identity policies: wherever an identity policy allow is
 needed, the root user has it. Operations without a key (``CreateKey``, ``ListKeys``, ...) are
 evaluated with ``key_policy=None``: identity policies alone decide.
@@ -153,6 +157,109 @@ def _check_kinds(key_policy: Policy | None, identity_policies: Sequence[Policy])
         raise KMSInternalException("evaluate() needs identity policies as identity_policies")
 
 
+_EXPLICIT_DENIES = {
+    PolicyKind.KEY: ("with an explicit deny in a resource-based policy", Basis.EXPLICIT_DENY_RESOURCE),
+    PolicyKind.IDENTITY: ("with an explicit deny in an identity-based policy", Basis.EXPLICIT_DENY_IDENTITY),
+}
+
+
+def _explicit_deny(request: RequestContext, policies: Iterable[Policy]) -> Decision | None:
+    """Rule 1: the first Deny that applies, in the key policy (given first) or an identity policy."""
+    for policy in policies:
+        statement = _find_deny(policy, request)
+        if statement is not None:
+            tail, basis = _EXPLICIT_DENIES[policy.kind]
+            return _denied(request, tail, basis, statement.sid)
+    return None
+
+
+def _no_identity_allow(request: RequestContext) -> Decision:
+    return _denied(
+        request, f"because no identity-based policy allows the {request.action} action", Basis.NO_IDENTITY_ALLOW
+    )
+
+
+def _keyless_decision(request: RequestContext, identities: Sequence[Policy]) -> Decision:
+    """An operation without a key: the root user may, anyone else needs an identity policy allow."""
+    if request.is_root:
+        return Decision(True, "allowed for the account root user", Basis.IDENTITY_POLICY)
+    statement = _identity_allow(identities, request)
+    if statement is not None:
+        return Decision(True, "allowed by an identity-based policy", Basis.IDENTITY_POLICY, statement.sid)
+    return _no_identity_allow(request)
+
+
+class _IdentityAllow:
+    """Whether the caller's identity policies allow the request, looked up at most once and only
+    when a rule needs it. The root user needs none (it is allowed, with ``statement`` None)."""
+
+    __slots__ = ("_checked", "_identities", "_request", "statement")
+
+    def __init__(self, request: RequestContext, identities: Sequence[Policy]) -> None:
+        self._request = request
+        self._identities = identities
+        self._checked = False
+        self.statement: Statement | None = None
+
+    def allows(self) -> bool:
+        if not self._checked:
+            self._checked = True
+            if not self._request.is_root:
+                self.statement = _identity_allow(self._identities, self._request)
+        return self._request.is_root or self.statement is not None
+
+
+def _key_policy_decision(
+    request: RequestContext, level: PrincipalMatch, key_statement: Statement | None, identity: _IdentityAllow
+) -> Decision | None:
+    """Rules 2 and 3: the key policy names the caller (same account: allowed outright), or names it
+    or its account and an identity policy allows too. None when the key policy does not allow."""
+    if level is PrincipalMatch.NONE:
+        return None
+    if level is PrincipalMatch.DIRECT and request.principal_account == request.resource_account:
+        assert key_statement is not None
+        return Decision(True, "allowed by the key policy", Basis.KEY_POLICY, key_statement.sid)
+    if identity.allows():
+        sid = identity.statement.sid if identity.statement is not None else None
+        return Decision(
+            True, "allowed by the key policy and an identity-based policy", Basis.KEY_AND_IDENTITY_POLICY, sid
+        )
+    return None
+
+
+def _grant_decision(
+    request: RequestContext, grants: Sequence[Grant], new_grant: Grant | None, identity: _IdentityAllow
+) -> Decision | None:
+    """Rule 4: a grant to the caller, or to its account with an identity policy allow. For
+    CreateGrant (``new_grant`` given) the grant must also be at least as wide as ``new_grant``:
+    when grants allow the request but none is, denied. None when no grant allows."""
+    too_wide: Grant | None = None  # a grant that allows the request, but not the grant asked for
+    for grant in grants:
+        if grant_allows(grant, request):
+            if new_grant is None or is_narrower_grant(new_grant, grant):
+                return Decision(True, "allowed by a grant", Basis.GRANT, grant.grant_id or None)
+            too_wide = too_wide or grant
+    for grant in grants:
+        if grant_allows_via_account(grant, request) and identity.allows():
+            if new_grant is None or is_narrower_grant(new_grant, grant):
+                return Decision(
+                    True,
+                    "allowed by a grant to the account and an identity-based policy",
+                    Basis.ACCOUNT_GRANT_AND_IDENTITY_POLICY,
+                    grant.grant_id or None,
+                )
+            too_wide = too_wide or grant
+    if too_wide is not None:
+        return _denied(
+            request,
+            "because a grant allows kms:CreateGrant only for grants with the same or fewer operations "
+            "and the same or stricter constraints",
+            Basis.WIDER_THAN_PARENT_GRANT,
+            too_wide.grant_id or None,
+        )
+    return None
+
+
 def evaluate(
     request: RequestContext,
     key_policy: Policy | None,
@@ -173,88 +280,24 @@ def evaluate(
     """
     identities = tuple(identity_policies)
     _check_kinds(key_policy, identities)
-    action = request.action
-
-    if key_policy is not None:
-        deny = _find_deny(key_policy, request)
-        if deny is not None:
-            return _denied(
-                request,
-                "with an explicit deny in a resource-based policy",
-                Basis.EXPLICIT_DENY_RESOURCE,
-                deny.sid,
-            )
-    for policy in identities:
-        deny = _find_deny(policy, request)
-        if deny is not None:
-            return _denied(
-                request,
-                "with an explicit deny in an identity-based policy",
-                Basis.EXPLICIT_DENY_IDENTITY,
-                deny.sid,
-            )
-
-    no_identity = f"because no identity-based policy allows the {action} action"
+    denied = _explicit_deny(request, identities if key_policy is None else (key_policy, *identities))
+    if denied is not None:
+        return denied
     if key_policy is None:
-        if request.is_root:
-            return Decision(True, "allowed for the account root user", Basis.IDENTITY_POLICY)
-        statement = _identity_allow(identities, request)
-        if statement is not None:
-            return Decision(True, "allowed by an identity-based policy", Basis.IDENTITY_POLICY, statement.sid)
-        return _denied(request, no_identity, Basis.NO_IDENTITY_ALLOW)
-
+        return _keyless_decision(request, identities)
     level, key_statement = _allow_level(key_policy, request)
-    same_account = request.principal_account == request.resource_account
-    if same_account and level is PrincipalMatch.DIRECT:
-        assert key_statement is not None
-        return Decision(True, "allowed by the key policy", Basis.KEY_POLICY, key_statement.sid)
-
-    identity_checked = False
-    identity_statement: Statement | None = None
-
-    def identity_allows() -> bool:
-        nonlocal identity_checked, identity_statement
-        if not identity_checked:
-            identity_checked = True
-            identity_statement = None if request.is_root else _identity_allow(identities, request)
-        return request.is_root or identity_statement is not None
-
-    if level is not PrincipalMatch.NONE and identity_allows():
-        sid = identity_statement.sid if identity_statement is not None else None
-        return Decision(
-            True, "allowed by the key policy and an identity-based policy", Basis.KEY_AND_IDENTITY_POLICY, sid
-        )
-
-    grant_list = tuple(grants)
-    too_wide: Grant | None = None  # a grant that allows the request, but not the grant asked for
-    for grant in grant_list:
-        if grant_allows(grant, request):
-            if new_grant is None or is_narrower_grant(new_grant, grant):
-                return Decision(True, "allowed by a grant", Basis.GRANT, grant.grant_id or None)
-            too_wide = too_wide or grant
-    for grant in grant_list:
-        if grant_allows_via_account(grant, request) and identity_allows():
-            if new_grant is None or is_narrower_grant(new_grant, grant):
-                return Decision(
-                    True,
-                    "allowed by a grant to the account and an identity-based policy",
-                    Basis.ACCOUNT_GRANT_AND_IDENTITY_POLICY,
-                    grant.grant_id or None,
-                )
-            too_wide = too_wide or grant
-    if too_wide is not None:
-        return _denied(
-            request,
-            "because a grant allows kms:CreateGrant only for grants with the same or fewer operations "
-            "and the same or stricter constraints",
-            Basis.WIDER_THAN_PARENT_GRANT,
-            too_wide.grant_id or None,
-        )
-
+    identity = _IdentityAllow(request, identities)
+    allowed = _key_policy_decision(request, level, key_statement, identity)
+    if allowed is not None:
+        return allowed
+    by_grant = _grant_decision(request, tuple(grants), new_grant, identity)
+    if by_grant is not None:
+        return by_grant
+    # Rule 5, implicit deny: the message names the resource-based policy when it is what is missing.
     if level is not PrincipalMatch.NONE:
-        return _denied(request, no_identity, Basis.NO_IDENTITY_ALLOW)
+        return _no_identity_allow(request)
     return _denied(
-        request, f"because no resource-based policy allows the {action} action", Basis.NO_RESOURCE_ALLOW
+        request, f"because no resource-based policy allows the {request.action} action", Basis.NO_RESOURCE_ALLOW
     )
 
 
