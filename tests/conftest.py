@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sqlite3
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +155,72 @@ def boto_client(endpoint: str, access_key_id: str, secret: str, service: str = "
 @pytest.fixture
 def tmp_data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+# -- SoftHSM2: PKCS#11 tokens for the HSM key store tests ------------------------------------------
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@dataclass
+class SoftHsm:
+    """A SoftHSM2 token directory of this test session (SOFTHSM2_CONF points every server at it)."""
+
+    conf: Path
+    tokens: Path
+    module: str = SOFTHSM_MODULE
+
+    def env(self) -> dict[str, str]:
+        return {"SOFTHSM2_CONF": str(self.conf)}
+
+    def init_token(self, pin: str = "kmsuser-pin", so_pin: str = "so-pin-1234") -> str:
+        """A new token with a unique label; returns the label."""
+        label = "t" + secrets.token_hex(6)
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", so_pin,
+                        "--pin", pin], env={**os.environ, **self.env()}, check=True, capture_output=True)
+        return label
+
+    def tool(self, label: str, pin: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """pkcs11-tool (OpenSC) on a token, from outside the server."""
+        return subprocess.run(["pkcs11-tool", "--module", self.module, "--token-label", label, "--login",
+                               "--pin", pin, *args], env={**os.environ, **self.env()}, capture_output=True,
+                              text=True, check=False)
+
+
+def softhsm_available() -> bool:
+    return shutil.which("softhsm2-util") is not None and Path(SOFTHSM_MODULE).exists() and \
+        shutil.which("pkcs11-tool") is not None
+
+
+_SESSION_HSM: list[SoftHsm] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One SoftHSM2 token directory for the session, set before any server starts (each inherits
+    SOFTHSM2_CONF); tests make tokens in it with labels of their own."""
+    if not softhsm_available():
+        return
+    root = Path(tempfile.mkdtemp(prefix="openkms-softhsm-"))
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    _SESSION_HSM.append(SoftHsm(conf, root / "tokens"))
+
+
+@pytest.fixture(scope="session")
+def softhsm() -> SoftHsm:
+    """SoftHSM2 and OpenSC's pkcs11-tool; skipped without them, except in CI (OPENKMS_REQUIRE_HSM)."""
+    if not _SESSION_HSM:
+        if os.environ.get("OPENKMS_REQUIRE_HSM"):
+            pytest.fail("OPENKMS_REQUIRE_HSM is set but softhsm2 / pkcs11-tool are not installed")
+        pytest.skip("HSM tests need SoftHSM2 and OpenSC (Debian packages softhsm2, opensc)")
+    return _SESSION_HSM[0]
+
+
+def trust_anchor(tmp_path: Path) -> str:
+    """A customer CA certificate (PEM), made with openssl as a customer would."""
+    key, cert = tmp_path / "ca.key", tmp_path / "customerCA.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", "/CN=customer CA"],
+                   check=True, capture_output=True)
+    return cert.read_text()

@@ -25,8 +25,9 @@ def test_v3_store_gets_two_levels_of_administration(store_url: str | None, tmp_p
         tx.accounts.insert_principal(Principal("p-app", "111111111111", "app", False, t0 - timedelta(days=2)))
         tx.accounts.insert_principal(Principal("p-boot", "111111111111", "admin", True, t0 - timedelta(days=1)))
         tx.accounts.insert_principal(Principal("p-cust", "222222222222", "admin", True, t0))
-        # Back to schema v3: no is_operator column.
+        # Back to schema v3: no is_operator column (v4), no custom_key_store_id column (v5).
         tx.conn.execute(text("ALTER TABLE principals DROP COLUMN is_operator"))
+        tx.conn.execute(text("ALTER TABLE kms_keys DROP COLUMN custom_key_store_id"))
         tx.conn.execute(text("UPDATE openkms_meta SET value = :v WHERE name = 'schema_version'"), {"v": b"3"})
     store.close()
 
@@ -38,6 +39,13 @@ def test_v3_store_gets_two_levels_of_administration(store_url: str | None, tmp_p
             version = tx.meta.get("schema_version")
         assert levels == {"app@111111111111": "user", "admin@111111111111": "operator",
                           "admin@222222222222": "account-admin"}
-        assert version == b"4"
+        assert version == b"5"
+        assert tx_columns(store, "kms_keys") >= {"custom_key_store_id"}
     finally:
         store.close()
+
+
+def tx_columns(store: Store, table: str) -> set[str]:
+    from sqlalchemy import inspect
+
+    return {c["name"] for c in inspect(store.engine).get_columns(table)}

@@ -17,7 +17,11 @@ them without a lookup table::
      |    IncorrectKeyException, InvalidKeyUsageException, InvalidAliasNameException,
      |    InvalidMarkerException, InvalidGrantTokenException, LimitExceededException, TagException,
      |    UnsupportedOperationException, DryRunOperationException, RequestEntityTooLarge (413),
-     |    KeyStoreUnavailable (a KMSInvalidStateException: a key store's backend cannot answer)
+     |    KeyStoreUnavailable (a KMSInvalidStateException: a key store's backend cannot answer),
+     |    CustomKeyStoreNotFoundException, CustomKeyStoreNameInUseException,
+     |    CustomKeyStoreInvalidStateException, CustomKeyStoreHasCMKsException,
+     |    CloudHsmClusterNotFoundException, CloudHsmClusterInUseException,
+     |    CloudHsmClusterNotRelatedException, IncorrectTrustAnchorException
      +-- server errors
           KMSInternalException (500), DependencyTimeoutException (503)
 
@@ -192,6 +196,39 @@ class RequestEntityTooLarge(KMSError):
 class KMSInternalException(KMSError):
     code = "KMSInternalException"
     status = 500
+
+
+# -- custom key stores (AWS's codes for CloudHSM key stores) ---------------------------------------
+class CustomKeyStoreNotFoundException(KMSError):
+    code = "CustomKeyStoreNotFoundException"
+
+
+class CustomKeyStoreNameInUseException(KMSError):
+    code = "CustomKeyStoreNameInUseException"
+
+
+class CustomKeyStoreInvalidStateException(KMSError):
+    code = "CustomKeyStoreInvalidStateException"
+
+
+class CustomKeyStoreHasCMKsException(KMSError):
+    code = "CustomKeyStoreHasCMKsException"
+
+
+class CloudHsmClusterNotFoundException(KMSError):
+    code = "CloudHsmClusterNotFoundException"
+
+
+class CloudHsmClusterInUseException(KMSError):
+    code = "CloudHsmClusterInUseException"
+
+
+class CloudHsmClusterNotRelatedException(KMSError):
+    code = "CloudHsmClusterNotRelatedException"
+
+
+class IncorrectTrustAnchorException(KMSError):
+    code = "IncorrectTrustAnchorException"
 
 
 class KeyStoreUnavailable(KMSInvalidStateException):

@@ -28,6 +28,8 @@ class KeyUsage(str, enum.Enum):
 class Origin(str, enum.Enum):
     AWS_KMS = "AWS_KMS"
     EXTERNAL = "EXTERNAL"
+    AWS_CLOUDHSM = "AWS_CLOUDHSM"  # made in, and never leaving, an HSM of a custom key store
+    EXTERNAL_KEY_STORE = "EXTERNAL_KEY_STORE"  # in a key manager outside (not offered yet)
 
     @property
     def imports_material(self) -> bool:
@@ -36,8 +38,8 @@ class Origin(str, enum.Enum):
 
     @property
     def in_custom_key_store(self) -> bool:
-        """The material lives in a key store the customer registers (none is offered yet)."""
-        return False
+        """The material lives in a key store the customer registers: made there, used there, never here."""
+        return self is Origin.AWS_CLOUDHSM
 
 
 class KeyFamily(str, enum.Enum):
@@ -185,14 +187,58 @@ class Key:
     valid_to: datetime | None = None  # expiry of imported material in use
     expiration_model: str | None = None
     policy: str | None = None  # the key policy's JSON; None: the default key policy
+    custom_key_store_id: str | None = None  # the custom key store that holds the material, if any
+    # Not stored: set by the key lookup while the key's custom key store is not connected.
+    store_unavailable: bool = False
 
     @property
     def arn(self) -> str:
         return key_arn(self.region, self.account_id, self.key_id)
 
     @property
+    def effective_state(self) -> KeyState:
+        """The state callers see: Unavailable while the custom key store is not connected (AWS's
+        rule for enabled and disabled keys); the stored state otherwise."""
+        if self.store_unavailable and self.state in (KeyState.ENABLED, KeyState.DISABLED):
+            return KeyState.UNAVAILABLE
+        return self.state
+
+    @property
     def spec(self) -> KeySpecInfo:
         return KEY_SPECS[self.key_spec]
+
+
+@dataclass(frozen=True, slots=True)
+class HsmCluster:
+    """A PKCS#11 token an operator registered, to back CloudHSM-type custom key stores."""
+
+    cluster_id: str  # AWS's pattern: cluster-[2-7a-zA-Z]{11,16}
+    module_path: str
+    token_label: str
+    trust_anchor: str  # PEM certificate; a key store on the cluster must present the same one
+    created: datetime
+
+
+class ConnectionState(str, enum.Enum):
+    CONNECTED = "CONNECTED"
+    CONNECTING = "CONNECTING"
+    DISCONNECTED = "DISCONNECTED"
+    DISCONNECTING = "DISCONNECTING"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class CustomKeyStore:
+    """A tenant's custom key store. The token user's PIN is kept sealed in the store, never here."""
+
+    custom_key_store_id: str  # cks- and 17 hex digits, as AWS makes them
+    account_id: str
+    name: str
+    store_type: str  # AWS_CLOUDHSM
+    cluster_id: str | None
+    connection_state: ConnectionState
+    connection_error_code: str | None
+    created: datetime
 
 
 @dataclass(frozen=True, slots=True)

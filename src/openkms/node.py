@@ -143,9 +143,10 @@ def open_node(settings: Settings, keystore: KeyStore | None = None) -> Node:
         raise
     accounts = Accounts(store, root, cache_ttl=settings.cache_ttl)
     access = AccessControl(store, settings.cache_ttl)
+    keystores = KeyStores(keystore or SoftwareKeyStore(store, root), store, root, settings.cache_ttl)
     service = Context(store=store, region=settings.region,
-                      keys=KeyLookup(store, access, settings.region, settings.cache_ttl),
-                      keystores=KeyStores(keystore or SoftwareKeyStore(store, root)), access=access)
+                      keys=KeyLookup(store, access, keystores, settings.region, settings.cache_ttl),
+                      keystores=keystores, access=access)
     return Node(settings, store, root, accounts, service)
 
 

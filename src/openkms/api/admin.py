@@ -19,23 +19,30 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from ..accounts import Accounts
 from ..audit.log import AuditLog
+from ..crypto.certificates import is_certificate
 from ..crypto.signing import public_pem
 from ..errors import (
     AccessDeniedException,
+    AlreadyExistsException,
+    CloudHsmClusterInUseException,
+    CloudHsmClusterNotFoundException,
     DeleteConflictException,
     NotFoundException,
     SerializationException,
     ValidationException,
 )
-from ..model import Caller, Principal
+from ..keystore.pkcs11 import ConnectError, check_token
+from ..model import Caller, HsmCluster, Principal
 from ..policy import root_arn
 from ..storage import Store
 
@@ -88,8 +95,15 @@ OPERATIONS: dict[str, AdminOperation] = {
                                         "NextToken": (str, False)}, Scope.ANY),
     "GetAuditPublicKey": AdminOperation({}, Scope.ANY),
     "CreateAuditDigest": AdminOperation({}, Scope.OPERATOR),
+    # HSM clusters: PKCS#11 tokens that tenants' custom key stores (AWS_CLOUDHSM) may use.
+    "CreateHsmCluster": AdminOperation({"Pkcs11Module": (str, True), "TokenLabel": (str, True),
+                                        "TrustAnchorCertificate": (str, True)}, Scope.OPERATOR),
+    "ListHsmClusters": AdminOperation({}, Scope.OPERATOR),
+    "DescribeHsmCluster": AdminOperation({"ClusterId": (str, True)}, Scope.OPERATOR),
+    "DeleteHsmCluster": AdminOperation({"ClusterId": (str, True)}, Scope.OPERATOR),
 }
 MAX_AUDIT_PAGE = 1000
+CLUSTER_ID_CHARS = "abcdefghijklmnopqrstuvwxyz234567"  # AWS's pattern: cluster-[2-7a-zA-Z]{11,16}
 
 
 def _denied(me: Principal, op: str, resource: str, why: str) -> AccessDeniedException:
@@ -143,6 +157,10 @@ class AdminAPI:
             "QueryAuditEvents": self._query_audit_events,
             "GetAuditPublicKey": self._get_audit_public_key,
             "CreateAuditDigest": self._create_audit_digest,
+            "CreateHsmCluster": self._create_hsm_cluster,
+            "ListHsmClusters": self._list_hsm_clusters,
+            "DescribeHsmCluster": self._describe_hsm_cluster,
+            "DeleteHsmCluster": self._delete_hsm_cluster,
         }
         assert set(self._handlers) == set(OPERATIONS)
 
@@ -313,3 +331,49 @@ class AdminAPI:
 
     def _list_user_policies(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         return {"PolicyNames": [name for name, _ in self.accounts.user_policies(p["AccountId"], p["UserName"])]}
+
+    # -- HSM clusters -----------------------------------------------------------------------------
+    def _create_hsm_cluster(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        if not is_certificate(p["TrustAnchorCertificate"]):
+            raise ValidationException("TrustAnchorCertificate is not a PEM certificate.")
+        try:
+            check_token(p["Pkcs11Module"], p["TokenLabel"])
+        except ConnectError as exc:
+            raise ValidationException(f"The HSM cannot be used: {exc.message}.") from None
+        with self.store.begin() as tx:
+            if any((c.module_path, c.token_label) == (p["Pkcs11Module"], p["TokenLabel"]) for c in tx.clusters.all()):
+                raise AlreadyExistsException(f"Token {p['TokenLabel']} of {p['Pkcs11Module']} is registered already.")
+            cluster = HsmCluster("cluster-" + "".join(secrets.choice(CLUSTER_ID_CHARS) for _ in range(11)),
+                                 p["Pkcs11Module"], p["TokenLabel"], p["TrustAnchorCertificate"], datetime.now(UTC))
+            tx.clusters.insert(cluster)
+        return {"ClusterId": cluster.cluster_id}
+
+    @staticmethod
+    def _cluster_view(c: HsmCluster, key_stores: list[str]) -> dict[str, Any]:
+        return {"ClusterId": c.cluster_id, "Pkcs11Module": c.module_path, "TokenLabel": c.token_label,
+                "TrustAnchorCertificate": c.trust_anchor, "CreationDate": c.created.timestamp(),
+                "CustomKeyStoreIds": key_stores}
+
+    def _list_hsm_clusters(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        with self.store.begin() as tx:
+            return {"Clusters": [self._cluster_view(c, [s.custom_key_store_id for s in tx.key_stores.on_cluster(
+                c.cluster_id)]) for c in tx.clusters.all()]}
+
+    def _describe_hsm_cluster(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        with self.store.begin() as tx:
+            cluster = tx.clusters.get(p["ClusterId"])
+            if cluster is None:
+                raise CloudHsmClusterNotFoundException(f"HSM cluster {p['ClusterId']} does not exist.")
+            stores = [s.custom_key_store_id for s in tx.key_stores.on_cluster(cluster.cluster_id)]
+        return {"Cluster": self._cluster_view(cluster, stores)}
+
+    def _delete_hsm_cluster(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        with self.store.begin() as tx:
+            if tx.clusters.get(p["ClusterId"]) is None:
+                raise CloudHsmClusterNotFoundException(f"HSM cluster {p['ClusterId']} does not exist.")
+            users = tx.key_stores.on_cluster(p["ClusterId"])
+            if users:
+                raise CloudHsmClusterInUseException(
+                    f"HSM cluster {p['ClusterId']} is used by custom key store {users[0].custom_key_store_id}.")
+            tx.clusters.delete(p["ClusterId"])
+        return {}

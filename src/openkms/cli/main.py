@@ -163,6 +163,13 @@ ADMIN_COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
                                                 ("--policy-name", {"required": True, "dest": "PolicyName"})]),
     "list-user-policies": ("ListUserPolicies", [("--account-id", {"required": True, "dest": "AccountId"}),
                                                 ("--user-name", {"required": True, "dest": "UserName"})]),
+    "create-hsm-cluster": ("CreateHsmCluster", [
+        ("--pkcs11-module", {"required": True, "dest": "Pkcs11Module"}),
+        ("--token-label", {"required": True, "dest": "TokenLabel"}),
+        ("--trust-anchor-certificate", {"required": True, "dest": "TrustAnchorCertificate", "type": _document})]),
+    "list-hsm-clusters": ("ListHsmClusters", []),
+    "describe-hsm-cluster": ("DescribeHsmCluster", [("--cluster-id", {"required": True, "dest": "ClusterId"})]),
+    "delete-hsm-cluster": ("DeleteHsmCluster", [("--cluster-id", {"required": True, "dest": "ClusterId"})]),
 }
 
 

@@ -13,6 +13,21 @@ Layout of format 1 (all integers big-endian)::
 The GCM additional data is the 37-byte header followed by the canonical encoding of the
 encryption context, so a change to any header byte or to the context fails the tag check.
 The blob names its key and version, so Decrypt needs no KeyId and rotation costs callers nothing.
+
+Format 2 is for keys whose material never leaves an HSM (no per-message key can be derived from
+it outside the token), sealed by the HSM itself with AES-256-GCM and a random 96-bit IV::
+
+    offset  size  field
+    0       1     format version, 0x02
+    1       16    key id
+    17      4     key version (uint32)
+    21      12    IV: random per message
+    33      n     AES-256-GCM ciphertext of the plaintext
+    33+n    16    GCM tag
+
+with the same additional data (the 33-byte header, then the encoded context). Random 96-bit IVs
+limit one key to 2**32 messages (NIST SP 800-38D): beyond that, the chance of an IV repeating is
+no longer negligible.
 """
 
 from __future__ import annotations
@@ -28,9 +43,13 @@ from ..errors import InvalidCiphertextException
 from .aead import TAG_BYTES, decrypt_with, derive_message_key, encrypt_with
 
 FORMAT_V1 = 1
+FORMAT_V2 = 2
 SALT_BYTES = 16
+IV_BYTES = 12
 HEADER = struct.Struct(">B16sI16s")
+HEADER_V2 = struct.Struct(">B16sI12s")
 HEADER_BYTES = HEADER.size  # 37
+HEADER_V2_BYTES = HEADER_V2.size  # 33
 MIN_BLOB_BYTES = HEADER_BYTES + TAG_BYTES
 _HKDF_INFO = b"openkms blob v1"
 
@@ -39,8 +58,9 @@ _HKDF_INFO = b"openkms blob v1"
 class BlobHeader:
     key_id: str
     version: int
-    salt: bytes
+    salt: bytes  # format 1: the HKDF salt; format 2: the GCM IV
     raw: bytes
+    format: int = FORMAT_V1
 
 
 def encode_context(context: Mapping[str, str] | None) -> bytes:
@@ -60,12 +80,26 @@ def encode_context(context: Mapping[str, str] | None) -> bytes:
 
 
 def parse_header(blob: bytes) -> BlobHeader:
-    """Read the header. Anything that is not a well-formed format-1 blob is InvalidCiphertext."""
-    if len(blob) < MIN_BLOB_BYTES or blob[0] != FORMAT_V1:
-        raise InvalidCiphertextException()
-    _, key_bytes, version, salt = HEADER.unpack_from(blob)
-    return BlobHeader(key_id=str(uuid.UUID(bytes=key_bytes)), version=version, salt=salt,
-                      raw=blob[:HEADER_BYTES])
+    """Read the header. Anything that is not a well-formed format-1 or 2 blob is InvalidCiphertext."""
+    if len(blob) >= MIN_BLOB_BYTES and blob[0] == FORMAT_V1:
+        _, key_bytes, version, salt = HEADER.unpack_from(blob)
+        return BlobHeader(key_id=str(uuid.UUID(bytes=key_bytes)), version=version, salt=salt,
+                          raw=blob[:HEADER_BYTES])
+    if len(blob) >= HEADER_V2_BYTES + TAG_BYTES and blob[0] == FORMAT_V2:
+        _, key_bytes, version, iv = HEADER_V2.unpack_from(blob)
+        return BlobHeader(key_id=str(uuid.UUID(bytes=key_bytes)), version=version, salt=iv,
+                          raw=blob[:HEADER_V2_BYTES], format=FORMAT_V2)
+    raise InvalidCiphertextException()
+
+
+def header_v2(key_id: str, version: int, iv: bytes) -> bytes:
+    """The header of a format-2 blob (sealed in an HSM: see the module docstring)."""
+    return HEADER_V2.pack(FORMAT_V2, _key_id_bytes(key_id), version, iv)
+
+
+def aad(header: bytes, context: Mapping[str, str] | None) -> bytes:
+    """The GCM additional data of a blob: its header, then the encoded encryption context."""
+    return header + encode_context(context)
 
 
 @lru_cache(maxsize=65536)
@@ -83,5 +117,7 @@ def seal(material: bytes, key_id: str, version: int, plaintext: bytes,
 
 def open_blob(material: bytes, header: BlobHeader, blob: bytes,
               context: Mapping[str, str] | None) -> bytes:
+    if header.format != FORMAT_V1:
+        raise InvalidCiphertextException()
     msg_key, nonce = derive_message_key(material, header.salt, _HKDF_INFO)
     return decrypt_with(msg_key, nonce, blob[HEADER_BYTES:], header.raw + encode_context(context))

@@ -1,22 +1,33 @@
 """Which key store serves a key.
 
-Every key lives in the default store today (the software store; the memory store in unit tests).
-Custom key stores (origins AWS_CLOUDHSM and EXTERNAL_KEY_STORE) register here: a backend is one
+A key lives in the default store (the software store; the memory store in unit tests) unless it
+was made in a custom key store: then in that store's PKCS#11 token (pkcs11.py). A backend is one
 module of this package and one entry in `BACKENDS`.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import cast
 
+from ..cache import TTLCache
 from ..crypto.root import RootKey
-from ..errors import UnsupportedOperationException
-from ..model import Key, KeySpecInfo, Origin
-from ..storage import Store
+from ..errors import (
+    InvalidCiphertextException,
+    KeyStoreUnavailable,
+    KMSInternalException,
+    UnsupportedOperationException,
+)
+from ..model import ConnectionState, CustomKeyStore, Key, KeySpecInfo, Origin, SecretStr
+from ..storage import Changes, Store
 from .base import Asymmetric, Importing, KeyStore
 from .memory import MemoryKeyStore
+from .pkcs11 import ConnectError, Pkcs11KeyStore, TokenSession
 from .software import SoftwareKeyStore
+
+log = logging.getLogger("openkms.keystore")
 
 #: Backends by name: how to build one over a node's store and root key. The contract tests
 #: (tests/unit/keystore/test_contract.py) run over every entry.
@@ -27,12 +38,35 @@ BACKENDS: dict[str, Callable[[Store, RootKey], KeyStore]] = {
 
 
 class KeyStores:
-    def __init__(self, default: KeyStore) -> None:
+    """The default store, and one PKCS#11 store per custom key store, opened on first use.
+
+    A custom key store's row (its connection state shared by every node on the store) is cached for
+    `cache_ttl` seconds and dropped when a change to it commits on this node; its PKCS#11 store is
+    closed and built again when the row changes (a new password, another cluster, a disconnect).
+    """
+
+    def __init__(self, default: KeyStore, store: Store | None = None, root: RootKey | None = None,
+                 cache_ttl: float = 5.0) -> None:
         self.default = default
+        self._store = store
+        self._root = root
         self._stores: dict[str, KeyStore] = {default.name: default}
         # Capabilities are checked once, not on every request.
         self._importing = {n: cast(Importing, s) for n, s in self._stores.items() if isinstance(s, Importing)}
         self._asymmetric = {n: cast(Asymmetric, s) for n, s in self._stores.items() if isinstance(s, Asymmetric)}
+        self._rows: TTLCache[str, CustomKeyStore | None] = TTLCache(cache_ttl)
+        self._custom: dict[str, Pkcs11KeyStore] = {}
+        self._lock = threading.Lock()
+        if store is not None:
+            store.on_commit(self._committed)
+
+    def _committed(self, changes: Changes) -> None:
+        for cks_id in changes.key_stores:
+            self._rows.pop(cks_id)
+            with self._lock:
+                opened = self._custom.pop(cks_id, None)
+            if opened is not None:
+                opened.close()
 
     @property
     def any_blocking(self) -> bool:
@@ -44,7 +78,7 @@ class KeyStores:
         return any(s.supports(spec) for s in self._stores.values())
 
     def for_new_key(self, spec: KeySpecInfo, origin: Origin) -> KeyStore:
-        """The store a new key of this spec and origin goes to."""
+        """The default store for a new key of this spec and origin (custom key stores: for_custom_key_store)."""
         if not self.default.supports(spec):
             raise UnsupportedOperationException(f"KeySpec {spec.name} is not supported by this server.")
         if origin.imports_material and self.default.name not in self._importing:
@@ -52,7 +86,9 @@ class KeyStores:
         return self.default
 
     def for_key(self, key: Key) -> KeyStore:
-        return self.default
+        if key.custom_key_store_id is None:
+            return self.default
+        return self.for_custom_key_store(key.custom_key_store_id)
 
     def importer(self, key: Key) -> Importing:
         store = self._importing.get(self.for_key(key).name)
@@ -65,3 +101,75 @@ class KeyStores:
         if store is None:
             raise UnsupportedOperationException(f"The key store of {key.arn} does not support this operation.")
         return store
+
+    # -- custom key stores ------------------------------------------------------------------------
+    def custom_key_store(self, cks_id: str) -> CustomKeyStore | None:
+        """A custom key store's row (cached)."""
+        store = self._need_store()
+
+        def load() -> CustomKeyStore | None:
+            with store.begin() as tx:
+                return tx.key_stores.get(cks_id)
+        return self._rows.get(cks_id, load)
+
+    def connected(self, cks_id: str) -> bool:
+        row = self.custom_key_store(cks_id)
+        return row is not None and row.connection_state is ConnectionState.CONNECTED
+
+    def for_custom_key_store(self, cks_id: str) -> Pkcs11KeyStore:
+        """The PKCS#11 store of a connected custom key store; KeyStoreUnavailable if it is not connected."""
+        if not self.connected(cks_id):
+            raise KeyStoreUnavailable(f"The custom key store {cks_id} is not connected.")
+        with self._lock:
+            opened = self._custom.get(cks_id)
+        if opened is not None:
+            return opened
+        opened = Pkcs11KeyStore(self._need_store(), self.token_session(cks_id), cks_id)
+        with self._lock:
+            return self._custom.setdefault(cks_id, opened)
+
+    def token_session(self, cks_id: str, password: SecretStr | None = None) -> TokenSession:
+        """A session on the custom key store's token (not opened yet), with its stored password or `password`."""
+        store = self._need_store()
+        with store.begin() as tx:
+            row = tx.key_stores.get(cks_id)
+            cluster = tx.clusters.get(row.cluster_id) if row is not None and row.cluster_id else None
+            sealed = tx.key_stores.sealed_password(cks_id)
+        if row is None or cluster is None:
+            raise KeyStoreUnavailable(f"The custom key store {cks_id} has no HSM cluster.")
+        if password is None:
+            if sealed is None:
+                raise KeyStoreUnavailable(f"The custom key store {cks_id} has no password.")
+            password = self.unseal_password(cks_id, sealed)
+        return TokenSession(cluster.module_path, cluster.token_label, password,
+                            on_lost=lambda exc: self._failed(cks_id, exc))
+
+    def _failed(self, cks_id: str, exc: ConnectError) -> None:
+        """A connected store whose token cannot be opened any more shows FAILED, with the reason."""
+        log.warning("custom key store %s failed: %s (%s)", cks_id, exc.code, exc.message)
+        with self._need_store().begin() as tx:
+            tx.key_stores.update(cks_id, connection_state=ConnectionState.FAILED, connection_error_code=exc.code)
+
+    def seal_password(self, cks_id: str, password: str) -> bytes:
+        return self._need_root().seal(password.encode(), _password_aad(cks_id))
+
+    def unseal_password(self, cks_id: str, sealed: bytes) -> SecretStr:
+        try:
+            return SecretStr(self._need_root().unseal(sealed, _password_aad(cks_id)).decode())
+        except InvalidCiphertextException:
+            raise KMSInternalException("A key store password failed its integrity check.") from None
+
+    def _need_store(self) -> Store:
+        if self._store is None:
+            raise UnsupportedOperationException("Custom key stores are not supported by this server.")
+        return self._store
+
+    def _need_root(self) -> RootKey:
+        if self._root is None:
+            raise UnsupportedOperationException("Custom key stores are not supported by this server.")
+        return self._root
+
+
+def _password_aad(cks_id: str) -> bytes:
+    """Binds a sealed key store password to its key store."""
+    return f"openkms:key-store-password:{cks_id}".encode()

@@ -20,6 +20,7 @@ from ..errors import (
 )
 from ..model import DATA_KEY_PAIR_SPECS, Caller, Key, KeyUsage
 from .context import Context, Params, Result
+from .keystores import connected_store_of
 from .states import check_for_use, dry_run, no_recipient, require
 
 DATA_KEY_SPECS = {"AES_256": 32, "AES_128": 16}
@@ -150,6 +151,8 @@ def _data_key_pair(ctx: Context, caller: Caller, p: Params, action: str) -> tupl
         raise UnsupportedOperationException(f"KeyPairSpec {pair_spec} is not supported by this server.")
     key = key_for_use(ctx, caller, p["KeyId"], action, KeyUsage.ENCRYPT_DECRYPT, "SYMMETRIC_DEFAULT",
                       encryption_context=p.get("EncryptionContext") or {})
+    if key.origin.in_custom_key_store:  # as AWS: data key pairs are not made under custom key store keys
+        raise UnsupportedOperationException(f"{key.arn} is in a custom key store: it cannot make data key pairs.")
     dry_run(p)
     private_der, public_der = asymmetric.data_key_pair(pair_spec)
     wrapped = _encrypt(ctx, key, private_der, p.get("EncryptionContext"), "SYMMETRIC_DEFAULT")
@@ -171,8 +174,9 @@ def generate_data_key_pair_without_plaintext(ctx: Context, caller: Caller, p: Pa
 
 def generate_random(ctx: Context, caller: Caller, p: Params) -> Result:
     no_recipient(p)
-    if p.get("CustomKeyStoreId"):
-        raise UnsupportedOperationException("Custom key stores are not supported by this server.")
     require(p, "NumberOfBytes")
     ctx.access.authorize_identity(caller, "GenerateRandom")
+    if p.get("CustomKeyStoreId"):  # drawn from the key store's HSM
+        connected_store_of(ctx, caller, p["CustomKeyStoreId"])
+        return {"Plaintext": ctx.keystores.for_custom_key_store(p["CustomKeyStoreId"]).random(p["NumberOfBytes"])}
     return {"Plaintext": os.urandom(p["NumberOfBytes"])}

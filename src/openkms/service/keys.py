@@ -13,8 +13,10 @@ from ..errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from ..keystore.base import KeyStore
 from ..model import KEY_SPECS, Caller, Key, KeyState, KeyUsage, KeyVersion, Origin
 from .context import Context, Params, Result
+from .keystores import connected_store_of
 from .paging import decode_marker, limit_of, page
 from .policies import checked_policy
 from .states import STATE_WORDS, check_not_pending_deletion
@@ -26,19 +28,19 @@ ALGORITHM_FIELDS = {
     KeyUsage.GENERATE_VERIFY_MAC: "MacAlgorithms",
     KeyUsage.KEY_AGREEMENT: "KeyAgreementAlgorithms",
 }
-OFFERED_ORIGINS = (Origin.AWS_KMS.value, Origin.EXTERNAL.value)
+OFFERED_ORIGINS = (Origin.AWS_KMS.value, Origin.EXTERNAL.value, Origin.AWS_CLOUDHSM.value)
 
 
-def key_metadata(key: Key) -> Result:
+def key_metadata(ctx: Context, key: Key) -> Result:
     md: Result = {
         "AWSAccountId": key.account_id,
         "KeyId": key.key_id,
         "Arn": key.arn,
         "CreationDate": key.created,
-        "Enabled": key.state is KeyState.ENABLED,
+        "Enabled": key.effective_state is KeyState.ENABLED,
         "Description": key.description,
         "KeyUsage": key.key_usage.value,
-        "KeyState": key.state.value,
+        "KeyState": key.effective_state.value,
         "Origin": key.origin.value,
         "KeyManager": "CUSTOMER",
         "CustomerMasterKeySpec": key.key_spec,
@@ -53,6 +55,11 @@ def key_metadata(key: Key) -> Result:
     if key.state is KeyState.PENDING_DELETION:
         md["DeletionDate"] = key.deletion_date
         md["PendingDeletionWindowInDays"] = key.pending_window_days
+    if key.custom_key_store_id is not None:
+        md["CustomKeyStoreId"] = key.custom_key_store_id
+        row = ctx.keystores.custom_key_store(key.custom_key_store_id)
+        if row is not None and row.cluster_id:
+            md["CloudHsmClusterId"] = row.cluster_id
     return md
 
 
@@ -74,8 +81,15 @@ def create_key(ctx: Context, caller: Caller, p: Params) -> Result:
     origin_name = p.get("Origin") or Origin.AWS_KMS.value
     if origin_name not in OFFERED_ORIGINS:
         raise UnsupportedOperationException(f"Origin {origin_name} is not supported by this server.")
-    if p.get("CustomKeyStoreId") or p.get("XksKeyId"):
-        raise UnsupportedOperationException("Custom key stores are not supported by this server.")
+    cks_id = p.get("CustomKeyStoreId")
+    if p.get("XksKeyId") or origin_name == Origin.EXTERNAL_KEY_STORE.value:
+        raise UnsupportedOperationException("External key stores are not supported by this server yet.")
+    if (cks_id is None) != (origin_name != Origin.AWS_CLOUDHSM.value):
+        raise ValidationException("A key in a custom key store needs both Origin AWS_CLOUDHSM and a "
+                                  "CustomKeyStoreId.")
+    if cks_id is not None and (spec_name != "SYMMETRIC_DEFAULT" or usage is not KeyUsage.ENCRYPT_DECRYPT):
+        raise UnsupportedOperationException("Keys in a custom key store are SYMMETRIC_DEFAULT keys for "
+                                            "ENCRYPT_DECRYPT only.")
     if p.get("MultiRegion"):
         raise UnsupportedOperationException("Multi-Region keys are not supported by this server.")
     tags = checked_tags(p.get("Tags") or [])
@@ -87,12 +101,16 @@ def create_key(ctx: Context, caller: Caller, p: Params) -> Result:
         "kms:BypassPolicyLockoutSafetyCheck": bypass})
     policy = checked_policy(caller, p.get("Policy"), bypass)
     origin = Origin(origin_name)
-    keystore = ctx.keystores.for_new_key(spec, origin)
+    if cks_id is not None:
+        connected_store_of(ctx, caller, cks_id)  # CustomKeyStoreNotFound / InvalidState before the HSM
+        keystore: KeyStore = ctx.keystores.for_custom_key_store(cks_id)
+    else:
+        keystore = ctx.keystores.for_new_key(spec, origin)
     imported = origin.imports_material
     key = Key(key_id=str(uuid.uuid4()), account_id=caller.account_id, region=ctx.region,
               description=p.get("Description") or "", key_spec=spec_name, key_usage=usage, origin=origin,
               state=KeyState.PENDING_IMPORT if imported else KeyState.ENABLED, created=ctx.now(),
-              current_version=0 if imported else 1, policy=policy)
+              current_version=0 if imported else 1, policy=policy, custom_key_store_id=cks_id)
     # Made before the transaction: generating an RSA key takes up to a second of CPU.
     stored = None if imported else keystore.create_version(key, 1)
     with ctx.store.begin() as tx:
@@ -102,11 +120,11 @@ def create_key(ctx: Context, caller: Caller, p: Params) -> Result:
         for k, v in tags.items():
             tx.tags.put(key.key_id, k, v)
         note_key(key.arn, key.account_id)  # before the commit, so the call's intent names the new key
-    return {"KeyMetadata": key_metadata(key)}
+    return {"KeyMetadata": key_metadata(ctx, key)}
 
 
 def describe_key(ctx: Context, caller: Caller, p: Params) -> Result:
-    return {"KeyMetadata": key_metadata(ctx.keys.authorized(caller, p["KeyId"], "DescribeKey"))}
+    return {"KeyMetadata": key_metadata(ctx, ctx.keys.authorized(caller, p["KeyId"], "DescribeKey"))}
 
 
 def list_keys(ctx: Context, caller: Caller, p: Params) -> Result:
@@ -120,8 +138,8 @@ def list_keys(ctx: Context, caller: Caller, p: Params) -> Result:
 def _switch(ctx: Context, caller: Caller, p: Params, action: str, to: KeyState) -> Result:
     """Enable or disable: only between the two states, and doing it twice is no error."""
     key = ctx.keys.authorized(caller, p["KeyId"], action, allow_alias=False)
-    if key.state not in (KeyState.ENABLED, KeyState.DISABLED):
-        raise KMSInvalidStateException(f"{key.arn} is {STATE_WORDS[key.state]}.")
+    if key.effective_state not in (KeyState.ENABLED, KeyState.DISABLED):
+        raise KMSInvalidStateException(f"{key.arn} is {STATE_WORDS[key.effective_state]}.")
     if key.state is not to:
         ctx.save(dataclasses.replace(key, state=to))
     return {}

@@ -13,6 +13,7 @@ the store see the change within the TTL.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,15 +21,18 @@ from ..access import AccessControl
 from ..audit.context import note_key
 from ..cache import TTLCache
 from ..errors import KMSInternalException, NotFoundException
+from ..keystore.registry import KeyStores
 from ..model import ALIAS_ARN_RE, KEY_ARN_RE, KEY_ID_RE, Caller, Key, alias_arn
 from ..policy import Grant
 from ..storage import Changes, Store
 
 
 class KeyLookup:
-    def __init__(self, store: Store, access: AccessControl, region: str, cache_ttl: float = 5.0) -> None:
+    def __init__(self, store: Store, access: AccessControl, keystores: KeyStores, region: str,
+                 cache_ttl: float = 5.0) -> None:
         self._store = store
         self._access = access
+        self._keystores = keystores
         self._region = region
         self._keys: TTLCache[str, Key | None] = TTLCache(cache_ttl)
         self._aliases: TTLCache[tuple[str, str], str | None] = TTLCache(cache_ttl)
@@ -42,11 +46,16 @@ class KeyLookup:
 
     # -- cached reads -------------------------------------------------------------------------
     def load(self, key_id: str) -> Key | None:
-        """A key by id, of any account (no authorization: for the lookups below and scheduled work)."""
+        """A key by id, of any account (no authorization: for the lookups below and scheduled work).
+        A key of a custom key store that is not connected comes back marked `store_unavailable`."""
         def load() -> Key | None:
             with self._store.begin() as tx:
                 return tx.keys.get(key_id)
-        return self._keys.get(key_id, load)
+        key = self._keys.get(key_id, load)
+        if key is not None and key.custom_key_store_id is not None and \
+                not self._keystores.connected(key.custom_key_store_id):
+            return dataclasses.replace(key, store_unavailable=True)
+        return key
 
     def refresh(self, key_id: str) -> Key | None:
         """Read the key again from the store (another node may have changed it)."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..model import Caller
-from . import aliases, encryption, grants, imports, keys, policies, rotation, signing, tags
+from . import aliases, encryption, grants, imports, keys, keystores, policies, rotation, signing, tags
 from .context import Context, Params, Result
 
 Handler = Callable[[Context, Caller, Params], Result]
@@ -82,4 +82,11 @@ OPERATIONS: dict[str, Op] = {
     "ListRetirableGrants": Op(grants.list_retirable_grants, read_only=True),
     "RetireGrant": Op(grants.retire_grant),
     "RevokeGrant": Op(grants.revoke_grant),
+    # custom key stores (an HSM's token: every call may wait on it)
+    "CreateCustomKeyStore": Op(keystores.create_custom_key_store),
+    "DescribeCustomKeyStores": Op(keystores.describe_custom_key_stores, read_only=True),
+    "UpdateCustomKeyStore": Op(keystores.update_custom_key_store),
+    "ConnectCustomKeyStore": Op(keystores.connect_custom_key_store, blocking=True),
+    "DisconnectCustomKeyStore": Op(keystores.disconnect_custom_key_store),
+    "DeleteCustomKeyStore": Op(keystores.delete_custom_key_store),
 }

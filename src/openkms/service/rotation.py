@@ -28,6 +28,8 @@ def _rotatable(ctx: Context, caller: Caller, key_ref: str, action: str) -> Key:
     key = ctx.keys.authorized(caller, key_ref, action, allow_alias=False)
     if not key.spec.rotatable:
         raise _not_rotatable(key)
+    if key.origin.in_custom_key_store:
+        raise UnsupportedOperationException(f"{key.arn} is in a custom key store: it cannot rotate.")
     check_not_pending_deletion(key)
     return key
 

@@ -7,10 +7,15 @@ them, and a row another node has already handled is skipped.
 
 from __future__ import annotations
 
+import logging
+
+from ..errors import KeyStoreUnavailable
 from ..model import KeyState
 from .context import Context
 from .imports import expire_imported_material
 from .rotation import rotate_due_keys
+
+log = logging.getLogger("openkms.scheduler")
 
 
 def purge_due_keys(ctx: Context) -> list[str]:
@@ -25,7 +30,12 @@ def purge_due_keys(ctx: Context) -> list[str]:
             if key.deletion_date is None or key.deletion_date > ctx.now():
                 continue
             tx.keys.delete(key_id)
-        ctx.keystores.for_key(key).destroy(key)
+        try:
+            ctx.keystores.for_key(key).destroy(key)
+        except KeyStoreUnavailable:
+            # A custom key store that is not connected keeps the object, as in AWS: the KMS key is
+            # gone, and an HSM administrator can delete the object (labelled with the key's ARN).
+            log.warning("key %s deleted; its material stays in its unreachable key store", key_id)
     return due
 
 

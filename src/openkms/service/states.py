@@ -26,15 +26,18 @@ STATE_WORDS = {
 
 def check_usable(key: Key, now: datetime) -> None:
     """The key may do cryptography now: enabled, and its imported material (if any) not expired."""
-    if key.state is KeyState.ENABLED:
+    state = key.effective_state
+    if state is KeyState.ENABLED:
         if key.valid_to is not None and now >= key.valid_to:
             # Imported material past its ValidTo is unusable at once, before the scheduler gets
             # round to deleting it.
             raise KMSInvalidStateException(f"{key.arn} is pending import.")
         return
-    if key.state is KeyState.DISABLED:
+    if state is KeyState.DISABLED:
         raise DisabledException(f"{key.arn} is disabled.")
-    raise KMSInvalidStateException(f"{key.arn} is {STATE_WORDS[key.state]}.")
+    if state is KeyState.UNAVAILABLE:
+        raise KMSInvalidStateException(f"{key.arn} is unavailable: its custom key store is not connected.")
+    raise KMSInvalidStateException(f"{key.arn} is {STATE_WORDS[state]}.")
 
 
 def check_not_pending_deletion(key: Key) -> None:

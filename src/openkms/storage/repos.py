@@ -12,7 +12,19 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
-from ..model import Account, Alias, Key, KeyState, KeyUsage, KeyVersion, Origin, Principal
+from ..model import (
+    Account,
+    Alias,
+    ConnectionState,
+    CustomKeyStore,
+    HsmCluster,
+    Key,
+    KeyState,
+    KeyUsage,
+    KeyVersion,
+    Origin,
+    Principal,
+)
 from . import schema as t
 
 
@@ -37,13 +49,14 @@ class Changes:
     aliases: set[tuple[str, str]] = field(default_factory=set)          # (account id, alias name)
     alias_keys: set[str] = field(default_factory=set)                   # key ids whose aliases changed
     tags: set[str] = field(default_factory=set)                         # key ids
+    key_stores: set[str] = field(default_factory=set)                   # custom key store ids
     grants: set[str] = field(default_factory=set)                       # key ids
     identities: set[str] = field(default_factory=set)                   # principal ids (identity policies)
     access_keys: set[str] = field(default_factory=set)                  # access key ids
 
     def __bool__(self) -> bool:
         return any((self.keys, self.versions, self.aliases, self.alias_keys, self.tags, self.grants,
-                    self.identities, self.access_keys))
+                    self.identities, self.access_keys, self.key_stores))
 
 
 class MetaRepo:
@@ -171,7 +184,7 @@ class KeyRepo:
             deletion_date=from_ts(row.deletion_date), pending_window_days=row.pending_window_days,
             current_version=row.current_version, rotation_period_days=row.rotation_period_days,
             next_rotation=from_ts(row.next_rotation), valid_to=from_ts(row.valid_to),
-            expiration_model=row.expiration_model, policy=row.policy)
+            expiration_model=row.expiration_model, policy=row.policy, custom_key_store_id=row.custom_key_store_id)
 
     @staticmethod
     def _mutable(key: Key) -> dict[str, Any]:
@@ -184,7 +197,7 @@ class KeyRepo:
         self.conn.execute(insert(t.keys).values(
             key_id=key.key_id, account_id=key.account_id, region=key.region, key_spec=key.key_spec,
             key_usage=key.key_usage.value, origin=key.origin.value, created=_now_ts(key.created),
-            **self._mutable(key)))
+            custom_key_store_id=key.custom_key_store_id, **self._mutable(key)))
         self.changes.keys.add(key.key_id)
 
     def get(self, key_id: str, for_update: bool = False) -> Key | None:
@@ -446,3 +459,101 @@ class GrantRepo:
     def delete(self, grant_id: str, key_id: str) -> bool:
         self.changes.grants.add(key_id)
         return self.conn.execute(delete(t.grants).where(t.grants.c.grant_id == grant_id)).rowcount > 0
+
+
+class ClusterRepo:
+    """HSM clusters (PKCS#11 tokens) the operators registered."""
+
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    @staticmethod
+    def _cluster(row: Any) -> HsmCluster:
+        return HsmCluster(row.cluster_id, row.module_path, row.token_label, row.trust_anchor,
+                          from_ts(row.created))  # type: ignore[arg-type]
+
+    def insert(self, c: HsmCluster) -> None:
+        self.conn.execute(insert(t.hsm_clusters).values(
+            cluster_id=c.cluster_id, module_path=c.module_path, token_label=c.token_label,
+            trust_anchor=c.trust_anchor, created=_now_ts(c.created)))
+
+    def get(self, cluster_id: str) -> HsmCluster | None:
+        row = self.conn.execute(select(t.hsm_clusters).where(t.hsm_clusters.c.cluster_id == cluster_id)).first()
+        return None if row is None else self._cluster(row)
+
+    def all(self) -> list[HsmCluster]:
+        rows = self.conn.execute(select(t.hsm_clusters).order_by(t.hsm_clusters.c.cluster_id))
+        return [self._cluster(r) for r in rows]
+
+    def delete(self, cluster_id: str) -> None:
+        self.conn.execute(delete(t.hsm_clusters).where(t.hsm_clusters.c.cluster_id == cluster_id))
+
+
+class KeyStoreRepo:
+    """Custom key stores, with their sealed passwords."""
+
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    @staticmethod
+    def _store(row: Any) -> CustomKeyStore:
+        return CustomKeyStore(row.custom_key_store_id, row.account_id, row.name, row.store_type, row.cluster_id,
+                              ConnectionState(row.connection_state), row.connection_error_code,
+                              from_ts(row.created))  # type: ignore[arg-type]
+
+    def insert(self, s: CustomKeyStore, sealed_password: bytes | None) -> None:
+        self.conn.execute(insert(t.custom_key_stores).values(
+            custom_key_store_id=s.custom_key_store_id, account_id=s.account_id, name=s.name,
+            store_type=s.store_type, cluster_id=s.cluster_id, sealed_password=sealed_password,
+            connection_state=s.connection_state.value, connection_error_code=s.connection_error_code,
+            created=_now_ts(s.created)))
+        self.changes.key_stores.add(s.custom_key_store_id)
+
+    def get(self, custom_key_store_id: str) -> CustomKeyStore | None:
+        row = self.conn.execute(select(t.custom_key_stores).where(
+            t.custom_key_stores.c.custom_key_store_id == custom_key_store_id)).first()
+        return None if row is None else self._store(row)
+
+    def by_name(self, account_id: str, name: str) -> CustomKeyStore | None:
+        row = self.conn.execute(select(t.custom_key_stores).where(and_(
+            t.custom_key_stores.c.account_id == account_id, t.custom_key_stores.c.name == name))).first()
+        return None if row is None else self._store(row)
+
+    def for_account(self, account_id: str, after: str | None, limit: int) -> list[CustomKeyStore]:
+        q = select(t.custom_key_stores).where(t.custom_key_stores.c.account_id == account_id)
+        if after is not None:
+            q = q.where(t.custom_key_stores.c.custom_key_store_id > after)
+        rows = self.conn.execute(q.order_by(t.custom_key_stores.c.custom_key_store_id).limit(limit))
+        return [self._store(r) for r in rows]
+
+    def count(self, account_id: str) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(t.custom_key_stores).where(
+            t.custom_key_stores.c.account_id == account_id)).scalar_one())
+
+    def on_cluster(self, cluster_id: str) -> list[CustomKeyStore]:
+        rows = self.conn.execute(select(t.custom_key_stores).where(t.custom_key_stores.c.cluster_id == cluster_id))
+        return [self._store(r) for r in rows]
+
+    def sealed_password(self, custom_key_store_id: str) -> bytes | None:
+        row = self.conn.execute(select(t.custom_key_stores.c.sealed_password).where(
+            t.custom_key_stores.c.custom_key_store_id == custom_key_store_id)).first()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def update(self, custom_key_store_id: str, **values: Any) -> None:
+        """Change columns (name, cluster_id, sealed_password, connection_state, connection_error_code)."""
+        if isinstance(values.get("connection_state"), ConnectionState):
+            values["connection_state"] = values["connection_state"].value
+        self.conn.execute(update(t.custom_key_stores).where(
+            t.custom_key_stores.c.custom_key_store_id == custom_key_store_id).values(**values))
+        self.changes.key_stores.add(custom_key_store_id)
+
+    def delete(self, custom_key_store_id: str) -> None:
+        self.conn.execute(delete(t.custom_key_stores).where(
+            t.custom_key_stores.c.custom_key_store_id == custom_key_store_id))
+        self.changes.key_stores.add(custom_key_store_id)
+
+    def key_count(self, custom_key_store_id: str) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(t.keys).where(
+            t.keys.c.custom_key_store_id == custom_key_store_id)).scalar_one())

@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Statements that bring a store of an older schema version up to date, by target version. New
 # tables need none: create_all adds them.
@@ -33,6 +33,8 @@ MIGRATIONS: dict[int, list[str]] = {
     4: ["ALTER TABLE principals ADD COLUMN is_operator BOOLEAN NOT NULL DEFAULT FALSE",
         "UPDATE principals SET is_operator = TRUE WHERE principal_id = "
         "(SELECT principal_id FROM principals WHERE is_admin ORDER BY created LIMIT 1)"],
+    # Custom key stores: hsm_clusters and custom_key_stores are new tables (create_all makes them).
+    5: ["ALTER TABLE kms_keys ADD COLUMN custom_key_store_id VARCHAR(64)"],
 }
 
 metadata = MetaData()
@@ -94,10 +96,39 @@ keys = Table(
     Column("expiration_model", String(32), nullable=True),
     # The key policy (JSON text); NULL means the default key policy of the key's account.
     Column("policy", Text, nullable=True),
+    # The custom key store holding the material (NULL: the software store). Not a foreign key, so
+    # that the v5 migration can add it with ALTER TABLE on SQLite; the service keeps it valid.
+    Column("custom_key_store_id", String(64), nullable=True),
     Index("ix_kms_keys_account", "account_id", "key_id"),
     Index("ix_kms_keys_deletion", "state", "deletion_date"),
     Index("ix_kms_keys_rotation", "next_rotation"),
     Index("ix_kms_keys_valid_to", "valid_to"),
+)
+
+# -- custom key stores --------------------------------------------------------------------------------
+# A PKCS#11 token an operator registered ("cluster", as AWS calls a CloudHSM cluster).
+hsm_clusters = Table(
+    "hsm_clusters", metadata,
+    Column("cluster_id", String(24), primary_key=True),
+    Column("module_path", Text, nullable=False),
+    Column("token_label", String(32), nullable=False),
+    Column("trust_anchor", Text, nullable=False),
+    Column("created", Float, nullable=False),
+)
+
+# A tenant's custom key store. The token user's PIN is sealed under the root key.
+custom_key_stores = Table(
+    "custom_key_stores", metadata,
+    Column("custom_key_store_id", String(64), primary_key=True),
+    Column("account_id", String(12), ForeignKey("accounts.account_id"), nullable=False),
+    Column("name", String(256), nullable=False),
+    Column("store_type", String(32), nullable=False),
+    Column("cluster_id", String(24), ForeignKey("hsm_clusters.cluster_id"), nullable=True),
+    Column("sealed_password", LargeBinary, nullable=True),
+    Column("connection_state", String(16), nullable=False),
+    Column("connection_error_code", String(64), nullable=True),
+    Column("created", Float, nullable=False),
+    Index("ux_custom_key_stores_name", "account_id", "name", unique=True),
 )
 
 key_versions = Table(

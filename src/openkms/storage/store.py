@@ -42,9 +42,11 @@ from .repos import (
     AccountRepo,
     AliasRepo,
     Changes,
+    ClusterRepo,
     GrantRepo,
     ImportTokenRepo,
     KeyRepo,
+    KeyStoreRepo,
     MetaRepo,
     PolicyRepo,
     TagRepo,
@@ -177,3 +179,5 @@ class Tx:
         self.grants = GrantRepo(conn, changes)
         self.aliases = AliasRepo(conn, changes)
         self.tags = TagRepo(conn, changes)
+        self.clusters = ClusterRepo(conn, changes)
+        self.key_stores = KeyStoreRepo(conn, changes)

@@ -30,7 +30,8 @@ def test_handlers_take_context_caller_params() -> None:
 def test_the_facts_of_each_operation() -> None:
     # The calls that may take a second of CPU run on a worker thread.
     assert {n for n, op in OPERATIONS.items() if op.blocking} == {
-        "CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GetParametersForImport"}
+        "CreateKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GetParametersForImport",
+        "ConnectCustomKeyStore"}
     # The cryptographic uses of a key count for GetKeyLastUsage.
     assert {n for n, op in OPERATIONS.items() if op.tracked} == {
         "Decrypt", "DeriveSharedSecret", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair",

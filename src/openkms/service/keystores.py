@@ -1,0 +1,204 @@
+"""Custom key stores backed by an HSM (CustomKeyStoreType AWS_CLOUDHSM): CreateCustomKeyStore,
+DescribeCustomKeyStores, UpdateCustomKeyStore, ConnectCustomKeyStore, DisconnectCustomKeyStore,
+DeleteCustomKeyStore, as AWS defines them.
+
+A tenant's store names an HSM cluster an operator registered (a PKCS#11 token) and holds the
+password (PIN) of the token's user, sealed under the root key and never returned. Its connection
+state is in the store, shared by every node; each node opens the token itself. Connecting logs in
+at once: the state becomes CONNECTED, or FAILED with AWS's ConnectionErrorCode.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from ..crypto.certificates import same_certificate
+from ..errors import (
+    CloudHsmClusterInUseException,
+    CloudHsmClusterNotFoundException,
+    CloudHsmClusterNotRelatedException,
+    CustomKeyStoreHasCMKsException,
+    CustomKeyStoreInvalidStateException,
+    CustomKeyStoreNameInUseException,
+    CustomKeyStoreNotFoundException,
+    IncorrectTrustAnchorException,
+    LimitExceededException,
+    UnsupportedOperationException,
+    ValidationException,
+)
+from ..keystore.pkcs11 import ConnectError
+from ..model import Caller, ConnectionState, CustomKeyStore, HsmCluster
+from ..storage import Tx
+from .context import Context, Params, Result
+from .paging import decode_marker, limit_of, page
+
+MAX_KEY_STORES = 10  # per account and region, as in AWS
+CLOUDHSM = "AWS_CLOUDHSM"
+
+
+def _store_of(ctx: Context, caller: Caller, p: Params) -> CustomKeyStore:
+    """The caller's custom key store named by CustomKeyStoreId (a store of another account is not found)."""
+    with ctx.store.begin() as tx:
+        row = tx.key_stores.get(p["CustomKeyStoreId"])
+    if row is None or row.account_id != caller.account_id:
+        raise CustomKeyStoreNotFoundException(f"Custom key store {p['CustomKeyStoreId']} does not exist.")
+    return row
+
+
+def _cluster(tx: Tx, cluster_id: str) -> HsmCluster:
+    cluster = tx.clusters.get(cluster_id)
+    if cluster is None:
+        raise CloudHsmClusterNotFoundException(f"CloudHSM cluster {cluster_id} does not exist.")
+    return cluster
+
+
+def _check_cluster_free(tx: Tx, caller: Caller, cluster_id: str, except_store: str | None = None) -> None:
+    if any(s.account_id == caller.account_id and s.custom_key_store_id != except_store
+           for s in tx.key_stores.on_cluster(cluster_id)):
+        raise CloudHsmClusterInUseException(
+            f"CloudHSM cluster {cluster_id} is already associated with a custom key store in this account.")
+
+
+def _only_cloudhsm(p: Params) -> None:
+    if p.get("CustomKeyStoreType") not in (None, CLOUDHSM):
+        raise UnsupportedOperationException(f"CustomKeyStoreType {p['CustomKeyStoreType']} is not supported yet.")
+    if any(name.startswith("XksProxy") for name in p):
+        raise UnsupportedOperationException("External key stores (XksProxy*) are not supported yet.")
+
+
+def create_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
+    _only_cloudhsm(p)
+    for member in ("CloudHsmClusterId", "TrustAnchorCertificate", "KeyStorePassword"):
+        if p.get(member) is None:
+            raise ValidationException(f"{member} is required for a custom key store of type {CLOUDHSM}.")
+    ctx.access.authorize_identity(caller, "CreateCustomKeyStore")
+    cks_id = "cks-" + secrets.token_hex(9)[:17]
+    with ctx.store.begin() as tx:
+        cluster = _cluster(tx, p["CloudHsmClusterId"])
+        if not same_certificate(p["TrustAnchorCertificate"], cluster.trust_anchor):
+            raise IncorrectTrustAnchorException(
+                f"The trust anchor certificate is not the one of CloudHSM cluster {cluster.cluster_id}.")
+        if tx.key_stores.by_name(caller.account_id, p["CustomKeyStoreName"]) is not None:
+            raise CustomKeyStoreNameInUseException(f"A custom key store named {p['CustomKeyStoreName']} exists.")
+        _check_cluster_free(tx, caller, cluster.cluster_id)
+        if tx.key_stores.count(caller.account_id) >= MAX_KEY_STORES:
+            raise LimitExceededException(f"An account can have at most {MAX_KEY_STORES} custom key stores.")
+        tx.key_stores.insert(CustomKeyStore(cks_id, caller.account_id, p["CustomKeyStoreName"], CLOUDHSM,
+                                            cluster.cluster_id, ConnectionState.DISCONNECTED, None, ctx.now()),
+                             ctx.keystores.seal_password(cks_id, p["KeyStorePassword"]))
+    return {"CustomKeyStoreId": cks_id}
+
+
+def _entry(ctx: Context, row: CustomKeyStore, clusters: dict[str, HsmCluster]) -> Result:
+    entry: Result = {"CustomKeyStoreId": row.custom_key_store_id, "CustomKeyStoreName": row.name,
+                     "CustomKeyStoreType": row.store_type, "ConnectionState": row.connection_state.value,
+                     "CreationDate": row.created}
+    if row.cluster_id:
+        entry["CloudHsmClusterId"] = row.cluster_id
+        cluster = clusters.get(row.cluster_id)
+        if cluster is not None:
+            entry["TrustAnchorCertificate"] = cluster.trust_anchor
+    if row.connection_state is ConnectionState.FAILED and row.connection_error_code:
+        entry["ConnectionErrorCode"] = row.connection_error_code
+    return entry
+
+
+def describe_custom_key_stores(ctx: Context, caller: Caller, p: Params) -> Result:
+    ctx.access.authorize_identity(caller, "DescribeCustomKeyStores")
+    if p.get("CustomKeyStoreId") and p.get("CustomKeyStoreName"):
+        raise ValidationException("Specify CustomKeyStoreId or CustomKeyStoreName, not both.")
+    limit = limit_of(p, 1000)
+    with ctx.store.begin() as tx:
+        if p.get("CustomKeyStoreId") or p.get("CustomKeyStoreName"):
+            one = tx.key_stores.get(p["CustomKeyStoreId"]) if p.get("CustomKeyStoreId") else \
+                tx.key_stores.by_name(caller.account_id, p["CustomKeyStoreName"])
+            if one is None or one.account_id != caller.account_id:
+                raise CustomKeyStoreNotFoundException("The custom key store does not exist.")
+            rows = [one]
+        else:
+            rows = tx.key_stores.for_account(caller.account_id, decode_marker(p.get("Marker")), limit + 1)
+        clusters = {c.cluster_id: c for c in tx.clusters.all()}
+    return page(rows, limit, lambda r: r.custom_key_store_id, "CustomKeyStores", lambda r: _entry(ctx, r, clusters))
+
+
+def update_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
+    _only_cloudhsm({k: v for k, v in p.items() if k != "CustomKeyStoreId"})
+    ctx.access.authorize_identity(caller, "UpdateCustomKeyStore")
+    row = _store_of(ctx, caller, p)
+    # AWS: every property of a CloudHSM key store changes only while it is disconnected.
+    if row.connection_state is not ConnectionState.DISCONNECTED:
+        raise CustomKeyStoreInvalidStateException(
+            f"Custom key store {row.custom_key_store_id} must be DISCONNECTED to be updated.")
+    values: dict[str, object] = {}
+    with ctx.store.begin() as tx:
+        if p.get("NewCustomKeyStoreName") and p["NewCustomKeyStoreName"] != row.name:
+            if tx.key_stores.by_name(caller.account_id, p["NewCustomKeyStoreName"]) is not None:
+                raise CustomKeyStoreNameInUseException(
+                    f"A custom key store named {p['NewCustomKeyStoreName']} exists.")
+            values["name"] = p["NewCustomKeyStoreName"]
+        if p.get("CloudHsmClusterId") and p["CloudHsmClusterId"] != row.cluster_id:
+            new = _cluster(tx, p["CloudHsmClusterId"])
+            old = tx.clusters.get(row.cluster_id) if row.cluster_id else None
+            if old is not None and not same_certificate(new.trust_anchor, old.trust_anchor):
+                raise CloudHsmClusterNotRelatedException(
+                    f"CloudHSM cluster {new.cluster_id} is not related to {row.cluster_id}.")
+            _check_cluster_free(tx, caller, new.cluster_id, except_store=row.custom_key_store_id)
+            values["cluster_id"] = new.cluster_id
+        if p.get("KeyStorePassword"):
+            values["sealed_password"] = ctx.keystores.seal_password(row.custom_key_store_id, p["KeyStorePassword"])
+        if values:
+            tx.key_stores.update(row.custom_key_store_id, **values)
+    return {}
+
+
+def connect_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
+    ctx.access.authorize_identity(caller, "ConnectCustomKeyStore")
+    row = _store_of(ctx, caller, p)
+    if row.connection_state in (ConnectionState.DISCONNECTING, ConnectionState.FAILED):
+        raise CustomKeyStoreInvalidStateException(
+            f"Custom key store {row.custom_key_store_id} is {row.connection_state.value}: disconnect it first.")
+    if row.connection_state is ConnectionState.CONNECTED:
+        return {}
+    try:
+        ctx.keystores.token_session(row.custom_key_store_id).check()
+        state, code = ConnectionState.CONNECTED, None
+    except ConnectError as exc:
+        state, code = ConnectionState.FAILED, exc.code
+    with ctx.store.begin() as tx:
+        tx.key_stores.update(row.custom_key_store_id, connection_state=state, connection_error_code=code)
+    return {}
+
+
+def disconnect_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
+    ctx.access.authorize_identity(caller, "DisconnectCustomKeyStore")
+    row = _store_of(ctx, caller, p)
+    if row.connection_state in (ConnectionState.DISCONNECTING, ConnectionState.DISCONNECTED):
+        raise CustomKeyStoreInvalidStateException(
+            f"Custom key store {row.custom_key_store_id} is already {row.connection_state.value}.")
+    with ctx.store.begin() as tx:
+        tx.key_stores.update(row.custom_key_store_id, connection_state=ConnectionState.DISCONNECTED,
+                             connection_error_code=None)
+    return {}
+
+
+def delete_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
+    ctx.access.authorize_identity(caller, "DeleteCustomKeyStore")
+    row = _store_of(ctx, caller, p)
+    if row.connection_state is not ConnectionState.DISCONNECTED:
+        raise CustomKeyStoreInvalidStateException(
+            f"Custom key store {row.custom_key_store_id} must be DISCONNECTED to be deleted.")
+    with ctx.store.begin() as tx:
+        if tx.key_stores.key_count(row.custom_key_store_id):
+            raise CustomKeyStoreHasCMKsException(
+                f"Custom key store {row.custom_key_store_id} holds KMS keys: delete them first.")
+        tx.key_stores.delete(row.custom_key_store_id)
+    return {}
+
+
+def connected_store_of(ctx: Context, caller: Caller, cks_id: str) -> CustomKeyStore:
+    """For CreateKey and GenerateRandom: the caller's store, which must be connected."""
+    row = _store_of(ctx, caller, {"CustomKeyStoreId": cks_id})
+    if row.connection_state is not ConnectionState.CONNECTED:
+        raise CustomKeyStoreInvalidStateException(f"Custom key store {cks_id} is not connected.")
+    return row
+
