@@ -20,8 +20,14 @@ class Settings:
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     storage_url: str = ""  # empty: SQLite at <data_dir>/openkms.db
     region: str = "us-east-1"
-    # Root key: a passphrase (stretched with scrypt) if set, else the key file <data_dir>/root.key.
+    # Root key: a key in an HSM token (root_pkcs11_*) if set, else a passphrase (stretched with
+    # scrypt) if set, else the key file <data_dir>/root.key. The PIN and the passphrase are read from
+    # the environment only, never from flags.
     root_passphrase: str = ""
+    root_pkcs11_module: str = ""
+    root_pkcs11_token_label: str = ""
+    root_pkcs11_key_label: str = "openkms-root"
+    root_pkcs11_pin: str = ""
     # How often the background scheduler looks for keys whose deletion window has ended.
     scheduler_interval: float = 60.0
     # How long a node trusts its cached view of a key or access key before reading the store again.
@@ -38,9 +44,10 @@ class Settings:
     # servers of one deployment behind one port on purpose. Off, a port in use refuses the start.
     reuse_port: bool = False
 
-    def __repr__(self) -> str:  # the passphrase must never reach a log
-        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root_passphrase"}
-        shown["root_passphrase"] = "***" if self.root_passphrase else ""
+    def __repr__(self) -> str:  # the passphrase and the PIN must never reach a log
+        secret = ("root_passphrase", "root_pkcs11_pin")
+        shown = {f.name: ("***" if getattr(self, f.name) else "") if f.name in secret else getattr(self, f.name)
+                 for f in fields(self)}
         return f"Settings({shown})"
 
     @property

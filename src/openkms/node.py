@@ -38,6 +38,7 @@ from .files import replace_file
 from .keystore.base import KeyStore
 from .keystore.registry import KeyStores
 from .keystore.software import SoftwareKeyStore
+from .roots import open_root
 from .service import Context, KeyLookup
 from .storage import Store
 
@@ -46,9 +47,6 @@ if TYPE_CHECKING:
     from .audit.log import AuditLog
     from .audit.usage import UsageTracker
 
-META_ROOT_SOURCE = "root_source"
-META_ROOT_CHECK = "root_check"
-META_ROOT_SALT = "root_salt"
 META_REGION = "region"
 LOCK_FILE = "serve.lock"
 
@@ -79,60 +77,13 @@ def _prepare_data_dir(path: Path) -> None:
         raise ConfigurationError(f"cannot use data dir {path}: {exc.strerror}") from None
 
 
-def _open_root(settings: Settings, store: Store) -> rootkey.RootKey:
-    key_file = settings.data_dir / "root.key"
-    with store.begin() as tx:
-        source = tx.meta.get(META_ROOT_SOURCE)
-        check = tx.meta.get(META_ROOT_CHECK)
-        salt = tx.meta.get(META_ROOT_SALT)
-    if source is None:
-        # A fresh store: choose the root now and record a check value for later starts.
-        if settings.root_passphrase:
-            salt = rootkey.new_salt()
-            root = rootkey.from_passphrase(settings.root_passphrase, salt)
-        else:
-            root = rootkey.load_key_file(key_file, create=True)
-        with store.begin() as tx:
-            if tx.meta.get(META_ROOT_SOURCE) is None:
-                tx.meta.put(META_ROOT_SOURCE, root.source.encode())
-                tx.meta.put(META_ROOT_CHECK, root.make_check())
-                if salt is not None and root.source == "passphrase":
-                    tx.meta.put(META_ROOT_SALT, salt)
-        return _open_root(settings, store) if root.source == "passphrase" else _checked(root, store)
-    if source == b"passphrase":
-        if not settings.root_passphrase:
-            raise ConfigurationError(
-                "this store is sealed with a passphrase: set OPENKMS_ROOT_PASSPHRASE")
-        if salt is None:
-            raise ConfigurationError("the store has no passphrase salt; it is damaged")
-        root = rootkey.from_passphrase(settings.root_passphrase, salt)
-        if check is None or not root.verify_check(check):
-            raise ConfigurationError("wrong root passphrase: it does not open this store")
-        return root
-    if settings.root_passphrase:
-        raise ConfigurationError(
-            "this store is sealed with a root key file, not a passphrase: unset OPENKMS_ROOT_PASSPHRASE")
-    root = rootkey.load_key_file(key_file, create=False)
-    if check is None or not root.verify_check(check):
-        raise ConfigurationError(f"wrong root key: {key_file} does not open this store")
-    return root
-
-
-def _checked(root: rootkey.RootKey, store: Store) -> rootkey.RootKey:
-    with store.begin() as tx:
-        check = tx.meta.get(META_ROOT_CHECK)
-    if check is None or not root.verify_check(check):
-        raise ConfigurationError("wrong root key: it does not open this store")
-    return root
-
-
 def open_node(settings: Settings, keystore: KeyStore | None = None) -> Node:
     """A node over the configured store. `keystore`: the default key store (the software store
     sealed under the root key unless given, e.g. the memory store in unit tests)."""
     _prepare_data_dir(settings.data_dir)  # holds the root key file and credentials on every store
     store = Store.open(settings.database_url)
     try:
-        root = _open_root(settings, store)
+        root = open_root(settings, store)
     except BaseException:
         store.close()
         raise

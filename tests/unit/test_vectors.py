@@ -97,3 +97,18 @@ def test_passphrase_root_key(v: dict[str, Any]) -> None:
 @pytest.mark.parametrize("v", load("material_id_v1.json"))
 def test_key_material_id(v: dict[str, Any]) -> None:
     assert material_id(v["key_id"], bytes.fromhex(v["material"])) == v["material_id"]
+
+
+@pytest.mark.parametrize("v", load("blob_v2.json"), ids=lambda v: f"v2-{len(v['plaintext']) // 2}B")
+def test_blob_v2(v: dict[str, Any]) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    data = bytes.fromhex(v["blob"])
+    header = blob.parse_header(data)
+    assert (header.format, header.key_id, header.version, header.salt.hex()) == (2, v["key_id"], v["version"], v["iv"])
+    assert header.raw == blob.header_v2(v["key_id"], v["version"], bytes.fromhex(v["iv"]))
+    opened = AESGCM(bytes.fromhex(v["material"])).decrypt(header.salt, data[len(header.raw):],
+                                                          blob.aad(header.raw, v["context"]))
+    assert opened == bytes.fromhex(v["plaintext"])
+    with pytest.raises(InvalidCiphertextException):  # never opened as format 1
+        blob.open_blob(bytes.fromhex(v["material"]), header, data, v["context"])

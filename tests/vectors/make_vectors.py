@@ -47,6 +47,23 @@ def blob_vectors() -> list[dict[str, object]]:
     return out
 
 
+def blob_v2_vectors() -> list[dict[str, object]]:
+    """Format 2, as an HSM seals it (CKM_AES_GCM over header and context): made here with pyca's
+    AES-GCM, which computes the same bytes for the same key, IV and AAD."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    out = []
+    for i, (key_id, version, plaintext, context) in enumerate([
+            (KEY_ID, 1, b"hsm data", {"tenant": "t1"}),
+            ("00000000-0000-0000-0000-000000000002", 1, b"", None)]):
+        material, iv = bytes([0x40 + i]) * 32, bytes([0x50 + i]) * blob.IV_BYTES
+        header = blob.header_v2(key_id, version, iv)
+        sealed = header + AESGCM(material).encrypt(iv, plaintext, blob.aad(header, context))
+        out.append({"material": material.hex(), "key_id": key_id, "version": version, "iv": iv.hex(),
+                    "plaintext": plaintext.hex(), "context": context, "blob": sealed.hex()})
+    return out
+
+
 def sealed_vectors() -> list[dict[str, object]]:
     key = bytes(range(100, 132))
     cases = [
@@ -83,7 +100,7 @@ def material_id_vectors() -> list[dict[str, object]]:
 
 
 def main() -> None:
-    files = {"blob_v1.json": blob_vectors(), "sealed_v1.json": sealed_vectors(),
+    files = {"blob_v1.json": blob_vectors(), "blob_v2.json": blob_v2_vectors(), "sealed_v1.json": sealed_vectors(),
              "passphrase_v1.json": passphrase_vectors(), "material_id_v1.json": material_id_vectors()}
     for name, vectors in files.items():
         (HERE / name).write_text(json.dumps(vectors, indent=1, ensure_ascii=True) + "\n")

@@ -70,7 +70,7 @@ class App:
         if not self.audit_enabled:
             log.warning("OPENKMS_AUDIT=off: API calls are NOT recorded in the audit log")
         self.verifier = SigV4Verifier(node.settings.region, "kms", node.accounts.credentials)
-        self.kms_api = KmsApi(node.service, blocking_stores=node.service.keystores.any_blocking)
+        self.kms_api = KmsApi(node.service)
         self.dispatch = Dispatcher([self.kms_api, AdminJsonApi(node.admin)])
         self.scheduler = Scheduler(node)
 
@@ -210,7 +210,7 @@ class App:
         """The response to send; or None when it has been sent already through `send`, which an
         audited call uses to answer the moment its record is durable."""
         routed = self.dispatch.route(headers.get("x-amz-target", ""))
-        if routed is not None and routed[0].blocking(routed[1]):
+        if routed is not None and routed[0].blocking(routed[1], self._caller_account(headers), body):
             response, event, intent = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, method, path, query, headers, body, client)
         else:
@@ -235,6 +235,12 @@ class App:
         if not outcome:  # the audit log failed without calling back
             return _refusal(response)
         return None if send is not None else outcome[0]
+
+    def _caller_account(self, headers: dict[str, str]) -> str | None:
+        """The account of the access key a request names (unverified: only to route it)."""
+        m = _CREDENTIAL_RE.search(headers.get("authorization", ""))
+        found = self.node.accounts.credentials(m.group(1)) if m else None
+        return found[1].account_id if found else None
 
     def _note_usage(self, event: Event) -> None:
         """GetKeyLastUsage: the last successful cryptographic call on each key. Noted only once the

@@ -9,7 +9,12 @@ operations. A new API is one class here and one entry in `Dispatcher`'s list.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import uuid
 from typing import Any, Protocol
+
+import orjson
 
 from ..errors import UnknownOperationException, UnsupportedOperationException
 from ..model import Caller
@@ -28,7 +33,9 @@ class JsonApi(Protocol):
 
     def known(self, name: str) -> bool: ...
 
-    def blocking(self, name: str) -> bool: ...
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool:
+        """Whether the call may wait (on CPU or a remote key store): then it runs off the event loop."""
+        ...
 
     def tracked(self, name: str) -> bool: ...
 
@@ -45,17 +52,37 @@ class KmsApi:
     prefix: str = KMS_PREFIX
     event_source: str | None = None
 
-    def __init__(self, service: Context, blocking_stores: bool = False) -> None:
+    def __init__(self, service: Context) -> None:
         self._service = service
         self._model = shapes.operations()
-        self._blocking_stores = blocking_stores
 
     def known(self, name: str) -> bool:
         return name in self._model
 
-    def blocking(self, name: str) -> bool:
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool:
         op = OPERATIONS.get(name)
-        return op is not None and (op.blocking or self._blocking_stores)
+        if op is None:
+            return False
+        if op.blocking:
+            return True
+        if not self._service.keystores.any_custom_key_stores():
+            return False  # the common case costs nothing more
+        # A call that names a key of a custom key store (or the store itself) waits on its HSM.
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(payload, dict):
+            return False
+        if payload.get("CustomKeyStoreId"):
+            return True
+        refs = [payload.get(m) for m in ("KeyId", "DestinationKeyId", "SourceKeyId")]
+        ciphertext = payload.get("CiphertextBlob")
+        if isinstance(ciphertext, str):
+            refs.append(_blob_key_id(ciphertext))
+        lookup = self._service.keys
+        return any(isinstance(ref, str) and (key := lookup.peek(caller_account, ref)) is not None
+                   and key.custom_key_store_id is not None for ref in refs)
 
     def tracked(self, name: str) -> bool:
         op = OPERATIONS.get(name)
@@ -90,7 +117,7 @@ class AdminJsonApi:
     def known(self, name: str) -> bool:
         return self._admin.has(name)
 
-    def blocking(self, name: str) -> bool:
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool:
         return False
 
     def tracked(self, name: str) -> bool:
@@ -106,6 +133,15 @@ class AdminJsonApi:
         noted["params"] = self._admin.redact_input(name, payload)
         result = self._admin.call(caller, name, payload)
         return result, self._admin.redact_output(name, result)
+
+
+def _blob_key_id(ciphertext_b64: str) -> str | None:
+    """The key id a ciphertext blob names (its bytes 1-16), read without decoding the whole blob."""
+    try:
+        head = base64.b64decode(ciphertext_b64[:24], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return str(uuid.UUID(bytes=head[1:17])) if len(head) >= 17 and head[0] in (1, 2) else None
 
 
 class Dispatcher:

@@ -32,7 +32,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings.from_env(host=args.host, port=args.port,
                                      data_dir=Path(args.data_dir) if args.data_dir else None,
                                      storage_url=args.storage_url, region=args.region,
-                                     reuse_port=True if args.reuse_port else None)
+                                     reuse_port=True if args.reuse_port else None,
+                                     root_pkcs11_module=args.root_pkcs11_module,
+                                     root_pkcs11_token_label=args.root_pkcs11_token_label,
+                                     root_pkcs11_key_label=args.root_pkcs11_key_label)
         # First the port, so that a server that cannot listen writes nothing at all; then what
         # must not be shared: the data dir, and on a shared store the node id.
         sock = listener.bind(settings.host, settings.port, settings.reuse_port)
@@ -77,7 +80,10 @@ def _serve(args: argparse.Namespace) -> int:
     # The worker process builds its own node from the same settings, passed as OPENKMS_* variables.
     for name, value in (("HOST", settings.host), ("PORT", settings.port),
                         ("DATA_DIR", str(settings.data_dir.resolve())),
-                        ("STORAGE_URL", settings.storage_url), ("REGION", settings.region)):
+                        ("STORAGE_URL", settings.storage_url), ("REGION", settings.region),
+                        ("ROOT_PKCS11_MODULE", settings.root_pkcs11_module),
+                        ("ROOT_PKCS11_TOKEN_LABEL", settings.root_pkcs11_token_label),
+                        ("ROOT_PKCS11_KEY_LABEL", settings.root_pkcs11_key_label)):
         os.environ[f"OPENKMS_{name}"] = str(value)
 
     from granian.constants import Interfaces, Loops
@@ -277,6 +283,49 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _add_root_pkcs11_options(parser: argparse.ArgumentParser, prefix: str, variable: str, which: str = "") -> None:
+    which = f"{which} " if which else ""
+    parser.add_argument(f"--{prefix}-module", help=f"{which}root key's PKCS#11 module [{variable}_MODULE]")
+    parser.add_argument(f"--{prefix}-token-label", help=f"{which}root key's token [{variable}_TOKEN_LABEL]")
+    parser.add_argument(f"--{prefix}-key-label",
+                        help=f"{which}root key's wrapping key in the token [{variable}_KEY_LABEL, openkms-root]; "
+                             f"the PIN only from {variable}_PIN")
+
+
+def _root_migrate(args: argparse.Namespace) -> int:
+    from ..config import Settings
+    from ..errors import ConfigurationError
+    from ..node import DataDirLock
+    from ..roots import migrate
+    from ..storage import Store
+
+    try:
+        current = Settings.from_env(data_dir=Path(args.data_dir) if args.data_dir else None,
+                                    storage_url=args.storage_url, root_pkcs11_module=args.root_pkcs11_module,
+                                    root_pkcs11_token_label=args.root_pkcs11_token_label,
+                                    root_pkcs11_key_label=args.root_pkcs11_key_label)
+        new_env = {k.replace("OPENKMS_NEW_", "OPENKMS_", 1): v for k, v in os.environ.items()
+                   if k.startswith("OPENKMS_NEW_ROOT_")}
+        target = Settings.from_env(new_env, data_dir=current.data_dir, root_pkcs11_module=args.pkcs11_module,
+                                   root_pkcs11_token_label=args.pkcs11_token_label,
+                                   root_pkcs11_key_label=args.pkcs11_key_label)
+        if current.is_embedded and not (current.data_dir / "openkms.db").exists():
+            raise ConfigurationError(f"no store at {current.data_dir}")
+        lock = DataDirLock(current.data_dir)  # the server must be stopped
+        try:
+            store = Store.open(current.database_url)
+            try:
+                print(f"openkms root migrate: {migrate(current, store, args.target, target)}")
+            finally:
+                store.close()
+        finally:
+            lock.release()
+    except ConfigurationError as exc:
+        print(f"openkms root migrate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint-url", help="server URL [OPENKMS_ENDPOINT_URL, http://127.0.0.1:8080]")
     parser.add_argument("--credentials-file", help="AWS-format credentials file [<data-dir>/credentials]")
@@ -298,7 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "[OPENKMS_REGION, us-east-1]")
     serve.add_argument("--reuse-port", action="store_true",
                        help="share the port with other processes (SO_REUSEPORT) [OPENKMS_REUSE_PORT]")
+    _add_root_pkcs11_options(serve, "root-pkcs11", "OPENKMS_ROOT_PKCS11")
     serve.set_defaults(func=_serve)
+
+    root = sub.add_parser("root", help="the root key: move it to another source, with the server stopped")
+    root_sub = root.add_subparsers(dest="root_command", required=True)
+    migrate = root_sub.add_parser("migrate", help="re-wrap the root key for another source (never the key material)")
+    migrate.add_argument("--to", required=True, choices=["file", "passphrase", "pkcs11"], dest="target")
+    migrate.add_argument("--data-dir", help=f"data directory [OPENKMS_DATA_DIR, {DEFAULT_DATA_DIR}]")
+    migrate.add_argument("--storage-url", help="the PostgreSQL store [OPENKMS_STORAGE_URL]")
+    _add_root_pkcs11_options(migrate, "root-pkcs11", "OPENKMS_ROOT_PKCS11", "the current")
+    _add_root_pkcs11_options(migrate, "pkcs11", "OPENKMS_NEW_ROOT_PKCS11", "the new (--to pkcs11)")
+    migrate.set_defaults(func=_root_migrate)
 
     admin = sub.add_parser("admin", help="manage accounts, users and access keys through the admin API")
     _add_client_options(admin)

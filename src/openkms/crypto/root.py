@@ -41,6 +41,10 @@ class RootKey:
     def __reduce__(self) -> NoReturn:
         raise TypeError("the root key cannot be pickled")
 
+    def reveal_for_migration(self) -> bytes:
+        """The key itself: only to wrap it for another root key source (roots.migrate, roots.open)."""
+        return self._key
+
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         return SEAL_FORMAT_V1 + aead.seal(self._key, plaintext, aad)
 
@@ -69,6 +73,13 @@ def new_salt() -> bytes:
     return os.urandom(16)
 
 
+def write_key_file(path: Path, key: bytes) -> None:
+    """A root key file: 0600, on disk before it is renamed into place."""
+    if len(key) != ROOT_KEY_BYTES:
+        raise ConfigurationError("root key must be 32 bytes")
+    replace_file(path, key)
+
+
 def load_key_file(path: Path, create: bool) -> RootKey:
     """Read the root key file; create it (0600, written atomically) only when `create` is set."""
     if not path.exists():
@@ -77,7 +88,7 @@ def load_key_file(path: Path, create: bool) -> RootKey:
                 f"root key file {path} is missing, but the store was sealed with a key file; "
                 "restore the file (or start with the store's passphrase)")
         key = os.urandom(ROOT_KEY_BYTES)
-        replace_file(path, key)  # 0600, on disk before it is renamed into place
+        write_key_file(path, key)
         return RootKey(key, source="file")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:

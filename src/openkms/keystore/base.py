@@ -17,8 +17,10 @@ encrypt and decrypt with it. A backend is one module of this package plus its re
 - `supports(spec)`: the key specs the store can make. `blocking`: calls leave the process (an
   HSM, a proxy across the network), so the API runs them off the event loop.
 - Errors: InvalidCiphertextException (the ciphertext or context is not what was sealed) or
-  KeyStoreUnavailable (the backend cannot answer now). Each backend translates its own errors at
-  the point where it calls out; nothing else escapes.
+  KeyStoreUnavailable (the backend cannot answer now, or has no such material). Each backend
+  translates its own errors at the point where it calls out; nothing else escapes, but for
+  KMSInternalException when the software store finds a sealed row that fails its integrity check
+  (the database was tampered with).
 
 Optional capabilities, as their own protocols: `Importing` (BYOK: wrapping keys, unwrapping
 customer material into the store) and `Asymmetric` (signing, MACs, RSA encryption, ECDH).

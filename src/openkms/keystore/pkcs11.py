@@ -164,7 +164,7 @@ class TokenSession:
                         raise
                     raise ConnectError("NETWORK_ERRORS", f"cannot open the token: {_reason(exc)}") from None
                 # The module may hold stale state (a token that went away and came back): reset it.
-                log.warning("PKCS#11 module %s: re-initialising after %s", self.module.path, _reason(exc))
+                log.info("PKCS#11 module %s: re-initialising after %s", self.module.path, _reason(exc))
                 self.module.reinitialize()
         raise AssertionError("unreachable")
 
@@ -210,6 +210,12 @@ class TokenSession:
         raise AssertionError("unreachable")
 
 
+def object_id_of(key_id: str, version: int) -> bytes:
+    """The CKA_ID of a key version's object: 16 bytes derived from the key id and version, so the
+    object is found (and destroyed) without a read of the store."""
+    return hashlib.sha256(f"openkms hsm object\x00{key_id}\x00{version}".encode()).digest()[:16]
+
+
 class Pkcs11KeyStore:
     name = "pkcs11"
     blocking = True
@@ -240,7 +246,7 @@ class Pkcs11KeyStore:
     def create_version(self, key: Key, version: int) -> StoredVersion:
         p11 = _p11()
         attribute = p11.Attribute
-        object_id = os.urandom(16)
+        object_id = object_id_of(key.key_id, version)
 
         def generate(session: Any) -> Any:
             return session.generate_key(p11.KeyType.AES, 256, label=key.arn, id=object_id, store=True, template={
@@ -253,19 +259,13 @@ class Pkcs11KeyStore:
         material_id = hashlib.sha256(b"openkms hsm key\x00" + self._cluster_id.encode() + b"\x00" + object_id)
         return StoredVersion(object_id, material_id.hexdigest())
 
-    def _object_id(self, key: Key, version: int) -> bytes:
-        with self._store.begin() as tx:
-            locator = tx.versions.get(key.key_id, version)
-        if not locator:
-            raise InvalidCiphertextException()
-        return locator
 
     def _key_object(self, session: Any, key: Key, version: int) -> Any:
         cached = self._handles.get((key.key_id, version))
         if cached is not None:
             return cached
         p11 = _p11()
-        found = session.get_key(object_class=p11.ObjectClass.SECRET_KEY, id=self._object_id(key, version))
+        found = session.get_key(object_class=p11.ObjectClass.SECRET_KEY, id=object_id_of(key.key_id, version))
         self._handles[(key.key_id, version)] = found
         return found
 
@@ -301,17 +301,11 @@ class Pkcs11KeyStore:
         def delete(session: Any) -> None:
             for obj in list(session.get_objects({p11.Attribute.CLASS: p11.ObjectClass.SECRET_KEY,
                                                  p11.Attribute.LABEL: key.arn})):
-                if version is None or obj[p11.Attribute.ID] == self._object_id_or_none(key, version):
+                if version is None or obj[p11.Attribute.ID] == object_id_of(key.key_id, version):
                     obj.destroy()
 
         self._call(delete)
         self.evict(key.key_id, version)
-
-    def _object_id_or_none(self, key: Key, version: int) -> bytes | None:
-        try:
-            return self._object_id(key, version)
-        except InvalidCiphertextException:
-            return None
 
     def evict(self, key_id: str, version: int | None = None) -> None:
         for k in [k for k in self._handles if k[0] == key_id and version in (None, k[1])]:

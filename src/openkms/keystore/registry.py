@@ -55,12 +55,15 @@ class KeyStores:
         self._importing = {n: cast(Importing, s) for n, s in self._stores.items() if isinstance(s, Importing)}
         self._asymmetric = {n: cast(Asymmetric, s) for n, s in self._stores.items() if isinstance(s, Asymmetric)}
         self._rows: TTLCache[str, CustomKeyStore | None] = TTLCache(cache_ttl)
+        self._any: TTLCache[None, bool] = TTLCache(cache_ttl)
         self._custom: dict[str, Pkcs11KeyStore] = {}
         self._lock = threading.Lock()
         if store is not None:
             store.on_commit(self._committed)
 
     def _committed(self, changes: Changes) -> None:
+        if changes.key_stores:
+            self._any.clear()
         for cks_id in changes.key_stores:
             self._rows.pop(cks_id)
             with self._lock:
@@ -103,6 +106,17 @@ class KeyStores:
         return store
 
     # -- custom key stores ------------------------------------------------------------------------
+    def any_custom_key_stores(self) -> bool:
+        """Whether the store holds any custom key store (cached): if not, no request waits on one."""
+        store = self._store
+        if store is None:
+            return False
+
+        def load() -> bool:
+            with store.begin() as tx:
+                return tx.key_stores.any()
+        return self._any.get(None, load)
+
     def custom_key_store(self, cks_id: str) -> CustomKeyStore | None:
         """A custom key store's row (cached)."""
         store = self._need_store()

@@ -57,6 +57,21 @@ class KeyLookup:
             return dataclasses.replace(key, store_unavailable=True)
         return key
 
+    def peek(self, account_id: str | None, key_ref: str) -> Key | None:
+        """The key a reference names, or None; no authorization, no audit note, no error (only to
+        route a request before it runs)."""
+        if key_ref.startswith("alias/"):
+            if account_id is None:
+                return None
+            key_id = self.alias_target(account_id, key_ref)
+        elif (m := KEY_ARN_RE.match(key_ref)) is not None:
+            key_id = m.group(3)
+        elif (m := ALIAS_ARN_RE.match(key_ref)) is not None:
+            key_id = self.alias_target(m.group(2), m.group(3))
+        else:
+            key_id = key_ref if KEY_ID_RE.match(key_ref) else None
+        return self.load(key_id) if key_id else None
+
     def refresh(self, key_id: str) -> Key | None:
         """Read the key again from the store (another node may have changed it)."""
         self._keys.pop(key_id)

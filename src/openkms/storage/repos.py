@@ -74,6 +74,9 @@ class MetaRepo:
         else:
             self.conn.execute(update(t.meta).where(t.meta.c.name == name).values(value=value))
 
+    def delete(self, name: str) -> None:
+        self.conn.execute(delete(t.meta).where(t.meta.c.name == name))
+
 
 class AccountRepo:
     """Accounts, their principals and access keys."""
@@ -531,6 +534,9 @@ class KeyStoreRepo:
     def count(self, account_id: str) -> int:
         return int(self.conn.execute(select(func.count()).select_from(t.custom_key_stores).where(
             t.custom_key_stores.c.account_id == account_id)).scalar_one())
+
+    def any(self) -> bool:
+        return self.conn.execute(select(t.custom_key_stores.c.custom_key_store_id).limit(1)).first() is not None
 
     def on_cluster(self, cluster_id: str) -> list[CustomKeyStore]:
         rows = self.conn.execute(select(t.custom_key_stores).where(t.custom_key_stores.c.cluster_id == cluster_id))

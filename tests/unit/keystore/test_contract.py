@@ -1,9 +1,11 @@
-"""The KeyStore contract (keystore/base.py), run over every backend in keystore.registry.BACKENDS.
+"""The KeyStore contract (keystore/base.py), run over every backend in keystore.registry.BACKENDS
+and over the PKCS#11 store on a real SoftHSM2 token.
 
 Each backend is built over a real SQLite store in tmp_path and a root key, and a version is kept
 the way the service keeps it: the StoredVersion's locator goes into the version's row in the
 transaction that creates the version; destroying material empties the row first, then calls
-`destroy`. A new backend joins this suite by its entry in BACKENDS.
+`destroy`. A new backend joins this suite by its entry in BACKENDS (or, if it needs a device, in
+DEVICE_BACKENDS here).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,11 +27,13 @@ from openkms.crypto.root import RootKey
 from openkms.errors import InvalidCiphertextException, KeyStoreUnavailable, KMSInvalidStateException
 from openkms.keystore.base import Importing, KeyStore, StoredVersion
 from openkms.keystore.memory import MemoryKeyStore
+from openkms.keystore.pkcs11 import Pkcs11KeyStore, TokenSession
 from openkms.keystore.registry import BACKENDS
-from openkms.model import KEY_SPECS, Account, Key, KeyState, KeyUsage, KeyVersion, Origin
+from openkms.model import KEY_SPECS, Account, Key, KeyState, KeyUsage, KeyVersion, Origin, SecretStr
 from openkms.storage import Store
 
 ACCOUNT = "111122223333"
+GONE = (InvalidCiphertextException, KeyStoreUnavailable)
 CONTEXT = {"tenant": "t1", "purpose": "contract"}
 
 
@@ -63,12 +67,26 @@ class Harness:
         self.ks.destroy(key, version)
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+def _pkcs11(request: pytest.FixtureRequest, store: Store) -> KeyStore:
+    hsm = request.getfixturevalue("softhsm")
+    label = hsm.init_token(pin="contract-pin")
+    return Pkcs11KeyStore(store, TokenSession(hsm.module, label, SecretStr("contract-pin")), "cluster-contract")
+
+
+#: Backends that need a device: how to build one in a test.
+DEVICE_BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Store], KeyStore]] = {"pkcs11": _pkcs11}
+
+
+@pytest.fixture(params=sorted(BACKENDS) + sorted(DEVICE_BACKENDS))
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     store = Store.open(f"sqlite:///{tmp_path / 'store.db'}")
     with store.begin() as tx:
         tx.accounts.insert(Account(ACCOUNT, "contract", datetime.now(UTC)))
-    yield Harness(request.param, store, BACKENDS[request.param](store, RootKey(os.urandom(32), "test")))
+    if request.param in BACKENDS:
+        backend = BACKENDS[request.param](store, RootKey(os.urandom(32), "test"))
+    else:
+        backend = DEVICE_BACKENDS[request.param](request, store)
+    yield Harness(request.param, store, backend)
     store.close()
 
 
@@ -140,20 +158,22 @@ def test_rotation_keeps_old_versions_readable(harness: Harness) -> None:
 
 
 def test_destroyed_material_never_decrypts_again(harness: Harness) -> None:
+    """Gone for good: the ciphertext is not what the store can open, or the store has no such
+    material (an HSM without the object); either way, the two errors the contract allows."""
     key1, _ = harness.add_version(harness.new_key(), 1)
     old = harness.ks.encrypt(key1, b"v1 data", None)
     key2, _ = harness.add_version(key1, 2)
     new = harness.ks.encrypt(key2, b"v2 data", None)
     harness.destroy(key2, 1)
-    with pytest.raises(InvalidCiphertextException):
+    with pytest.raises(GONE):
         harness.ks.decrypt(key2, 1, old, None)
     assert harness.ks.decrypt(key2, 2, new, None) == b"v2 data"
     harness.destroy(key2)
     for version, ciphertext in ((1, old), (2, new)):
-        with pytest.raises(InvalidCiphertextException):
+        with pytest.raises(GONE):
             harness.ks.decrypt(key2, version, ciphertext, None)
     harness.ks.evict(key2.key_id)  # eviction is no resurrection
-    with pytest.raises(InvalidCiphertextException):
+    with pytest.raises(GONE):
         harness.ks.decrypt(key2, 2, new, None)
 
 

@@ -1,0 +1,198 @@
+"""Encrypt through a key in an HSM key store (SoftHSM2) beside a key of the default store, with wrk.
+
+    python bench/hsm.py [--duration 10] [--connections 64] [--repeat 3] [--storage-url URL] [--json]
+
+Starts, in one run, two real `openkms serve` processes (embedded SQLite unless --storage-url; the
+database must be empty), auditing on as deployed. On the first, a fresh SoftHSM2 token (its own
+SOFTHSM2_CONF) is registered as an HSM cluster, a custom key store made on it and connected, and
+two keys created: one in the HSM store and one in the default store. The second server has no
+custom key store at all: its default-store key is the baseline. One signed `TrentService.Encrypt`
+of 32 random bytes per key is replayed by wrk: a warm-up each, then the measured runs, rounds
+interleaved (baseline, default beside HSM, HSM). Prints req/s, p50 and p99 per key, the ratios, and
+whether the issue's targets are met (>= 3,000 HSM Encrypt/s and p99 < 50 ms; the default store's
+figure unchanged beside an HSM store). It prints; it asserts nothing about timing. Exit status: 0
+measured, 1 a run failed, 2 a tool is missing (wrk, softhsm2-util).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The repository root, for `tests.server` and `bench` when run as `python bench/hsm.py`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._load import (
+    REGION,
+    BenchError,
+    LoadOptions,
+    SignedRequest,
+    WrkStats,
+    add_load_arguments,
+    check_load_arguments,
+    check_replay,
+    median_stats,
+    met_text,
+    progress,
+    run_bench,
+    run_wrk,
+    signed_request,
+    table_header,
+    table_row,
+)
+from bench._moto import bootstrap_env
+from openkms.client.admin import AdminClient
+from tests.server import ServerProcess
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+PIN = "bench-pin-1234"
+TARGET_HSM_RPS = 3000.0
+TARGET_HSM_P99_MS = 50.0
+
+
+@dataclass
+class Target:
+    name: str
+    server: ServerProcess
+    key_id: str
+    runs: list[WrkStats] = field(default_factory=list)
+
+    def request(self) -> SignedRequest:
+        payload = {"KeyId": self.key_id, "Plaintext": base64.b64encode(os.urandom(32)).decode()}
+        return signed_request(self.server.endpoint, "TrentService.Encrypt", payload, self.server.access_key_id,
+                              self.server.secret_access_key, region=REGION)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    add_load_arguments(parser, peer=False)
+    args = parser.parse_args(argv)
+    check_load_arguments(parser, args)
+    return args
+
+
+def softhsm(workdir: Path) -> tuple[dict[str, str], str]:
+    """A token directory of this run and a token in it: (the environment that points at it, label)."""
+    if shutil.which("softhsm2-util") is None or not Path(MODULE).exists():
+        raise BenchError("SoftHSM2 is not installed (Debian package softhsm2)")
+    tokens = workdir / "tokens"
+    tokens.mkdir()
+    conf = workdir / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = {"SOFTHSM2_CONF": str(conf)}
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench", "--so-pin", "so-pin-1234",
+                    "--pin", PIN], env={**os.environ, **env}, check=True, capture_output=True)
+    return env, "bench"
+
+
+def trust_anchor(workdir: Path) -> str:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(workdir / "ca.key"), "-out", str(workdir / "ca.crt"), "-days", "1",
+                    "-subj", "/CN=bench CA"], check=True, capture_output=True)
+    return (workdir / "ca.crt").read_text()
+
+
+def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
+    options = LoadOptions.from_args(args)
+    env, label = softhsm(workdir)
+    anchor = trust_anchor(workdir)
+    with_hsm = ServerProcess(workdir / "with-hsm", storage_url=args.storage_url, env=bootstrap_env() | env)
+    baseline = ServerProcess(workdir / "baseline", env=bootstrap_env())
+    progress("starting openkms (with an HSM key store) and openkms (baseline, no custom key store)")
+    try:
+        for server in (with_hsm, baseline):
+            try:
+                server.start()
+            except RuntimeError as exc:
+                raise BenchError(str(exc)) from exc
+        admin = AdminClient(with_hsm.endpoint, with_hsm.access_key_id, with_hsm.secret_access_key, REGION)
+        cluster = admin.call("CreateHsmCluster", Pkcs11Module=MODULE, TokenLabel=label,
+                             TrustAnchorCertificate=anchor)["ClusterId"]
+        kms = with_hsm.client()
+        cks = kms.create_custom_key_store(CustomKeyStoreName="bench", CloudHsmClusterId=cluster,
+                                          TrustAnchorCertificate=anchor, KeyStorePassword=PIN)["CustomKeyStoreId"]
+        kms.connect_custom_key_store(CustomKeyStoreId=cks)
+        state = kms.describe_custom_key_stores(CustomKeyStoreId=cks)["CustomKeyStores"][0]["ConnectionState"]
+        if state != "CONNECTED":
+            raise BenchError(f"the HSM key store did not connect: {state}")
+        hsm_key = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=cks)["KeyMetadata"]["KeyId"]
+        targets = [
+            Target("baseline", baseline, baseline.client().create_key()["KeyMetadata"]["KeyId"]),
+            Target("default", with_hsm, kms.create_key()["KeyMetadata"]["KeyId"]),
+            Target("hsm", with_hsm, hsm_key),
+        ]
+        for target in targets:
+            progress(f"{target.name}: warm-up {options.warmup} s")
+            request = target.request()
+            check_replay(request, target.name)
+            run_wrk(request, duration=options.warmup, connections=options.connections, threads=options.threads)
+        for i in range(options.repeat):
+            for target in targets if i % 2 == 0 else list(reversed(targets)):
+                progress(f"{target.name}: measuring {options.duration} s ({i + 1}/{options.repeat})")
+                request = target.request()
+                check_replay(request, target.name)
+                target.runs.append(run_wrk(request, duration=options.duration, connections=options.connections,
+                                           threads=options.threads))
+        return targets
+    finally:
+        for server in (with_hsm, baseline):
+            server.stop()
+
+
+def summarize(targets: list[Target], args: argparse.Namespace, load_before: float) -> dict[str, Any]:
+    medians = {t.name: median_stats(t.runs) for t in targets}
+    hsm, default, base = medians["hsm"], medians["default"], medians["baseline"]
+    return {
+        "benchmark": "hsm",
+        "storage": "postgresql" if args.storage_url else "sqlite (embedded)",
+        "load_average_before": round(load_before, 2),
+        "wrk": LoadOptions.from_args(args).summary(),
+        "results": {t.name: {"median": medians[t.name], "runs": t.runs} for t in targets},
+        "hsm_over_default": hsm["requests_per_sec"] / default["requests_per_sec"],
+        "default_over_baseline": default["requests_per_sec"] / base["requests_per_sec"],
+        "targets": {
+            "hsm_req_per_sec": {"want": f">= {TARGET_HSM_RPS:g}", "value": hsm["requests_per_sec"],
+                                "met": hsm["requests_per_sec"] >= TARGET_HSM_RPS},
+            "hsm_p99_ms": {"want": f"< {TARGET_HSM_P99_MS:g}", "value": hsm["latency_ms"]["99"],
+                           "met": hsm["latency_ms"]["99"] < TARGET_HSM_P99_MS},
+        },
+    }
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    wrk = summary["wrk"]
+    load = LoadOptions(duration=wrk["duration_s"], warmup=wrk["warmup_s"], connections=wrk["connections"],
+                       threads=wrk["threads"], repeat=wrk["runs"])
+    print(f"Encrypt of 32 bytes, auditing on, {load.describe()}, {wrk['runs']} measured run(s) per key (medians, "
+          f"rounds interleaved), storage: {summary['storage']}, load average before "
+          f"{summary['load_average_before']:.2f}")
+    print(table_header())
+    for name, result in summary["results"].items():
+        print(table_row(name, result["median"]))
+        print(f"  {name} runs req/s: " + " / ".join(f"{r['requests_per_sec']:,.0f}" for r in result["runs"]))
+    print("baseline: a default-store key on a server with no custom key store; default: a default-store key "
+          "beside the HSM store; hsm: a key in the SoftHSM2 key store")
+    print(f"hsm/default req/s: {summary['hsm_over_default']:.2f}; "
+          f"default/baseline req/s: {summary['default_over_baseline']:.2f}")
+    t = summary["targets"]
+    print(f"issue targets: HSM Encrypt >= {TARGET_HSM_RPS:,.0f}/s {met_text(t['hsm_req_per_sec']['met'])} "
+          f"({t['hsm_req_per_sec']['value']:,.0f}); HSM p99 < {TARGET_HSM_P99_MS:g} ms "
+          f"{met_text(t['hsm_p99_ms']['met'])} ({t['hsm_p99_ms']['value']:.1f} ms)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_before = os.getloadavg()[0]
+    return run_bench("bench/hsm.py", args, lambda tmp: summarize(run(args, tmp), args, load_before), print_table,
+                     needs_moto=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
