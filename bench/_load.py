@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict
 from urllib.parse import urlsplit
 
 from botocore.auth import SigV4Auth
@@ -323,6 +323,36 @@ def measure(label: str, make_request: Callable[[], SignedRequest], load: LoadOpt
         runs.append(run_wrk(request, duration=load.duration, connections=load.connections,
                             threads=load.threads))
     return runs
+
+
+class Alternating(Protocol):
+    """A load that `measure_alternating` runs: a label, a way to sign its request, its runs."""
+
+    label: str
+    runs: list[WrkStats]
+
+    def request(self) -> SignedRequest: ...
+
+
+def measure_alternating(loads: Sequence[Alternating], options: LoadOptions) -> None:
+    """A warm-up per load, then `options.repeat` rounds of one measured run per load, in turn forward
+    and backward (A B, B A, ...), so that slow drift of the box costs every load about the same.
+
+    Every signed request is sent once first and must answer 200, and a run with any non-2xx answer
+    is rejected: both raise ErrorAnswer (a BenchError).
+    """
+    for load in loads:
+        progress(f"{load.label}: warm-up {options.warmup} s")
+        request = load.request()
+        check_replay(request, load.label)
+        run_wrk(request, duration=options.warmup, connections=options.connections, threads=options.threads)
+    for i in range(options.repeat):
+        for load in loads if i % 2 == 0 else list(reversed(loads)):
+            progress(f"{load.label}: measuring {options.duration} s ({i + 1}/{options.repeat})")
+            request = load.request()
+            check_replay(request, load.label)
+            load.runs.append(run_wrk(request, duration=options.duration, connections=options.connections,
+                                     threads=options.threads))
 
 
 def create_key(label: str, client: Any, hint: str = "", **params: Any) -> str:

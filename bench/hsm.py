@@ -37,12 +37,11 @@ from bench._load import (
     WrkStats,
     add_load_arguments,
     check_load_arguments,
-    check_replay,
+    measure_alternating,
     median_stats,
     met_text,
     progress,
     run_bench,
-    run_wrk,
     signed_request,
     table_header,
     table_row,
@@ -63,6 +62,10 @@ class Target:
     server: ServerProcess
     key_id: str
     runs: list[WrkStats] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.name
 
     def request(self) -> SignedRequest:
         payload = {"KeyId": self.key_id, "Plaintext": base64.b64encode(os.urandom(32)).decode()}
@@ -128,18 +131,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
             Target("default", with_hsm, kms.create_key()["KeyMetadata"]["KeyId"]),
             Target("hsm", with_hsm, hsm_key),
         ]
-        for target in targets:
-            progress(f"{target.name}: warm-up {options.warmup} s")
-            request = target.request()
-            check_replay(request, target.name)
-            run_wrk(request, duration=options.warmup, connections=options.connections, threads=options.threads)
-        for i in range(options.repeat):
-            for target in targets if i % 2 == 0 else list(reversed(targets)):
-                progress(f"{target.name}: measuring {options.duration} s ({i + 1}/{options.repeat})")
-                request = target.request()
-                check_replay(request, target.name)
-                target.runs.append(run_wrk(request, duration=options.duration, connections=options.connections,
-                                           threads=options.threads))
+        measure_alternating(targets, options)
         return targets
     finally:
         for server in (with_hsm, baseline):

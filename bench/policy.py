@@ -53,12 +53,11 @@ from bench._load import (
     check_replay,
     create_key,
     error_type,
+    measure_alternating,
     median_stats,
     met_text,
-    progress,
     replay_once,
     run_bench,
-    run_wrk,
     signed_request,
     table_header,
     table_row,
@@ -308,27 +307,6 @@ def user_pair(server: KmsServer, hint: str) -> Pair:
     creds = (server.endpoint, str(user_key["AccessKeyId"]), str(user_key["SecretAccessKey"]))
     return Pair("user", account_id, Load("user", "default", *creds, key_c),
                 Load("user", "ten-statement", *creds, key_d))
-
-
-def measure_alternating(loads: Sequence[Load], options: LoadOptions) -> None:
-    """A warm-up per load, then `options.repeat` rounds of one measured run per load, in turn forward
-    and backward (A B, B A, ...), so that slow drift of the box costs every load about the same.
-
-    Every signed request is sent once first and must answer 200, and a run with any non-2xx answer
-    is rejected: both raise ErrorAnswer (a BenchError).
-    """
-    for load in loads:
-        progress(f"{load.label}: warm-up {options.warmup} s")
-        request = load.request()
-        check_replay(request, load.label)
-        run_wrk(request, duration=options.warmup, connections=options.connections, threads=options.threads)
-    for i in range(options.repeat):
-        for load in loads if i % 2 == 0 else list(reversed(loads)):
-            progress(f"{load.label}: measuring {options.duration} s ({i + 1}/{options.repeat})")
-            request = load.request()
-            check_replay(request, load.label)
-            load.runs.append(run_wrk(request, duration=options.duration, connections=options.connections,
-                                     threads=options.threads))
 
 
 def run(args: argparse.Namespace, workdir: Path) -> list[Pair]:
