@@ -31,7 +31,7 @@ from ..crypto import blob
 from ..crypto.aead import TAG_BYTES
 from ..errors import InvalidCiphertextException, KeyStoreUnavailable
 from ..model import Key, KeyFamily, KeySpecInfo, SecretStr
-from ..storage import Changes, Store
+from ..storage import Store
 from .base import StoredVersion
 
 log = logging.getLogger("openkms.keystore.pkcs11")
@@ -154,6 +154,11 @@ class TokenSession:
                 self.module.sessions[self.token_label] = (session, self._pin_digest, self.module.generation)
                 return session
             except exceptions.PinIncorrect:
+                if attempt == 1:
+                    # A module may still hold the PIN it read before the token's PIN changed
+                    # (SoftHSM does): meet the token as it is now before calling the PIN wrong.
+                    self.module.reinitialize()
+                    continue
                 raise ConnectError("INVALID_CREDENTIALS", "the key store password is not the token user's PIN") \
                     from None
             except exceptions.PinLocked:
@@ -224,15 +229,12 @@ class Pkcs11KeyStore:
         self._store = store
         self._session = session
         self._cluster_id = cluster_id
-        self._handles: dict[tuple[str, int], Any] = {}  # (key id, version) -> the token's key object
-        store.on_commit(self._committed)
+        # (key id, version) -> (the session it was found in, the token's key object): an object
+        # handle is only good in the session (and module generation) that found it.
+        self._handles: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def __repr__(self) -> str:
         return f"Pkcs11KeyStore({self._cluster_id!r})"
-
-    def _committed(self, changes: Changes) -> None:
-        for key_id, version in changes.versions:
-            self.evict(key_id, version)
 
     @staticmethod
     def supports(spec: KeySpecInfo) -> bool:
@@ -262,11 +264,11 @@ class Pkcs11KeyStore:
 
     def _key_object(self, session: Any, key: Key, version: int) -> Any:
         cached = self._handles.get((key.key_id, version))
-        if cached is not None:
-            return cached
+        if cached is not None and cached[0] is session:
+            return cached[1]
         p11 = _p11()
         found = session.get_key(object_class=p11.ObjectClass.SECRET_KEY, id=object_id_of(key.key_id, version))
-        self._handles[(key.key_id, version)] = found
+        self._handles[(key.key_id, version)] = (session, found)
         return found
 
     def _with_key(self, key: Key, version: int, use: Callable[[Any, Any], T]) -> T:

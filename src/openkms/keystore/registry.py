@@ -7,6 +7,7 @@ module of this package and one entry in `BACKENDS`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -54,9 +55,10 @@ class KeyStores:
         # Capabilities are checked once, not on every request.
         self._importing = {n: cast(Importing, s) for n, s in self._stores.items() if isinstance(s, Importing)}
         self._asymmetric = {n: cast(Asymmetric, s) for n, s in self._stores.items() if isinstance(s, Asymmetric)}
-        self._rows: TTLCache[str, CustomKeyStore | None] = TTLCache(cache_ttl)
+        # custom key store id -> (its row, what its PKCS#11 store is built from: cluster and sealed password)
+        self._rows: TTLCache[str, tuple[CustomKeyStore, bytes] | None] = TTLCache(cache_ttl)
         self._any: TTLCache[None, bool] = TTLCache(cache_ttl)
-        self._custom: dict[str, Pkcs11KeyStore] = {}
+        self._custom: dict[str, tuple[bytes, Pkcs11KeyStore]] = {}  # id -> (the fingerprint it was built from, store)
         self._lock = threading.Lock()
         if store is not None:
             store.on_commit(self._committed)
@@ -66,10 +68,19 @@ class KeyStores:
             self._any.clear()
         for cks_id in changes.key_stores:
             self._rows.pop(cks_id)
+            self._drop(cks_id)
+        if changes.versions:
             with self._lock:
-                opened = self._custom.pop(cks_id, None)
-            if opened is not None:
-                opened.close()
+                opened = [entry[1] for entry in self._custom.values()]
+            for store in opened:
+                for key_id, version in changes.versions:
+                    store.evict(key_id, version)
+
+    def _drop(self, cks_id: str) -> None:
+        with self._lock:
+            entry = self._custom.pop(cks_id, None)
+        if entry is not None:
+            entry[1].close()
 
     @property
     def any_blocking(self) -> bool:
@@ -119,11 +130,19 @@ class KeyStores:
 
     def custom_key_store(self, cks_id: str) -> CustomKeyStore | None:
         """A custom key store's row (cached)."""
+        entry = self._row(cks_id)
+        return entry[0] if entry is not None else None
+
+    def _row(self, cks_id: str) -> tuple[CustomKeyStore, bytes] | None:
         store = self._need_store()
 
-        def load() -> CustomKeyStore | None:
+        def load() -> tuple[CustomKeyStore, bytes] | None:
             with store.begin() as tx:
-                return tx.key_stores.get(cks_id)
+                row = tx.key_stores.get(cks_id)
+                sealed = tx.key_stores.sealed_password(cks_id) or b""
+            if row is None:
+                return None
+            return row, hashlib.sha256((row.cluster_id or "").encode() + b"\x00" + sealed).digest()
         return self._rows.get(cks_id, load)
 
     def connected(self, cks_id: str) -> bool:
@@ -132,17 +151,24 @@ class KeyStores:
 
     def for_custom_key_store(self, cks_id: str) -> Pkcs11KeyStore:
         """The PKCS#11 store of a connected custom key store; KeyStoreUnavailable if it is not connected."""
-        if not self.connected(cks_id):
+        entry = self._row(cks_id)
+        if entry is None or entry[0].connection_state is not ConnectionState.CONNECTED:
             raise KeyStoreUnavailable(f"The custom key store {cks_id} is not connected.")
+        fingerprint = entry[1]
         with self._lock:
             opened = self._custom.get(cks_id)
-        if opened is not None:
-            return opened
-        opened = Pkcs11KeyStore(self._need_store(), self.token_session(cks_id), cks_id)
+        if opened is not None and opened[0] == fingerprint:
+            return opened[1]
+        # First use, or another node moved the store to another cluster or gave it a new password
+        # (seen here once the cached row is older than the TTL): build it anew.
+        self._drop(cks_id)
+        store = Pkcs11KeyStore(self._need_store(), self.token_session(cks_id, fingerprint=fingerprint), cks_id)
         with self._lock:
-            return self._custom.setdefault(cks_id, opened)
+            self._custom[cks_id] = (fingerprint, store)
+        return store
 
-    def token_session(self, cks_id: str, password: SecretStr | None = None) -> TokenSession:
+    def token_session(self, cks_id: str, password: SecretStr | None = None,
+                      fingerprint: bytes | None = None) -> TokenSession:
         """A session on the custom key store's token (not opened yet), with its stored password or `password`."""
         store = self._need_store()
         with store.begin() as tx:
@@ -156,10 +182,16 @@ class KeyStores:
                 raise KeyStoreUnavailable(f"The custom key store {cks_id} has no password.")
             password = self.unseal_password(cks_id, sealed)
         return TokenSession(cluster.module_path, cluster.token_label, password,
-                            on_lost=lambda exc: self._failed(cks_id, exc))
+                            on_lost=lambda exc: self._failed(cks_id, exc, fingerprint))
 
-    def _failed(self, cks_id: str, exc: ConnectError) -> None:
-        """A connected store whose token cannot be opened any more shows FAILED, with the reason."""
+    def _failed(self, cks_id: str, exc: ConnectError, fingerprint: bytes | None) -> None:
+        """A connected store whose token refuses its credentials shows FAILED, with the reason; but
+        not when this node's copy is out of date (another node gave the store a new password)."""
+        self._rows.pop(cks_id)
+        current = self._row(cks_id)
+        if current is None or (fingerprint is not None and current[1] != fingerprint):
+            self._drop(cks_id)
+            return
         log.warning("custom key store %s failed: %s (%s)", cks_id, exc.code, exc.message)
         with self._need_store().begin() as tx:
             tx.key_stores.update(cks_id, connection_state=ConnectionState.FAILED, connection_error_code=exc.code)
