@@ -106,7 +106,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
     options = LoadOptions.from_args(args)
     env, label = softhsm(workdir)
     anchor = trust_anchor(workdir)
-    with_hsm = ServerProcess(workdir / "with-hsm", storage_url=args.storage_url, env=bootstrap_env() | env)
+    boot = bootstrap_env()
+    with_hsm = ServerProcess(workdir / "with-hsm", storage_url=args.storage_url, env=boot | env)
     baseline = ServerProcess(workdir / "baseline", env=bootstrap_env())
     progress("starting openkms (with an HSM key store) and openkms (baseline, no custom key store)")
     try:
@@ -116,8 +117,9 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
             except RuntimeError as exc:
                 raise BenchError(str(exc)) from exc
         admin = AdminClient(with_hsm.endpoint, with_hsm.access_key_id, with_hsm.secret_access_key, REGION)
+        account = boot["OPENKMS_BOOTSTRAP_ACCOUNT_ID"]
         cluster = admin.call("CreateHsmCluster", Pkcs11Module=MODULE, TokenLabel=label,
-                             TrustAnchorCertificate=anchor)["ClusterId"]
+                             TrustAnchorCertificate=anchor, AccountId=account)["ClusterId"]
         kms = with_hsm.client()
         cks = kms.create_custom_key_store(CustomKeyStoreName="bench", CloudHsmClusterId=cluster,
                                           TrustAnchorCertificate=anchor, KeyStorePassword=PIN)["CustomKeyStoreId"]

@@ -53,6 +53,16 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.05
         time.sleep(interval)
 
 
+def account_of(kms: Any) -> str:
+    """The account of a KMS client's credentials (STS GetCallerIdentity on the same endpoint)."""
+    import boto3
+
+    creds = kms._request_signer._credentials.get_frozen_credentials()
+    sts = boto3.client("sts", endpoint_url=kms.meta.endpoint_url, region_name=kms.meta.region_name,
+                       aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key)
+    return str(sts.get_caller_identity()["Account"])
+
+
 def error_code(call: Callable[..., Any], **params: Any) -> str | None:
     """The KMS error code of `call(**params)`, None if it succeeds."""
     try:
@@ -192,10 +202,13 @@ class HsmWorld:
         assert len(added) == 1, f"expected one new token directory, got {added}"
         return label, self.softhsm.tokens / added.pop()
 
-    def cluster(self, pin: str = PIN, anchor: str | None = None) -> Cluster:
+    def cluster(self, owner: Any, pin: str = PIN, anchor: str | None = None) -> Cluster:
+        """A fresh token registered as a cluster for `owner` (an account id, or a KMS client of it)."""
         label, token_dir = self.new_token(pin)
+        account_id = owner if isinstance(owner, str) else account_of(owner)
         cluster_id = self.operator.call("CreateHsmCluster", Pkcs11Module=self.softhsm.module, TokenLabel=label,
-                                        TrustAnchorCertificate=anchor or self.anchor)["ClusterId"]
+                                        TrustAnchorCertificate=anchor or self.anchor,
+                                        AccountId=account_id)["ClusterId"]
         return Cluster(str(cluster_id), label, pin, token_dir)
 
     def tenant(self, *, admin: bool = False) -> Tenant:
@@ -213,7 +226,7 @@ class HsmWorld:
 
     def key_store(self, kms: Any, cluster: Cluster | None = None, *, password: str | None = None,
                   connect: bool = True, name: str | None = None) -> KeyStore:
-        cluster = cluster or self.cluster()
+        cluster = cluster or self.cluster(kms)
         name = name or "store-" + secrets.token_hex(4)
         password = password or cluster.pin
         cks_id = kms.create_custom_key_store(CustomKeyStoreName=name, CloudHsmClusterId=cluster.cluster_id,

@@ -221,11 +221,11 @@ KEY_STORE: dict[str, Any] = {"on_key": False, "of_account": True, "foreign": "Cu
 
 
 def new_cluster(w: World) -> str:
-    """A fresh SoftHSM token registered as an HSM cluster (an account has one key store per cluster)."""
+    """A fresh SoftHSM token registered as an HSM cluster of account A (one key store per cluster)."""
     assert w.hsm is not None
     label = w.hsm.init_token(pin=PIN)
     return str(w.operator.admin.call("CreateHsmCluster", Pkcs11Module=w.hsm.module, TokenLabel=label,
-                                     TrustAnchorCertificate=w.trust_anchor)["ClusterId"])
+                                     TrustAnchorCertificate=w.trust_anchor, AccountId=w.a)["ClusterId"])
 
 
 def new_key_store(w: World, connect: bool = False) -> State:
@@ -315,10 +315,12 @@ ROWS: dict[str, Row] = {
     # RetireGrant: by the key's account, or by the grant's retiring principal (here A's plain user).
     "RetireGrant": Row(then(SYM, grant(retiring="a_user")), lambda w, s, who: {"GrantToken": s["grant_token"]}),
     "ListRetirableGrants": Row(no_setup, lambda w, s, who: {"RetiringPrincipal": who.arn}, on_key=False),
-    # custom key stores: identity policies decide; a store of another account is not found
+    # custom key stores: identity policies decide; a store of another account is not found, and
+    # neither is a cluster registered for another account
     "CreateCustomKeyStore": Row(lambda w: {"cluster": new_cluster(w)}, lambda w, s, who: {
         "CustomKeyStoreName": w.unique("store"), "CloudHsmClusterId": s["cluster"],
-        "TrustAnchorCertificate": w.trust_anchor, "KeyStorePassword": PIN}, on_key=False, needs_hsm=True),
+        "TrustAnchorCertificate": w.trust_anchor, "KeyStorePassword": PIN}, on_key=False, of_account=True,
+        foreign="CloudHsmClusterNotFoundException", needs_hsm=True),
     "DescribeCustomKeyStores": Row(no_setup, lambda w, s, who: {}, on_key=False),
     "UpdateCustomKeyStore": Row(lambda w: new_key_store(w), lambda w, s, who: {
         "CustomKeyStoreId": s["cks"], "NewCustomKeyStoreName": w.unique("renamed")}, **KEY_STORE),
@@ -439,7 +441,8 @@ ADMIN_ROWS: dict[str, AdminRow] = {
     "GetAuditPublicKey": AdminRow(lambda w: {}),
     "CreateAuditDigest": AdminRow(lambda w: {}),
     "CreateHsmCluster": AdminRow(lambda w: {"Pkcs11Module": w.hsm.module, "TokenLabel": w.hsm.init_token(),  # type: ignore[union-attr]
-                                            "TrustAnchorCertificate": w.trust_anchor}, needs_hsm=True),
+                                            "TrustAnchorCertificate": w.trust_anchor, "AccountId": w.a},
+                                 needs_hsm=True),
     "ListHsmClusters": AdminRow(lambda w: {}),
     "DescribeHsmCluster": AdminRow(lambda w: {"ClusterId": new_cluster(w)}, needs_hsm=True),
     "DeleteHsmCluster": AdminRow(lambda w: {"ClusterId": new_cluster(w)}, needs_hsm=True),

@@ -74,23 +74,31 @@ def test_operator_manages_hsm_clusters_with_the_cli(world: HsmWorld, tenant: Ten
     label, token_dir = world.new_token()
     anchor = f"file://{world.anchor_file}"
     created = cli("create-hsm-cluster", "--pkcs11-module", world.softhsm.module, "--token-label", label,
-                  "--trust-anchor-certificate", anchor)
+                  "--trust-anchor-certificate", anchor, "--account-id", tenant.account_id)
     assert set(created) == {"ClusterId"} and CLUSTER_ID.fullmatch(created["ClusterId"]), created
     cluster_id = created["ClusterId"]
     described = cli("describe-hsm-cluster", "--cluster-id", cluster_id)["Cluster"]
     assert described["ClusterId"] == cluster_id
     assert described["TokenLabel"] == label and described["Pkcs11Module"] == world.softhsm.module
     assert described["TrustAnchorCertificate"] == world.anchor
-    assert described["CustomKeyStoreIds"] == []
+    assert described["CustomKeyStoreIds"] == [] and described["AccountId"] == tenant.account_id
     assert cluster_id in {c["ClusterId"] for c in cli("list-hsm-clusters")["Clusters"]}
+    # The same token under another path to the module is the same token; an unknown account is refused.
+    link = tmp_path / "libsofthsm2-link.so"
+    link.symlink_to(world.softhsm.module)
+    cli.fails("AlreadyExistsException", "create-hsm-cluster", "--pkcs11-module", str(link), "--token-label", label,
+              "--trust-anchor-certificate", anchor, "--account-id", tenant.account_id)
+    cli.fails("NotFoundException", "create-hsm-cluster", "--pkcs11-module", world.softhsm.module, "--token-label",
+              world.new_token()[0], "--trust-anchor-certificate", anchor, "--account-id", "999999999999")
 
     # What cannot be used is refused up front, with a message that says why.
     missing = tmp_path / "no-such-module.so"
     stderr = cli.fails("ValidationException", "create-hsm-cluster", "--pkcs11-module", str(missing),
-                       "--token-label", label, "--trust-anchor-certificate", anchor)
+                       "--token-label", label, "--trust-anchor-certificate", anchor, "--account-id", tenant.account_id)
     assert str(missing) in stderr
     stderr = cli.fails("ValidationException", "create-hsm-cluster", "--pkcs11-module", world.softhsm.module,
-                       "--token-label", "no-such-token", "--trust-anchor-certificate", anchor)
+                       "--token-label", "no-such-token", "--trust-anchor-certificate", anchor,
+                       "--account-id", tenant.account_id)
     assert "no-such-token" in stderr
     (tmp_path / "not-a-cert.txt").write_text("just some text\n")
     refused = []
@@ -98,7 +106,8 @@ def test_operator_manages_hsm_clusters_with_the_cli(world: HsmWorld, tenant: Ten
         fresh, _ = world.new_token()  # a token that could be registered: only the certificate is wrong
         refused.append(fresh)
         stderr = cli.fails("ValidationException", "create-hsm-cluster", "--pkcs11-module", world.softhsm.module,
-                           "--token-label", fresh, "--trust-anchor-certificate", f"file://{bad}")
+                           "--token-label", fresh, "--trust-anchor-certificate", f"file://{bad}",
+                           "--account-id", tenant.account_id)
         assert "certificate" in stderr.lower()
     listed = cli("list-hsm-clusters")["Clusters"]
     assert [c["ClusterId"] for c in listed if c["TokenLabel"] in (label, *refused)] == [cluster_id]
@@ -119,14 +128,14 @@ def test_operator_manages_hsm_clusters_with_the_cli(world: HsmWorld, tenant: Ten
 
 def test_only_operators_manage_hsm_clusters(world: HsmWorld, tenant: Tenant, tmp_path: Path) -> None:
     cli = AdminCli(world.server, [])
-    cluster = world.cluster()
+    cluster = world.cluster(tenant.kms)
     account_admin = world.tenant(admin=True)
     label, _ = world.new_token()
     for who in (tenant, account_admin):
         creds = write_credentials(tmp_path / f"creds-{who.account_id}", who.access_key_id, who.secret)
         cli.fails("AccessDeniedException", "create-hsm-cluster", "--pkcs11-module", world.softhsm.module,
                   "--token-label", label, "--trust-anchor-certificate", f"file://{world.anchor_file}",
-                  credentials=creds)
+                  "--account-id", who.account_id, credentials=creds)
         cli.fails("AccessDeniedException", "list-hsm-clusters", credentials=creds)
         cli.fails("AccessDeniedException", "describe-hsm-cluster", "--cluster-id", cluster.cluster_id,
                   credentials=creds)
@@ -141,7 +150,7 @@ def test_only_operators_manage_hsm_clusters(world: HsmWorld, tenant: Tenant, tmp
 
 def test_create_custom_key_store_checks(world: HsmWorld, tenant: Tenant) -> None:
     kms = tenant.kms
-    first, second = world.cluster(), world.cluster()
+    first, second = world.cluster(kms), world.cluster(kms)
 
     def create(name: str, cluster_id: str, anchor: str = world.anchor, password: str = PIN) -> Any:
         return kms.create_custom_key_store(CustomKeyStoreName=name, CloudHsmClusterId=cluster_id,
@@ -163,28 +172,37 @@ def test_create_custom_key_store_checks(world: HsmWorld, tenant: Tenant) -> None
     listed = kms.describe_custom_key_stores()["CustomKeyStores"]
     assert {s["CustomKeyStoreName"]: s["CustomKeyStoreId"] for s in listed} == {"payments": store}
 
-    # Names and clusters are per account: another account may use the same name.
+    # Names are per account: another account may use the same name, on a cluster of its own. A
+    # cluster registered for one account does not exist for any other (not even unused, and with
+    # the right certificate and PIN): no tenant can log in to another's token.
     other = world.tenant()
-    theirs = other.kms.create_custom_key_store(CustomKeyStoreName="payments", CloudHsmClusterId=second.cluster_id,
+    for cluster in (first, second):
+        fails("CloudHsmClusterNotFoundException", other.kms.create_custom_key_store, CustomKeyStoreName="payments",
+              CloudHsmClusterId=cluster.cluster_id, TrustAnchorCertificate=world.anchor, KeyStorePassword=PIN)
+    theirs = other.kms.create_custom_key_store(CustomKeyStoreName="payments",
+                                               CloudHsmClusterId=world.cluster(other.kms).cluster_id,
                                                TrustAnchorCertificate=world.anchor, KeyStorePassword=PIN)
     assert theirs["CustomKeyStoreId"] != store
+    theirs_id = theirs["CustomKeyStoreId"]
+    fails("CloudHsmClusterNotFoundException", other.kms.update_custom_key_store, CustomKeyStoreId=theirs_id,
+          CloudHsmClusterId=second.cluster_id)
 
 
 def test_at_most_ten_key_stores_per_account(world: HsmWorld, tenant: Tenant) -> None:
     for i in range(10):
         world.key_store(tenant.kms, connect=False, name=f"store-{i}")
-    cluster = world.cluster()
+    cluster = world.cluster(tenant.kms)
     fails("LimitExceededException", tenant.kms.create_custom_key_store, CustomKeyStoreName="eleventh",
           CloudHsmClusterId=cluster.cluster_id, TrustAnchorCertificate=world.anchor, KeyStorePassword=PIN)
     assert len(tenant.kms.describe_custom_key_stores()["CustomKeyStores"]) == 10
     # Another account is not limited by this one's stores.
-    world.key_store(world.tenant().kms, cluster, connect=False)
+    world.key_store(world.tenant().kms, connect=False)
 
 
 def test_describe_custom_key_stores(world: HsmWorld, tenant: Tenant) -> None:
     kms = tenant.kms
     secret = "pin-" + secrets.token_hex(6)
-    cluster = world.cluster(pin=secret)
+    cluster = world.cluster(kms, pin=secret)
     store = world.key_store(kms, cluster, connect=False)
     by_id = kms.describe_custom_key_stores(CustomKeyStoreId=store.cks_id)
     [entry] = by_id["CustomKeyStores"]
@@ -244,7 +262,7 @@ def test_connect_and_disconnect(world: HsmWorld, tenant: Tenant) -> None:
     fails(STORE_STATE, kms.disconnect_custom_key_store, CustomKeyStoreId=store.cks_id)
 
     # A wrong password: the login is tried at once; the call succeeds and the store shows why it failed.
-    wrong = world.key_store(kms, world.cluster(pin="the-real-pin"), password="not-the-pin", connect=False)
+    wrong = world.key_store(kms, world.cluster(kms, pin="the-real-pin"), password="not-the-pin", connect=False)
     kms.connect_custom_key_store(CustomKeyStoreId=wrong.cks_id)
     entry = describe_store(kms, wrong.cks_id)
     assert (entry["ConnectionState"], entry.get("ConnectionErrorCode")) == ("FAILED", "INVALID_CREDENTIALS")
@@ -257,16 +275,18 @@ def test_connect_and_disconnect(world: HsmWorld, tenant: Tenant) -> None:
 
 def test_update_custom_key_store(world: HsmWorld, tenant: Tenant) -> None:
     kms = tenant.kms
-    home, sibling, unrelated = world.cluster(), world.cluster(), world.cluster(anchor=world.other_anchor)
+    home, sibling, unrelated = world.cluster(kms), world.cluster(kms), world.cluster(kms, anchor=world.other_anchor)
     store = world.key_store(kms, home)
     taken = world.key_store(kms, connect=False)
     cks = store.cks_id
 
-    # Every change needs the store DISCONNECTED.
-    for change in ({"NewCustomKeyStoreName": "renamed"}, {"KeyStorePassword": "another-pin"},
-                   {"CloudHsmClusterId": sibling.cluster_id}):
+    # The password and the cluster change only while DISCONNECTED (the name also while CONNECTED).
+    for change in ({"KeyStorePassword": "another-pin"}, {"CloudHsmClusterId": sibling.cluster_id},
+                   {"NewCustomKeyStoreName": "renamed", "KeyStorePassword": "another-pin"}):
         fails(STORE_STATE, kms.update_custom_key_store, CustomKeyStoreId=cks, **change)
     assert describe_store(kms, cks)["CustomKeyStoreName"] == store.name
+    kms.update_custom_key_store(CustomKeyStoreId=cks, NewCustomKeyStoreName="connected-rename")
+    assert describe_store(kms, cks)["CustomKeyStoreName"] == "connected-rename"
     kms.disconnect_custom_key_store(CustomKeyStoreId=cks)
 
     kms.update_custom_key_store(CustomKeyStoreId=cks, NewCustomKeyStoreName="renamed")
@@ -604,10 +624,14 @@ def test_token_goes_away_and_comes_back(world: HsmWorld, tenant: Tenant, tmp_pat
     finally:
         shutil.move(str(away), str(store.cluster.token_dir))
 
-    # Back: both stores serve again, without a restart and without a reconnect.
+    # Back: both stores serve again, without a restart and without a reconnect (a token that was
+    # away is looked for again within 5 s: RETRY_AFTER).
     for what, sealed in (("the store whose token came back", blob), ("the other store", other_blob)):
-        code = error_code(kms.decrypt, CiphertextBlob=sealed, EncryptionContext=CONTEXT)
-        assert code is None, f"after the token came back, Decrypt through {what} failed with {code}"
+        try:
+            wait_until(lambda s=sealed: error_code(kms.decrypt, CiphertextBlob=s, EncryptionContext=CONTEXT) is None,
+                       8, interval=0.25)
+        except AssertionError:
+            raise AssertionError(f"after the token came back, Decrypt through {what} still fails") from None
     kms.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
     assert describe_store(kms, store.cks_id)["ConnectionState"] == "CONNECTED"
     assert world.server.proc is not None and world.server.proc.pid == pid  # no restart
@@ -624,7 +648,7 @@ def test_other_clusters_and_connections_leave_a_connected_store_alone(world: Hsm
     neighbour = world.tenant().kms
     neighbours_store = world.key_store(neighbour, connect=False)
     events = {
-        "the operator registered a new cluster": lambda: world.cluster(),
+        "the operator registered a new cluster": lambda: world.cluster(neighbour),
         "another account connected a store": lambda: world.key_store(neighbour),
         "another account failed to connect a store": lambda: world.key_store(neighbour, password="not-the-pin"),
         "another account connected a store again": lambda: (
@@ -646,7 +670,7 @@ def test_other_clusters_and_connections_leave_a_connected_store_alone(world: Hsm
 def test_pins_stay_out_of_logs_files_and_the_store(world: HsmWorld, tenant: Tenant) -> None:
     kms = tenant.kms
     first, second, wrong = ("pin-" + secrets.token_hex(8) for _ in range(3))
-    store = world.key_store(kms, world.cluster(pin=first))
+    store = world.key_store(kms, world.cluster(kms, pin=first))
     key = hsm_key(kms, store)
     kms.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
     # A new PIN, set in the token and then in the store; and a store with a wrong one.
@@ -763,7 +787,7 @@ def test_two_nodes_follow_a_move_to_another_cluster(softhsm: SoftHsm, two_nodes:
     world = HsmWorld(a, softhsm, tmp_path)
     kms_a = a.client(retry=False)
     kms_b = b.client(a.access_key_id, a.secret_access_key, retry=False)
-    home, sibling = world.cluster(), world.cluster()
+    home, sibling = world.cluster(kms_a), world.cluster(kms_a)
     store = world.key_store(kms_a, home)
     old = hsm_key(kms_a, store)
     wait_until(lambda: error_code(kms_b.encrypt, KeyId=old["KeyId"], Plaintext=b"x") is None, 3)  # B uses `home`

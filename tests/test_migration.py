@@ -8,8 +8,9 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from openkms.model import Account, Principal
+from openkms.model import Account, ConnectionState, CustomKeyStore, HsmCluster, Principal
 from openkms.storage import Store
+from openkms.storage.schema import SCHEMA_VERSION
 
 
 def test_v3_store_gets_two_levels_of_administration(store_url: str | None, tmp_path: Path) -> None:
@@ -39,8 +40,42 @@ def test_v3_store_gets_two_levels_of_administration(store_url: str | None, tmp_p
             version = tx.meta.get("schema_version")
         assert levels == {"app@111111111111": "user", "admin@111111111111": "operator",
                           "admin@222222222222": "account-admin"}
-        assert version == b"5"
+        assert version == str(SCHEMA_VERSION).encode()
         assert tx_columns(store, "kms_keys") >= {"custom_key_store_id"}
+    finally:
+        store.close()
+
+
+def test_v5_clusters_go_to_the_account_of_their_key_store(store_url: str | None, tmp_path: Path) -> None:
+    """Before v6 an HSM cluster served any account. Upgrading gives each cluster to the account of
+    its key store (the lowest account id if several accounts made one on it); a cluster with no
+    store serves no account until the operator registers it again."""
+    url = store_url or f"sqlite:///{tmp_path / 'openkms.db'}"
+    store = Store.open(url)
+    t0 = datetime.now(UTC)
+    a, b = "311111111111", "322222222222"
+    with store.begin() as tx:
+        for account in (a, b):
+            tx.accounts.insert(Account(account, account, t0))
+        for cluster in ("cluster-shared00000", "cluster-unused00000", "cluster-ofb00000000"):
+            tx.clusters.insert(HsmCluster(cluster, "/lib/p11.so", cluster[-8:], "PEM", t0, None))
+        for cks, account, cluster in (("cks-1", b, "cluster-shared00000"), ("cks-2", a, "cluster-shared00000"),
+                                      ("cks-3", b, "cluster-ofb00000000")):
+            tx.key_stores.insert(CustomKeyStore(cks, account, cks, "AWS_CLOUDHSM", cluster,
+                                                ConnectionState.DISCONNECTED, None, t0), b"sealed")
+        tx.conn.execute(text("ALTER TABLE hsm_clusters DROP COLUMN account_id"))
+        tx.conn.execute(text("UPDATE openkms_meta SET value = :v WHERE name = 'schema_version'"), {"v": b"5"})
+    store.close()
+
+    store = Store.open(url)
+    try:
+        with store.begin() as tx:
+            owners = {c.cluster_id: c.account_id for c in tx.clusters.all()}
+            version = tx.meta.get("schema_version")
+            stores = {s.custom_key_store_id for s in tx.key_stores.for_account(b, None, 10)}
+        assert owners == {"cluster-shared00000": a, "cluster-unused00000": None, "cluster-ofb00000000": b}
+        assert version == str(SCHEMA_VERSION).encode()
+        assert stores == {"cks-1", "cks-3"}  # nothing is lost: B's store on A's cluster stays (it cannot connect)
     finally:
         store.close()
 

@@ -5,7 +5,9 @@ First start with --root-pkcs11-*: the token holds a non-extractable AES key that
 the store only the wrapped root key, no root.key file exists; restarts unwrap it in the token;
 without the token the start fails at once with one line and changes nothing; `openkms root
 migrate` moves the root key to a file, a passphrase and back to a token, and what was encrypted
-first still decrypts at every step, while the old source stops opening the store.
+first still decrypts at every step, while the old source stops opening the store. A token key that
+cannot give the root key back (one that may encrypt but not decrypt) is refused before anything is
+recorded, by `migrate` and by a first start alike, and a failure on the way says so in one line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,27 @@ def migrate(data: Path, store_url: str | None, target: str, *args: str, **env: s
         cmd += ["--storage-url", store_url]
     return subprocess.run([*cmd, *args], env={**base, **env}, capture_output=True, text=True, timeout=120,
                           check=False)
+
+
+def encrypt_only_key(hsm: SoftHsm, label: str, key_label: str = "openkms-root") -> None:
+    """An AES-256 key that may encrypt but not decrypt (CKA_DECRYPT false), made as an operator
+    might by mistake; pkcs11-tool cannot make one, so python-pkcs11 does, in a process of its own."""
+    script = (
+        "import sys, pkcs11\n"
+        "module, token, pin, label = sys.argv[1:]\n"
+        "a = pkcs11.Attribute\n"
+        "with pkcs11.lib(module).get_token(token_label=token).open(user_pin=pin, rw=True) as s:\n"
+        "    s.generate_key(pkcs11.KeyType.AES, 256, label=label, store=True, template={\n"
+        "        a.TOKEN: True, a.PRIVATE: True, a.SENSITIVE: True, a.EXTRACTABLE: False,\n"
+        "        a.ENCRYPT: True, a.DECRYPT: False})\n")
+    subprocess.run([sys.executable, "-c", script, hsm.module, label, PIN, key_label], env={**os.environ, **hsm.env()},
+                   check=True, capture_output=True, timeout=60)
+
+
+def one_line(out: subprocess.CompletedProcess[str]) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr and PIN not in out.stderr, out.stderr
+    return lines[0]
 
 
 def refused(server: ServerProcess) -> str:
@@ -127,3 +150,71 @@ def test_migrate_refuses_while_the_server_runs_and_says_why(softhsm: SoftHsm, tm
         assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert migrate(tmp_path / "nothing", None, "file").returncode == 2
 
+
+def test_migrate_refuses_a_token_key_that_cannot_unwrap(softhsm: SoftHsm, tmp_path: Path,
+                                                        store_url: str | None) -> None:
+    label = softhsm.init_token(pin=PIN)
+    encrypt_only_key(softhsm, label)
+    data = tmp_path / "data"
+    server = ServerProcess(data, storage_url=store_url, env=bootstrap_env())  # a root key file
+    server.start()
+    try:
+        kms = server.client()
+        key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+        blob = kms.encrypt(KeyId=key_id, Plaintext=b"sealed under a root key file")["CiphertextBlob"]
+    finally:
+        server.stop()
+    before = tree_digest(data)
+
+    # The token wraps the root key but cannot unwrap it: refused before the store is changed, and
+    # root.key is kept (it was shredded, and the store lost for good).
+    out = migrate(data, store_url, "pkcs11", *pkcs11_flags(softhsm, label, prefix="pkcs11"),
+                  OPENKMS_NEW_ROOT_PKCS11_PIN=PIN)
+    line = one_line(out)
+    assert out.returncode == 2 and "does not give the root key back" in line and "nothing was changed" in line, line
+    assert (data / "root.key").exists() and tree_digest(data) == before
+    assert decrypts(ServerProcess(data, storage_url=store_url), blob) == b"sealed under a root key file"
+    refused(ServerProcess(data, storage_url=store_url, env={"OPENKMS_ROOT_PKCS11_PIN": PIN},
+                          extra_args=pkcs11_flags(softhsm, label)))
+
+
+def test_a_token_key_that_cannot_unwrap_stops_a_start_in_one_line(softhsm: SoftHsm, tmp_path: Path) -> None:
+    label = softhsm.init_token(pin=PIN)
+    encrypt_only_key(softhsm, label)
+    hsm_env = {**bootstrap_env(), "OPENKMS_ROOT_PKCS11_PIN": PIN}
+    data = tmp_path / "data"
+
+    # A first start with it records nothing (it recorded a root key no start could unwrap) ...
+    line = refused(ServerProcess(data, env=hsm_env, extra_args=pkcs11_flags(softhsm, label)))
+    assert "cannot wrap and unwrap the root key" in line, line
+    # ... so the store can still be made with a good key.
+    good = ServerProcess(data, env=hsm_env, extra_args=pkcs11_flags(softhsm, label, "good"))
+    good.start()
+    good.stop()
+
+    # A token whose key was replaced by one that cannot decrypt: one line, not a traceback.
+    deleted = softhsm.tool(label, PIN, "--delete-object", "--type", "secrkey", "--label", "good")
+    assert deleted.returncode == 0, deleted.stderr
+    encrypt_only_key(softhsm, label, "good")
+    line = refused(ServerProcess(data, env={"OPENKMS_ROOT_PKCS11_PIN": PIN},
+                                 extra_args=pkcs11_flags(softhsm, label, "good")))
+    assert "cannot wrap and unwrap the root key" in line and PIN not in line, line
+
+
+def test_a_failing_migration_says_so_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    passphrase = {"OPENKMS_ROOT_PASSPHRASE": "a long passphrase"}
+    server = ServerProcess(data, env={**bootstrap_env(), **passphrase})
+    server.start()
+    try:
+        kms = server.client()
+        blob = kms.encrypt(KeyId=kms.create_key()["KeyMetadata"]["KeyId"], Plaintext=b"kept")["CiphertextBlob"]
+    finally:
+        server.stop()
+    before = tree_digest(data)
+    (data / "root.tmp").mkdir()  # where root.key is written before it is renamed into place
+    out = migrate(data, None, "file", **passphrase)
+    line = one_line(out)
+    assert out.returncode == 2 and line.startswith("openkms root migrate: ") and "root.tmp" in line, line
+    assert not (data / "root.key").exists() and tree_digest(data) == before
+    assert decrypts(ServerProcess(data, env=passphrase), blob) == b"kept"

@@ -217,6 +217,9 @@ class HsmCluster:
     token_label: str
     trust_anchor: str  # PEM certificate; a key store on the cluster must present the same one
     created: datetime
+    # The tenant the cluster is registered for: only its account may make a key store on it (in
+    # AWS a cluster belongs to one account). None only for a cluster registered before schema v6.
+    account_id: str | None
 
 
 class ConnectionState(str, enum.Enum):

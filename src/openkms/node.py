@@ -113,7 +113,9 @@ def serving_node(settings: Settings) -> Node:
         chain = node_id(settings.data_dir)
         node.audit = AuditLog(node.store, node.root, chain, settings.audit_digest_interval, node.usage,
                               settings.data_dir / "audit-digests" / f"{chain}.jsonl")
-        node.admin = AdminAPI(node.accounts, node.store, node.audit)
+        root_token = (settings.root_pkcs11_module, settings.root_pkcs11_token_label or "") \
+            if settings.root_pkcs11_module else None
+        node.admin = AdminAPI(node.accounts, node.store, node.audit, root_token)
     except BaseException:
         node.close()
         raise

@@ -14,20 +14,29 @@ Three sources, chosen at the store's first start and recorded in it with a check
 Opening checks the root against the store before anything else is written: a wrong or missing
 source stops the start with one clear line and changes nothing. `migrate` (with the server
 stopped) re-wraps only the root key for another source, never the key material; the old source
-stops opening the store, and a root key file migrated away from is deleted.
+stops opening the store, and a root key file migrated away from is deleted. It re-wraps the same
+root key, it does not rotate it: whatever opened the store before (an old passphrase with a
+backup's salt, a copy of root.key) still opens its data.
+
+Nothing is recorded that has not been read back first: a wrapped root key is unwrapped again by
+the same source and compared with the root key before the store is changed, and the store is
+opened again with the new source before an old key file is deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
 from .crypto import root as rootkey
-from .errors import ConfigurationError, InvalidCiphertextException, KeyStoreUnavailable
+from .errors import ConfigurationError, InvalidCiphertextException, KeyStoreUnavailable, KMSError
 from .model import SecretStr
 from .storage import Store
 
@@ -90,12 +99,22 @@ class Pkcs11Root:
             raise ConfigurationError(f"cannot open the root key's token: {getattr(exc, 'message', exc)}") from None
         except p11.exceptions.PKCS11Error as exc:
             raise ConfigurationError(f"the root key's token refused: {type(exc).__name__}") from None
+        except (AttributeError, TypeError):
+            # python-pkcs11 offers only the calls a key's attributes allow: a key that may not
+            # decrypt (CKA_DECRYPT false), or one of another type, has no `decrypt` at all.
+            raise ConfigurationError(f"the {self.where()} cannot wrap and unwrap the root key: it must be an "
+                                     "AES-256 key allowed to encrypt and decrypt") from None
 
     def wrap(self, root: bytes) -> bytes:
         iv = os.urandom(12)
         sealed = self._run(lambda p11, key: key.encrypt(root, mechanism=p11.Mechanism.AES_GCM,
                                                         mechanism_param=p11.mechanisms.GCMParams(iv, WRAP_AAD, 128)),
                            create=True)
+        if len(sealed) != len(root) + 16:
+            # Some HSMs in FIPS mode ignore the IV given and append one of their own to the output.
+            raise ConfigurationError(f"the {self.where()} returned {len(sealed)} bytes of AES-GCM output for a "
+                                     f"{len(root)}-byte root key, not {len(root) + 16}: the token may choose "
+                                     "its own GCM IV (FIPS mode), which openkms cannot use")
         return WRAP_FORMAT_V1 + iv + sealed
 
     def unwrap(self, wrapped: bytes) -> bytes:
@@ -195,7 +214,8 @@ def _create(settings: Settings, store: Store) -> rootkey.RootKey:
         hsm = Pkcs11Root.from_settings(settings)
         assert hsm is not None
         root = rootkey.RootKey(os.urandom(rootkey.ROOT_KEY_BYTES), "pkcs11")
-        wrapped = hsm.wrap(_raw(root))
+        sealed = wrapped = hsm.wrap(_raw(root))
+        _round_trip(_raw(root), lambda: hsm.unwrap(sealed), "the token key")
     elif source == "passphrase":
         salt = rootkey.new_salt()
         root = rootkey.from_passphrase(settings.root_passphrase, salt)
@@ -209,9 +229,45 @@ def _raw(root: rootkey.RootKey) -> bytes:
     return root.reveal_for_migration()
 
 
+def _round_trip(raw: bytes, read_back: Callable[[], bytes], source: str) -> None:
+    """Refuse, before anything is recorded, a source that does not give back the root key it was
+    given (a token key that may encrypt but not decrypt, a token that picks its own GCM IV, ...)."""
+    try:
+        back = read_back()
+    except (ConfigurationError, InvalidCiphertextException) as exc:
+        raise ConfigurationError(f"{source} does not give the root key back ({str(exc) or 'it fails to open it'}); "
+                                 "nothing was changed") from None
+    if not hmac.compare_digest(back, raw):
+        raise ConfigurationError(f"{source} gives back another key than the root key; nothing was changed")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, KMSError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _only_source(settings: Settings, target: str, new: Settings) -> Settings:
+    """`settings` (where the store is) with no root key source but the `target` one `new` describes:
+    what `openkms serve` will be given once the migration is done."""
+    if target == "pkcs11":
+        return dataclasses.replace(settings, root_passphrase="", root_pkcs11_module=new.root_pkcs11_module,
+                                   root_pkcs11_token_label=new.root_pkcs11_token_label,
+                                   root_pkcs11_key_label=new.root_pkcs11_key_label,
+                                   root_pkcs11_pin=new.root_pkcs11_pin)
+    return dataclasses.replace(settings, root_passphrase=new.root_passphrase if target == "passphrase" else "",
+                               root_pkcs11_module="", root_pkcs11_token_label="", root_pkcs11_pin="")
+
+
 def migrate(settings: Settings, store: Store, target: str, target_settings: Settings) -> str:
     """Re-wrap the root key for `target` (the server stopped); returns a line saying what was done.
-    `settings` opens the store as it is; `target_settings` describes the new source."""
+    `settings` opens the store as it is; `target_settings` describes the new source.
+
+    The new source must give the root key back before the store is changed, and must open the
+    store after it is changed before an old root key file is deleted. A ConfigurationError says
+    what happened; once the store is changed, it starts with "the migration is committed"."""
     if target not in SOURCES:
         raise ConfigurationError(f"no root key source {target!r}: one of {', '.join(SOURCES)}")
     root = open_root(settings, store)
@@ -220,29 +276,59 @@ def migrate(settings: Settings, store: Store, target: str, target_settings: Sett
     key_file = settings.data_dir / "root.key"
     if target == old and target != "pkcs11":
         raise ConfigurationError(f"the root key already comes from a {target} source")
+    salt: bytes | None = None
+    wrapped: bytes | None = None
     if target == "pkcs11":
         hsm = Pkcs11Root.from_settings(target_settings)
         if hsm is None:
             raise ConfigurationError("migrating to pkcs11 needs --pkcs11-module, --pkcs11-token-label and "
                                      "OPENKMS_NEW_ROOT_PKCS11_PIN")
-        _record(store, "pkcs11", root, None, hsm.wrap(raw), first=False)
+        sealed = wrapped = hsm.wrap(raw)
+        _round_trip(raw, lambda: hsm.unwrap(sealed), "the new token key")
         done = f"the root key is now wrapped by the {hsm.where()}"
     elif target == "passphrase":
-        if not target_settings.root_passphrase:
+        passphrase = target_settings.root_passphrase
+        if not passphrase:
             raise ConfigurationError("migrating to a passphrase needs OPENKMS_NEW_ROOT_PASSPHRASE")
-        salt = rootkey.new_salt()
-        wrapped = rootkey.from_passphrase(target_settings.root_passphrase, salt).seal(raw, WRAP_AAD)
-        _record(store, "passphrase", root, salt, wrapped, first=False)
+        new_salt = salt = rootkey.new_salt()
+        sealed = wrapped = rootkey.from_passphrase(passphrase, new_salt).seal(raw, WRAP_AAD)
+        _round_trip(raw, lambda: rootkey.from_passphrase(passphrase, new_salt).unseal(sealed, WRAP_AAD),
+                    "the new passphrase")
         done = "the root key is now wrapped under the new passphrase"
     else:
         if key_file.exists():
             raise ConfigurationError(f"{key_file} exists already: move it away first")
         rootkey.write_key_file(key_file, raw)
-        _record(store, "file", root, None, None, first=False)
+        try:
+            _round_trip(raw, lambda: _raw(rootkey.load_key_file(key_file, create=False)), f"the new {key_file}")
+        except ConfigurationError:
+            with contextlib.suppress(OSError):
+                _shred(key_file)
+            raise
         done = f"the root key is now in {key_file} (mode 0600): back it up apart from the store"
-    if old == "file" and target != "file":
-        with contextlib.suppress(FileNotFoundError):
+    _record(store, target, root, salt, wrapped, first=False)
+
+    # From here on the store holds the new source: say so whatever fails.
+    committed = f"the migration is committed ({done})"
+    shred = old == "file" and target != "file"
+    try:
+        reopened = _raw(open_root(_only_source(settings, target, target_settings), store))
+        reason = "" if hmac.compare_digest(reopened, raw) else "it opens another root key"
+    except (ConfigurationError, KMSError, OSError) as exc:
+        reason = _reason(exc)
+    if reason:
+        left = (f"{key_file} is kept: delete it by hand once `openkms serve` opens the store with the new source"
+                if shred else "check the new source before starting the server")
+        raise ConfigurationError(f"{committed}, but the store did not open again with the new source ({reason}); "
+                                 f"{left}")
+    if shred:
+        try:
             _shred(key_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigurationError(f"{committed}, but {key_file} could not be deleted ({_reason(exc)}): "
+                                     "delete it by hand") from None
         done += f"; {key_file} is deleted"
     return done
 

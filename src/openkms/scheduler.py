@@ -1,5 +1,7 @@
-"""Periodic work of a serving node, on its event loop: the service's scheduled work (deletions,
-rotations, expiries), archiving old audit records, and the audit log's ticks (digests, recovery)."""
+"""Periodic work of a serving node, started from its event loop: the service's scheduled work
+(deletions, rotations, expiries), archiving old audit records, and the audit log's ticks (digests,
+recovery). The scheduled work and the archiving run off the loop: they read and write the store,
+and deleting a key of a custom key store waits on its HSM."""
 
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ class Scheduler:
         settings = self.node.settings
         while True:
             try:
-                done = run_scheduled_work(self.node.service)
+                loop = asyncio.get_running_loop()
+                done = await loop.run_in_executor(None, run_scheduled_work, self.node.service)
                 for what, key_ids in done.items():
                     if key_ids:
                         log.info("scheduler: %s %d key(s)", what, len(key_ids))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ OPERATIONS: dict[str, AdminOperation] = {
     "GetAuditPublicKey": AdminOperation({}, Scope.ANY),
     "CreateAuditDigest": AdminOperation({}, Scope.OPERATOR),
     # HSM clusters: PKCS#11 tokens that tenants' custom key stores (AWS_CLOUDHSM) may use.
+    # A cluster is registered for one tenant account (AccountId), as a CloudHSM cluster belongs to one.
     "CreateHsmCluster": AdminOperation({"Pkcs11Module": (str, True), "TokenLabel": (str, True),
-                                        "TrustAnchorCertificate": (str, True)}, Scope.OPERATOR),
+                                        "TrustAnchorCertificate": (str, True), "AccountId": (str, True)},
+                                       Scope.OPERATOR),
     "ListHsmClusters": AdminOperation({}, Scope.OPERATOR),
     "DescribeHsmCluster": AdminOperation({"ClusterId": (str, True)}, Scope.OPERATOR),
     "DeleteHsmCluster": AdminOperation({"ClusterId": (str, True)}, Scope.OPERATOR),
@@ -134,10 +137,12 @@ def user_view(u: Principal) -> dict[str, Any]:
 
 
 class AdminAPI:
-    def __init__(self, accounts: Accounts, store: Store, audit: AuditLog) -> None:
+    def __init__(self, accounts: Accounts, store: Store, audit: AuditLog,
+                 root_token: tuple[str, str] | None = None) -> None:
         self.accounts = accounts
         self.store = store
         self.audit = audit
+        self.root_token = root_token  # (module, token label) of the root key's token, never a cluster
         self._handlers: dict[str, Callable[[Caller, dict[str, Any]], dict[str, Any]]] = {
             "CreateAccount": self._create_account,
             "DeleteAccount": self._delete_account,
@@ -336,21 +341,27 @@ class AdminAPI:
     def _create_hsm_cluster(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         if not is_certificate(p["TrustAnchorCertificate"]):
             raise ValidationException("TrustAnchorCertificate is not a PEM certificate.")
+        self.accounts.account(p["AccountId"])  # NotFoundException
+        token = (os.path.realpath(p["Pkcs11Module"]), p["TokenLabel"])
+        if self.root_token is not None and token == (os.path.realpath(self.root_token[0]), self.root_token[1]):
+            raise ValidationException("That token holds the root key: it cannot back custom key stores.")
         try:
             check_token(p["Pkcs11Module"], p["TokenLabel"])
         except ConnectError as exc:
             raise ValidationException(f"The HSM cannot be used: {exc.message}.") from None
         with self.store.begin() as tx:
-            if any((c.module_path, c.token_label) == (p["Pkcs11Module"], p["TokenLabel"]) for c in tx.clusters.all()):
+            if any((os.path.realpath(c.module_path), c.token_label) == token for c in tx.clusters.all()):
                 raise AlreadyExistsException(f"Token {p['TokenLabel']} of {p['Pkcs11Module']} is registered already.")
             cluster = HsmCluster("cluster-" + "".join(secrets.choice(CLUSTER_ID_CHARS) for _ in range(11)),
-                                 p["Pkcs11Module"], p["TokenLabel"], p["TrustAnchorCertificate"], datetime.now(UTC))
+                                 p["Pkcs11Module"], p["TokenLabel"], p["TrustAnchorCertificate"], datetime.now(UTC),
+                                 p["AccountId"])
             tx.clusters.insert(cluster)
         return {"ClusterId": cluster.cluster_id}
 
     @staticmethod
     def _cluster_view(c: HsmCluster, key_stores: list[str]) -> dict[str, Any]:
-        return {"ClusterId": c.cluster_id, "Pkcs11Module": c.module_path, "TokenLabel": c.token_label,
+        return {"ClusterId": c.cluster_id, "AccountId": c.account_id, "Pkcs11Module": c.module_path,
+                "TokenLabel": c.token_label,
                 "TrustAnchorCertificate": c.trust_anchor, "CreationDate": c.created.timestamp(),
                 "CustomKeyStoreIds": key_stores}
 

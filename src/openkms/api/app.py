@@ -94,6 +94,7 @@ class App:
         error: KMSError | None = None
         noted: dict[str, Any] = {}  # the redacted request, recorded for failed calls too
         touched = audit_context.touched.set([])
+        request = audit_context.current_request.set(None)
         routed = None if is_sts else self.dispatch.route(target)
         api: JsonApi | None = routed[0] if routed else None
         name = sts.action_of(body)[:64] if is_sts else routed[1] if routed else ""
@@ -126,6 +127,7 @@ class App:
             principal, access_key_id = self.verifier.verify(method, path, query, headers, body,
                                                             service="sts" if is_sts else "kms")
             caller = Caller(principal, access_key_id, source_ip)
+            audit_context.current_request.set(audit_context.RequestInfo(request_id, name, principal.arn))
             if is_sts:
                 _, data = sts.call(caller, body, request_id)
                 status = 200
@@ -145,6 +147,7 @@ class App:
         finally:
             resources = audit_context.touched.get() or []
             audit_context.touched.reset(touched)
+            audit_context.current_request.reset(request)
             before_commit.reset(hook)
         if access_key_id is None:
             m = _CREDENTIAL_RE.search(headers.get("authorization", ""))
@@ -209,8 +212,7 @@ class App:
                             ) -> Response | None:
         """The response to send; or None when it has been sent already through `send`, which an
         audited call uses to answer the moment its record is durable."""
-        routed = self.dispatch.route(headers.get("x-amz-target", ""))
-        if routed is not None and routed[0].blocking(routed[1], self._caller_account(headers), body):
+        if self._blocking(headers, body):
             response, event, intent = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, method, path, query, headers, body, client)
         else:
@@ -235,6 +237,18 @@ class App:
         if not outcome:  # the audit log failed without calling back
             return _refusal(response)
         return None if send is not None else outcome[0]
+
+    def _blocking(self, headers: dict[str, str], body: bytes) -> bool:
+        """Whether the request runs off the event loop. Deciding may read the store (the caller's
+        account, whether a key is in a custom key store); if that fails, the request runs off the
+        loop, where `handle` answers whatever goes wrong with an AWS error and an audit record."""
+        routed = self.dispatch.route(headers.get("x-amz-target", ""))
+        if routed is None:
+            return False
+        try:
+            return routed[0].blocking(routed[1], self._caller_account(headers), body)
+        except Exception:
+            return True
 
     def _caller_account(self, headers: dict[str, str]) -> str | None:
         """The account of the access key a request names (unverified: only to route it)."""

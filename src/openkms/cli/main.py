@@ -55,6 +55,11 @@ def _serve(args: argparse.Namespace) -> int:
             accounts = node.accounts.list_accounts()
         finally:
             node.close()
+            # The worker process is forked from this one and opens every PKCS#11 module itself
+            # (PKCS#11 forbids a child to use its parent's sessions): leave none initialised.
+            from ..keystore.pkcs11 import Module
+
+            Module.finalize_all()
     except ConfigurationError as exc:
         return cannot_start(str(exc))
     except KMSError as exc:
@@ -172,7 +177,9 @@ ADMIN_COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "create-hsm-cluster": ("CreateHsmCluster", [
         ("--pkcs11-module", {"required": True, "dest": "Pkcs11Module"}),
         ("--token-label", {"required": True, "dest": "TokenLabel"}),
-        ("--trust-anchor-certificate", {"required": True, "dest": "TrustAnchorCertificate", "type": _document})]),
+        ("--trust-anchor-certificate", {"required": True, "dest": "TrustAnchorCertificate", "type": _document}),
+        ("--account-id", {"required": True, "dest": "AccountId",
+                          "help": "the tenant account whose custom key stores may use the token"})]),
     "list-hsm-clusters": ("ListHsmClusters", []),
     "describe-hsm-cluster": ("DescribeHsmCluster", [("--cluster-id", {"required": True, "dest": "ClusterId"})]),
     "delete-hsm-cluster": ("DeleteHsmCluster", [("--cluster-id", {"required": True, "dest": "ClusterId"})]),
@@ -294,11 +301,19 @@ def _add_root_pkcs11_options(parser: argparse.ArgumentParser, prefix: str, varia
 
 def _root_migrate(args: argparse.Namespace) -> int:
     from ..config import Settings
-    from ..errors import ConfigurationError
+    from ..errors import ConfigurationError, KMSError
     from ..node import DataDirLock
     from ..roots import migrate
     from ..storage import Store
 
+    def reason(exc: Exception) -> str:
+        if isinstance(exc, KMSError):
+            return f"{exc.code}: {exc.message}"
+        if isinstance(exc, OSError) and exc.strerror:
+            return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+        return str(exc) or type(exc).__name__
+
+    done: str | None = None  # set once the store holds the new source
     try:
         current = Settings.from_env(data_dir=Path(args.data_dir) if args.data_dir else None,
                                     storage_url=args.storage_url, root_pkcs11_module=args.root_pkcs11_module,
@@ -315,14 +330,18 @@ def _root_migrate(args: argparse.Namespace) -> int:
         try:
             store = Store.open(current.database_url)
             try:
-                print(f"openkms root migrate: {migrate(current, store, args.target, target)}")
+                done = migrate(current, store, args.target, target)
             finally:
                 store.close()
         finally:
             lock.release()
-    except ConfigurationError as exc:
-        print(f"openkms root migrate: {exc}", file=sys.stderr)
+    except (ConfigurationError, KMSError, OSError) as exc:
+        # One line, never a traceback; after the commit, say that it is done and what is left.
+        # (migrate's own errors after its commit already say "the migration is committed".)
+        line = reason(exc) if done is None else f"the migration is committed ({done}), but then: {reason(exc)}"
+        print(f"openkms root migrate: {line}", file=sys.stderr)
         return 2
+    print(f"openkms root migrate: {done}")
     return 0
 
 

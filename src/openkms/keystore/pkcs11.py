@@ -7,13 +7,21 @@ only; CKA_LABEL the KMS key's ARN, as AWS labels CloudHSM keys); the version's l
 CKA_ID. Ciphertexts are format-2 blobs (crypto/blob.py) sealed by the token with CKM_AES_GCM.
 
 Calls into a module are serialised by one lock per module: SoftHSM, as python-pkcs11 initialises
-it, and other modules crash or corrupt state under concurrent callers. Every call leaves the
+it, and other modules crash or corrupt state under concurrent callers. A caller waits at most
+`LOCK_TIMEOUT` seconds for the lock (a hung token makes its own calls fail, not the node hang). Every call leaves the
 process's Python code for the module and may wait on hardware, so the store says it blocks and the
 API runs its calls off the event loop. Errors are translated here, where the module is called:
 a failed GCM tag check is InvalidCiphertextException, anything else KeyStoreUnavailable (a
 KMSInvalidStateException to clients); no CKR_* code leaves this module. A session that dies (the
 token went away, the module was reset) is opened again on the next call, and a module that cannot
-open one any more is re-initialised, so a token that comes back serves again without a restart.
+open one any more is re-initialised, so a token that comes back serves again without a restart;
+a token that stays away is not looked for again for `RETRY_AFTER` seconds, so that its absence
+costs the other tokens of the module nothing.
+
+A module is loaded at most once per process (by its real path: two paths to one library are one
+module). A process that forks finalises its modules first (`Module.finalize_all`, before the server
+starts its worker), and a child that still finds inherited modules initialises them again, as
+PKCS#11 requires of a child that uses the library.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import hmac
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from ..crypto import blob
@@ -36,6 +45,8 @@ from .base import StoredVersion
 
 log = logging.getLogger("openkms.keystore.pkcs11")
 T = TypeVar("T")
+LOCK_TIMEOUT = 10.0  # seconds a call waits for its module's lock
+RETRY_AFTER = 5.0  # seconds before a token that could not be opened is looked for again
 
 
 class ConnectError(Exception):
@@ -69,6 +80,10 @@ class Module:
         self.generation = 0  # bumped by reinitialize(): sessions of older generations are dead
         # token label -> (session, digest of the PIN it logged in with, generation)
         self.sessions: dict[str, tuple[Any, bytes, int]] = {}
+        # token label -> (monotonic time before which it is not looked for again, why it failed)
+        self.away: dict[str, tuple[float, ConnectError]] = {}
+        # token label -> digest of the last PIN that logged in to it (kept across re-initialisations)
+        self.last_pin: dict[str, bytes] = {}
         try:
             self.lib = _p11().lib(path)
         except Exception as exc:  # python-pkcs11 raises its own error for a library it cannot load
@@ -76,17 +91,57 @@ class Module:
 
     @classmethod
     def load(cls, path: str) -> Module:
+        real = os.path.realpath(path)
         with cls._loading:
-            module = cls._loaded.get(path)
+            module = cls._loaded.get(real)
             if module is None:
-                module = cls._loaded[path] = Module(path)
+                module = cls._loaded[real] = Module(path)
             return module
 
+    @classmethod
+    def finalize_all(cls) -> None:
+        """Log out of every token and finalise every module (before this process forks a worker
+        that will load them itself). Best effort: a module that fails to finalise is dropped anyway."""
+        with cls._loading:
+            modules, cls._loaded = list(cls._loaded.values()), {}
+        for module in modules:
+            with module.lock:
+                module.sessions.clear()
+                with contextlib.suppress(Exception):
+                    module.lib.finalize()
+                module.generation += 1
+
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        """A child must not use the sessions it inherited: each module starts again."""
+        cls._loading = threading.Lock()
+        for module in cls._loaded.values():
+            module.lock = threading.RLock()
+            module.sessions.clear()
+            module.away.clear()
+            module.generation += 1
+            with contextlib.suppress(Exception):
+                module.lib.reinitialize()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The module's lock, or KeyStoreUnavailable once `LOCK_TIMEOUT` has passed."""
+        if not self.lock.acquire(timeout=LOCK_TIMEOUT):
+            raise KeyStoreUnavailable("The HSM is not answering: its calls are taking too long.")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def reinitialize(self) -> None:
+        """C_Finalize and C_Initialize: the module meets its tokens as they are now. ConnectError
+        if the module cannot be initialised again."""
         with self.lock:
             self.sessions.clear()
             try:
                 self.lib.reinitialize()
+            except Exception as exc:
+                raise ConnectError("INTERNAL_ERROR", f"cannot initialise {self.path}: {_reason(exc)}") from None
             finally:
                 self.generation += 1
 
@@ -95,9 +150,11 @@ class Module:
         try:
             return self.lib.get_token(token_label=label)
         except exceptions.NoSuchToken:
-            raise ConnectError("NETWORK_ERRORS", f"no token labelled {label!r} in {self.path}") from None
+            raise ConnectError("CLUSTER_NOT_FOUND", f"no token labelled {label!r} in {self.path}") from None
         except exceptions.MultipleTokensReturned:
             raise ConnectError("INTERNAL_ERROR", f"more than one token labelled {label!r} in {self.path}") from None
+        except exceptions.PKCS11Error as exc:
+            raise ConnectError("NETWORK_ERRORS", f"cannot list the tokens of {self.path}: {_reason(exc)}") from None
 
     def logout(self, label: str) -> None:
         """Close the token's session (which logs the process out of the token)."""
@@ -106,6 +163,9 @@ class Module:
             if entry is not None and entry[2] == self.generation:
                 with contextlib.suppress(Exception):  # a dead session cannot be closed; nothing to keep
                     entry[0].close()
+
+
+os.register_at_fork(after_in_child=Module._after_fork_in_child)
 
 
 def _reason(exc: BaseException) -> str:
@@ -118,7 +178,7 @@ def check_token(module_path: str, token_label: str) -> None:
     """That the module loads and has the token (for registering a cluster): ConnectError if not. A
     token made since the module was loaded may need the module initialised again to be seen."""
     module = Module.load(module_path)
-    with module.lock:
+    with module.locked():
         try:
             module.token(token_label)
         except ConnectError:
@@ -135,84 +195,143 @@ class TokenSession:
 
     def __init__(self, module_path: str, token_label: str, pin: SecretStr,
                  on_lost: Callable[[ConnectError], None] | None = None) -> None:
-        self.module = Module.load(module_path)
+        self.module_path = module_path
+        self._module: Module | None = None  # loaded on first use, where its errors are handled
         self.token_label = token_label
         self._pin = pin
         self._pin_digest = hmac.new(_PIN_SALT, pin.reveal().encode(), "sha256").digest()
         self._on_lost = on_lost  # told when the token can no longer be opened (the store shows FAILED)
 
     def __repr__(self) -> str:
-        return f"TokenSession({self.module.path!r}, {self.token_label!r})"
+        return f"TokenSession({self.module_path!r}, {self.token_label!r})"
 
-    def _open(self) -> Any:
+    @property
+    def module(self) -> Module:
+        """The module (ConnectError if it cannot be loaded)."""
+        if self._module is None:
+            self._module = Module.load(self.module_path)
+        return self._module
+
+    def _open(self, *, fresh: bool = False) -> Any:
+        """Log in with this PIN. A refused PIN is tried a second time only in one case: this
+        module last logged in to the token with another PIN, so the token's PIN has changed and the
+        module may still hold the old one (SoftHSM reads a token's PIN once, and does not see a
+        change made by another process until it is initialised again). Otherwise never: an HSM
+        counts failed logins towards locking its user out. `fresh` (ConnectCustomKeyStore) has just
+        re-initialised the module. A token that could not be found is not looked for again for
+        RETRY_AFTER seconds, unless `fresh`."""
         exceptions = _p11().exceptions
-        self.module.logout(self.token_label)  # a login of another PIN, or a dead session
+        module = self.module
+        away = module.away.get(self.token_label)
+        if away is not None and not fresh and time.monotonic() < away[0]:
+            raise away[1]
+        module.logout(self.token_label)  # a login of another PIN, or a dead session
         for attempt in (1, 2):
             try:
-                token = self.module.token(self.token_label)
+                token = module.token(self.token_label)
                 session = token.open(user_pin=self._pin.reveal(), rw=True)
-                self.module.sessions[self.token_label] = (session, self._pin_digest, self.module.generation)
+                module.sessions[self.token_label] = (session, self._pin_digest, module.generation)
+                module.away.pop(self.token_label, None)
+                module.last_pin[self.token_label] = self._pin_digest
                 return session
             except exceptions.PinIncorrect:
-                if attempt == 1:
-                    # A module may still hold the PIN it read before the token's PIN changed
-                    # (SoftHSM does): meet the token as it is now before calling the PIN wrong.
-                    self.module.reinitialize()
+                before = module.last_pin.get(self.token_label)
+                if attempt == 1 and not fresh and before is not None and before != self._pin_digest:
+                    module.reinitialize()
                     continue
                 raise ConnectError("INVALID_CREDENTIALS", "the key store password is not the token user's PIN") \
                     from None
             except exceptions.PinLocked:
                 raise ConnectError("USER_LOCKED_OUT", "the token's user is locked out") from None
+            except exceptions.UserPinNotInitialized:
+                raise ConnectError("USER_NOT_FOUND", "the token has no user PIN set") from None
             except (ConnectError, exceptions.PKCS11Error) as exc:
-                if attempt == 2:
-                    if isinstance(exc, ConnectError):
-                        raise
-                    raise ConnectError("NETWORK_ERRORS", f"cannot open the token: {_reason(exc)}") from None
-                # The module may hold stale state (a token that went away and came back): reset it.
-                log.info("PKCS#11 module %s: re-initialising after %s", self.module.path, _reason(exc))
-                self.module.reinitialize()
+                if attempt == 1 and not (isinstance(exc, ConnectError) and exc.code == "INTERNAL_ERROR"):
+                    # The module may hold stale state (a token that went away and came back): reset it.
+                    log.info("PKCS#11 module %s: re-initialising after %s", module.path, _reason(exc))
+                    module.reinitialize()
+                    continue
+                failure = exc if isinstance(exc, ConnectError) else \
+                    ConnectError("NETWORK_ERRORS", f"cannot open the token: {_reason(exc)}")
+                module.away[self.token_label] = (time.monotonic() + RETRY_AFTER, failure)
+                raise failure from None
         raise AssertionError("unreachable")
 
     def _session(self) -> Any:
-        entry = self.module.sessions.get(self.token_label)
-        if entry is not None and entry[2] == self.module.generation and hmac.compare_digest(entry[1], self._pin_digest):
+        module = self.module
+        entry = module.sessions.get(self.token_label)
+        if entry is not None and entry[2] == module.generation and hmac.compare_digest(entry[1], self._pin_digest):
             return entry[0]
         return self._open()
 
     def check(self) -> None:
         """Log in afresh (ConnectCustomKeyStore): ConnectError with AWS's code if it cannot. The
         module is re-initialised first, so the login meets the token as it is now: a module may
-        keep what it read of a token (SoftHSM keeps the user PIN) until it is initialised again."""
-        with self.module.lock:
-            self.module.reinitialize()
-            self._open()
+        keep what it read of a token (SoftHSM keeps the user PIN) until it is initialised again.
+        Then a round trip of AES-GCM with a session key: a token that replaces the IV it is given
+        (some HSMs in FIPS mode do) or lacks the mechanism cannot serve a key store."""
+        try:
+            with self.module.locked():
+                self.module.reinitialize()
+                _check_gcm(self._open(fresh=True))
+        except KeyStoreUnavailable as exc:
+            raise ConnectError("NETWORK_ERRORS", exc.message) from None
 
     def reset(self) -> None:
         """Drop the token's session: the next call opens a fresh one."""
-        self.module.logout(self.token_label)
+        with contextlib.suppress(ConnectError):
+            self.module.logout(self.token_label)
 
     def run(self, call: Callable[[Any], T]) -> T:
         """`call(session)` under the module's lock; a dead session is opened again once."""
         exceptions = _p11().exceptions
         dead = (exceptions.SessionHandleInvalid, exceptions.SessionClosed, exceptions.DeviceRemoved,
                 exceptions.TokenNotPresent, exceptions.DeviceError, exceptions.UserNotLoggedIn)
-        with self.module.lock:
+        lost: ConnectError | None = None
+        failure: KeyStoreUnavailable | None = None
+        try:
+            module = self.module
+        except ConnectError as exc:
+            raise KeyStoreUnavailable(f"The HSM cannot be reached: {exc.message}.") from None
+        with module.locked():
             for attempt in (1, 2):
                 try:
                     session = self._session()
                 except ConnectError as exc:
-                    # Wrong credentials need the operator (the store shows FAILED); a token that is
-                    # away is tried again on the next call, and serves again once it is back.
-                    if self._on_lost is not None and exc.code in ("INVALID_CREDENTIALS", "USER_LOCKED_OUT"):
-                        self._on_lost(exc)
-                    raise KeyStoreUnavailable(f"The HSM cannot be reached: {exc.message}.") from None
+                    # Wrong credentials need the operator (the store shows FAILED, reported below,
+                    # once the lock is released); a token that is away is tried again later, and
+                    # serves again once it is back.
+                    if exc.code in ("INVALID_CREDENTIALS", "USER_LOCKED_OUT", "USER_NOT_FOUND"):
+                        lost = exc
+                    failure = KeyStoreUnavailable(f"The HSM cannot be reached: {exc.message}.")
+                    break
                 try:
                     return call(session)
                 except dead as exc:
-                    self.module.sessions.pop(self.token_label, None)
+                    module.sessions.pop(self.token_label, None)
                     if attempt == 2:
                         raise KeyStoreUnavailable(f"The HSM cannot be reached: {_reason(exc)}.") from None
-        raise AssertionError("unreachable")
+        if lost is not None and self._on_lost is not None:
+            self._on_lost(lost)
+        raise failure or AssertionError("unreachable")
+
+
+def _check_gcm(session: Any) -> None:
+    """Encrypt and decrypt with a session (non-token) AES key and an IV of ours: the ciphertext
+    must be the plaintext's length plus the tag, and open again. ConnectError if not."""
+    p11 = _p11()
+    iv, aad, sample = os.urandom(blob.IV_BYTES), b"openkms gcm check", os.urandom(32)
+    try:
+        key = session.generate_key(p11.KeyType.AES, 256, store=False, template={
+            p11.Attribute.SENSITIVE: True, p11.Attribute.EXTRACTABLE: False})
+        params = p11.mechanisms.GCMParams(iv, aad, TAG_BYTES * 8)
+        sealed = bytes(key.encrypt(sample, mechanism=p11.Mechanism.AES_GCM, mechanism_param=params))
+        opened = bytes(key.decrypt(sealed, mechanism=p11.Mechanism.AES_GCM, mechanism_param=params)) \
+            if len(sealed) == len(sample) + TAG_BYTES else b""
+    except p11.exceptions.PKCS11Error as exc:
+        raise ConnectError("INTERNAL_ERROR", f"the token cannot do AES-GCM: {_reason(exc)}") from None
+    if opened != sample:
+        raise ConnectError("INTERNAL_ERROR", "the token does not keep the GCM IV it is given (a FIPS mode?)")
 
 
 def object_id_of(key_id: str, version: int) -> bytes:
@@ -310,8 +429,10 @@ class Pkcs11KeyStore:
         self.evict(key.key_id, version)
 
     def evict(self, key_id: str, version: int | None = None) -> None:
-        for k in [k for k in self._handles if k[0] == key_id and version in (None, k[1])]:
-            del self._handles[k]
+        # Called on the thread that committed, while calls on other threads add handles: iterate
+        # over a copy of the keys, and tolerate a handle another thread dropped meanwhile.
+        for k in [k for k in list(self._handles) if k[0] == key_id and version in (None, k[1])]:
+            self._handles.pop(k, None)
 
     # -- cryptography -------------------------------------------------------------------------
     def encrypt(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
@@ -323,7 +444,12 @@ class Pkcs11KeyStore:
         def seal(session: Any, obj: Any) -> bytes:
             return bytes(obj.encrypt(plaintext, mechanism=p11.Mechanism.AES_GCM, mechanism_param=params))
 
-        return header + self._with_key(key, key.current_version, seal)
+        sealed = self._with_key(key, key.current_version, seal)
+        if len(sealed) != len(plaintext) + TAG_BYTES:
+            # The token used an IV of its own (some HSMs in FIPS mode do): what it returned cannot
+            # be opened with the IV in the header, so it must not reach the caller.
+            raise KeyStoreUnavailable("The HSM did not seal with the GCM IV it was given.")
+        return header + sealed
 
     def decrypt(self, key: Key, version: int, ciphertext: bytes, context: Mapping[str, str] | None) -> bytes:
         header = blob.parse_header(ciphertext)

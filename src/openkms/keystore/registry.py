@@ -82,11 +82,6 @@ class KeyStores:
         if entry is not None:
             entry[1].close()
 
-    @property
-    def any_blocking(self) -> bool:
-        """Whether some store leaves the process on its calls (then key operations run off the loop)."""
-        return any(s.blocking for s in self._stores.values())
-
     def supports(self, spec: KeySpecInfo) -> bool:
         """Whether some store can make keys of this spec."""
         return any(s.supports(spec) for s in self._stores.values())
@@ -194,7 +189,8 @@ class KeyStores:
             return
         log.warning("custom key store %s failed: %s (%s)", cks_id, exc.code, exc.message)
         with self._need_store().begin() as tx:
-            tx.key_stores.update(cks_id, connection_state=ConnectionState.FAILED, connection_error_code=exc.code)
+            tx.key_stores.update(cks_id, only_if=ConnectionState.CONNECTED, connection_state=ConnectionState.FAILED,
+                                 connection_error_code=exc.code)
 
     def seal_password(self, cks_id: str, password: str) -> bytes:
         return self._need_root().seal(password.encode(), _password_aad(cks_id))

@@ -73,8 +73,8 @@ class SoftwareKeyStore:
         self.evict(key.key_id, version)
 
     def evict(self, key_id: str, version: int | None = None) -> None:
-        for k in [k for k in self._handles if k[0] == key_id and version in (None, k[1])]:
-            del self._handles[k]
+        for k in [k for k in list(self._handles) if k[0] == key_id and version in (None, k[1])]:
+            self._handles.pop(k, None)  # another thread may have dropped it meanwhile
 
     def _handle(self, key: Key, version: int) -> Any:
         cached = self._handles.get((key.key_id, version))

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from datetime import timedelta
 
 from ..audit.context import note_key
 from ..errors import (
+    CustomKeyStoreInvalidStateException,
     KMSInvalidStateException,
     TagException,
     UnsupportedOperationException,
     ValidationException,
 )
-from ..keystore.base import KeyStore
-from ..model import KEY_SPECS, Caller, Key, KeyState, KeyUsage, KeyVersion, Origin
+from ..keystore.base import KeyStore, StoredVersion
+from ..model import KEY_SPECS, Caller, ConnectionState, Key, KeyState, KeyUsage, KeyVersion, Origin
 from .context import Context, Params, Result
 from .keystores import connected_store_of
 from .paging import decode_marker, limit_of, page
@@ -113,14 +115,31 @@ def create_key(ctx: Context, caller: Caller, p: Params) -> Result:
               current_version=0 if imported else 1, policy=policy, custom_key_store_id=cks_id)
     # Made before the transaction: generating an RSA key takes up to a second of CPU.
     stored = None if imported else keystore.create_version(key, 1)
+    try:
+        _insert_key(ctx, key, stored, tags)
+    except Exception:
+        if cks_id is not None and stored is not None:
+            with contextlib.suppress(Exception):  # the object would be an orphan in the token
+                keystore.destroy(key)
+        raise
+    return {"KeyMetadata": key_metadata(ctx, key)}
+
+
+def _insert_key(ctx: Context, key: Key, stored: StoredVersion | None, tags: dict[str, str]) -> None:
     with ctx.store.begin() as tx:
+        if key.custom_key_store_id is not None:
+            # Locked and read again: the store may have been disconnected (and a delete may be
+            # waiting) since it was checked.
+            row = tx.key_stores.get(key.custom_key_store_id, for_update=True)
+            if row is None or row.connection_state is not ConnectionState.CONNECTED:
+                raise CustomKeyStoreInvalidStateException(f"Custom key store {key.custom_key_store_id} "
+                                                          "is not connected.")
         tx.keys.insert(key)
         if stored is not None:
             tx.versions.insert(KeyVersion(key.key_id, 1, key.created, stored.material_id, True), stored.locator)
         for k, v in tags.items():
             tx.tags.put(key.key_id, k, v)
         note_key(key.arn, key.account_id)  # before the commit, so the call's intent names the new key
-    return {"KeyMetadata": key_metadata(ctx, key)}
 
 
 def describe_key(ctx: Context, caller: Caller, p: Params) -> Result:

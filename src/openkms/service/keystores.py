@@ -3,9 +3,12 @@ DescribeCustomKeyStores, UpdateCustomKeyStore, ConnectCustomKeyStore, Disconnect
 DeleteCustomKeyStore, as AWS defines them.
 
 A tenant's store names an HSM cluster an operator registered (a PKCS#11 token) and holds the
-password (PIN) of the token's user, sealed under the root key and never returned. Its connection
-state is in the store, shared by every node; each node opens the token itself. Connecting logs in
-at once: the state becomes CONNECTED, or FAILED with AWS's ConnectionErrorCode.
+password (PIN) of the token's user, sealed under the root key and never returned. A cluster is
+registered for one account, and only that account may make a key store on it (one store per
+cluster); for any other account it does not exist. Its connection state is in the store, shared by
+every node; each node opens the token itself. Connecting logs in at once: the state is CONNECTING
+meanwhile (so that no update or delete slips in), then CONNECTED, or FAILED with AWS's
+ConnectionErrorCode.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import secrets
 
 from ..crypto.certificates import same_certificate
 from ..errors import (
+    AlreadyExistsException,
     CloudHsmClusterInUseException,
     CloudHsmClusterNotFoundException,
     CloudHsmClusterNotRelatedException,
@@ -45,18 +49,22 @@ def _store_of(ctx: Context, caller: Caller, p: Params) -> CustomKeyStore:
     return row
 
 
-def _cluster(tx: Tx, cluster_id: str) -> HsmCluster:
+def _cluster(tx: Tx, caller: Caller, cluster_id: str) -> HsmCluster:
+    """The cluster, if it is registered for the caller's account (for any other, it does not exist)."""
     cluster = tx.clusters.get(cluster_id)
-    if cluster is None:
+    if cluster is None or cluster.account_id != caller.account_id:
         raise CloudHsmClusterNotFoundException(f"CloudHSM cluster {cluster_id} does not exist.")
     return cluster
 
 
-def _check_cluster_free(tx: Tx, caller: Caller, cluster_id: str, except_store: str | None = None) -> None:
-    if any(s.account_id == caller.account_id and s.custom_key_store_id != except_store
-           for s in tx.key_stores.on_cluster(cluster_id)):
+def _check_cluster_free(tx: Tx, cluster_id: str, except_store: str | None = None) -> None:
+    if any(s.custom_key_store_id != except_store for s in tx.key_stores.on_cluster(cluster_id)):
         raise CloudHsmClusterInUseException(
             f"CloudHSM cluster {cluster_id} is already associated with a custom key store in this account.")
+
+
+def _name_in_use(name: str) -> CustomKeyStoreNameInUseException:
+    return CustomKeyStoreNameInUseException(f"A custom key store named {name} exists.")
 
 
 def _only_cloudhsm(p: Params) -> None:
@@ -73,19 +81,22 @@ def create_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
             raise ValidationException(f"{member} is required for a custom key store of type {CLOUDHSM}.")
     ctx.access.authorize_identity(caller, "CreateCustomKeyStore")
     cks_id = "cks-" + secrets.token_hex(9)[:17]
-    with ctx.store.begin() as tx:
-        cluster = _cluster(tx, p["CloudHsmClusterId"])
-        if not same_certificate(p["TrustAnchorCertificate"], cluster.trust_anchor):
-            raise IncorrectTrustAnchorException(
-                f"The trust anchor certificate is not the one of CloudHSM cluster {cluster.cluster_id}.")
-        if tx.key_stores.by_name(caller.account_id, p["CustomKeyStoreName"]) is not None:
-            raise CustomKeyStoreNameInUseException(f"A custom key store named {p['CustomKeyStoreName']} exists.")
-        _check_cluster_free(tx, caller, cluster.cluster_id)
-        if tx.key_stores.count(caller.account_id) >= MAX_KEY_STORES:
-            raise LimitExceededException(f"An account can have at most {MAX_KEY_STORES} custom key stores.")
-        tx.key_stores.insert(CustomKeyStore(cks_id, caller.account_id, p["CustomKeyStoreName"], CLOUDHSM,
-                                            cluster.cluster_id, ConnectionState.DISCONNECTED, None, ctx.now()),
-                             ctx.keystores.seal_password(cks_id, p["KeyStorePassword"]))
+    try:
+        with ctx.store.begin() as tx:
+            cluster = _cluster(tx, caller, p["CloudHsmClusterId"])
+            if not same_certificate(p["TrustAnchorCertificate"], cluster.trust_anchor):
+                raise IncorrectTrustAnchorException(
+                    f"The trust anchor certificate is not the one of CloudHSM cluster {cluster.cluster_id}.")
+            if tx.key_stores.by_name(caller.account_id, p["CustomKeyStoreName"]) is not None:
+                raise _name_in_use(p["CustomKeyStoreName"])
+            _check_cluster_free(tx, cluster.cluster_id)
+            if tx.key_stores.count(caller.account_id) >= MAX_KEY_STORES:
+                raise LimitExceededException(f"An account can have at most {MAX_KEY_STORES} custom key stores.")
+            tx.key_stores.insert(CustomKeyStore(cks_id, caller.account_id, p["CustomKeyStoreName"], CLOUDHSM,
+                                                cluster.cluster_id, ConnectionState.DISCONNECTED, None, ctx.now()),
+                                 ctx.keystores.seal_password(cks_id, p["KeyStorePassword"]))
+    except AlreadyExistsException:  # a concurrent create took the name first
+        raise _name_in_use(p["CustomKeyStoreName"]) from None
     return {"CustomKeyStoreId": cks_id}
 
 
@@ -125,30 +136,41 @@ def update_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
     _only_cloudhsm({k: v for k, v in p.items() if k != "CustomKeyStoreId"})
     ctx.access.authorize_identity(caller, "UpdateCustomKeyStore")
     row = _store_of(ctx, caller, p)
-    # AWS: every property of a CloudHSM key store changes only while it is disconnected.
-    if row.connection_state is not ConnectionState.DISCONNECTED:
-        raise CustomKeyStoreInvalidStateException(
-            f"Custom key store {row.custom_key_store_id} must be DISCONNECTED to be updated.")
+    # AWS: the name changes while CONNECTED or DISCONNECTED; the password and the cluster only
+    # while DISCONNECTED.
+    needs_disconnected = bool(p.get("KeyStorePassword") or p.get("CloudHsmClusterId"))
+    allowed = (ConnectionState.DISCONNECTED,) if needs_disconnected else \
+        (ConnectionState.DISCONNECTED, ConnectionState.CONNECTED)
+    if row.connection_state not in allowed:
+        raise _must_be_disconnected(row.custom_key_store_id, "updated")
     values: dict[str, object] = {}
-    with ctx.store.begin() as tx:
-        if p.get("NewCustomKeyStoreName") and p["NewCustomKeyStoreName"] != row.name:
-            if tx.key_stores.by_name(caller.account_id, p["NewCustomKeyStoreName"]) is not None:
-                raise CustomKeyStoreNameInUseException(
-                    f"A custom key store named {p['NewCustomKeyStoreName']} exists.")
-            values["name"] = p["NewCustomKeyStoreName"]
-        if p.get("CloudHsmClusterId") and p["CloudHsmClusterId"] != row.cluster_id:
-            new = _cluster(tx, p["CloudHsmClusterId"])
-            old = tx.clusters.get(row.cluster_id) if row.cluster_id else None
-            if old is not None and not same_certificate(new.trust_anchor, old.trust_anchor):
-                raise CloudHsmClusterNotRelatedException(
-                    f"CloudHSM cluster {new.cluster_id} is not related to {row.cluster_id}.")
-            _check_cluster_free(tx, caller, new.cluster_id, except_store=row.custom_key_store_id)
-            values["cluster_id"] = new.cluster_id
-        if p.get("KeyStorePassword"):
-            values["sealed_password"] = ctx.keystores.seal_password(row.custom_key_store_id, p["KeyStorePassword"])
-        if values:
-            tx.key_stores.update(row.custom_key_store_id, **values)
+    try:
+        with ctx.store.begin() as tx:
+            if p.get("NewCustomKeyStoreName") and p["NewCustomKeyStoreName"] != row.name:
+                if tx.key_stores.by_name(caller.account_id, p["NewCustomKeyStoreName"]) is not None:
+                    raise _name_in_use(p["NewCustomKeyStoreName"])
+                values["name"] = p["NewCustomKeyStoreName"]
+            if p.get("CloudHsmClusterId") and p["CloudHsmClusterId"] != row.cluster_id:
+                new = _cluster(tx, caller, p["CloudHsmClusterId"])
+                old = tx.clusters.get(row.cluster_id) if row.cluster_id else None
+                if old is not None and not same_certificate(new.trust_anchor, old.trust_anchor):
+                    raise CloudHsmClusterNotRelatedException(
+                        f"CloudHSM cluster {new.cluster_id} is not related to {row.cluster_id}.")
+                _check_cluster_free(tx, new.cluster_id, except_store=row.custom_key_store_id)
+                values["cluster_id"] = new.cluster_id
+            if p.get("KeyStorePassword"):
+                values["sealed_password"] = ctx.keystores.seal_password(row.custom_key_store_id,
+                                                                        p["KeyStorePassword"])
+            # Only while still in that state: a Connect that began meanwhile checks what it read.
+            if values and not tx.key_stores.update(row.custom_key_store_id, only_if=allowed, **values):
+                raise _must_be_disconnected(row.custom_key_store_id, "updated")
+    except AlreadyExistsException:
+        raise _name_in_use(p["NewCustomKeyStoreName"]) from None
     return {}
+
+
+def _must_be_disconnected(cks_id: str, to_be: str) -> CustomKeyStoreInvalidStateException:
+    return CustomKeyStoreInvalidStateException(f"Custom key store {cks_id} must be DISCONNECTED to be {to_be}.")
 
 
 def connect_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
@@ -159,13 +181,26 @@ def connect_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
             f"Custom key store {row.custom_key_store_id} is {row.connection_state.value}: disconnect it first.")
     if row.connection_state is ConnectionState.CONNECTED:
         return {}
+    cks_id = row.custom_key_store_id
+    # CONNECTING while the token is tried, so that no Update or Delete changes the store meanwhile
+    # (a store left CONNECTING by a crash is connected again, or disconnected, as in AWS).
+    with ctx.store.begin() as tx:
+        if not tx.key_stores.update(cks_id, only_if=(ConnectionState.DISCONNECTED, ConnectionState.CONNECTING),
+                                    connection_state=ConnectionState.CONNECTING, connection_error_code=None):
+            return {}  # another call connected or disconnected it meanwhile
     try:
-        ctx.keystores.token_session(row.custom_key_store_id).check()
+        with ctx.store.begin() as tx:
+            cluster = tx.clusters.get(row.cluster_id) if row.cluster_id else None
+        if cluster is None or cluster.account_id != row.account_id:
+            raise ConnectError("CLUSTER_NOT_FOUND", "the store's cluster is not registered for its account")
+        ctx.keystores.token_session(cks_id).check()
         state, code = ConnectionState.CONNECTED, None
     except ConnectError as exc:
         state, code = ConnectionState.FAILED, exc.code
     with ctx.store.begin() as tx:
-        tx.key_stores.update(row.custom_key_store_id, connection_state=state, connection_error_code=code)
+        # Not if a Disconnect came meanwhile: then the store stays DISCONNECTED.
+        tx.key_stores.update(cks_id, only_if=ConnectionState.CONNECTING, connection_state=state,
+                             connection_error_code=code)
     return {}
 
 
@@ -185,9 +220,14 @@ def delete_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
     ctx.access.authorize_identity(caller, "DeleteCustomKeyStore")
     row = _store_of(ctx, caller, p)
     if row.connection_state is not ConnectionState.DISCONNECTED:
-        raise CustomKeyStoreInvalidStateException(
-            f"Custom key store {row.custom_key_store_id} must be DISCONNECTED to be deleted.")
+        raise _must_be_disconnected(row.custom_key_store_id, "deleted")
     with ctx.store.begin() as tx:
+        # Locked, and read again: a Connect or a CreateKey may have come since.
+        locked = tx.key_stores.get(row.custom_key_store_id, for_update=True)
+        if locked is None:
+            raise CustomKeyStoreNotFoundException(f"Custom key store {row.custom_key_store_id} does not exist.")
+        if locked.connection_state is not ConnectionState.DISCONNECTED:
+            raise _must_be_disconnected(row.custom_key_store_id, "deleted")
         if tx.key_stores.key_count(row.custom_key_store_id):
             raise CustomKeyStoreHasCMKsException(
                 f"Custom key store {row.custom_key_store_id} holds KMS keys: delete them first.")

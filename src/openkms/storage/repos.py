@@ -474,12 +474,12 @@ class ClusterRepo:
     @staticmethod
     def _cluster(row: Any) -> HsmCluster:
         return HsmCluster(row.cluster_id, row.module_path, row.token_label, row.trust_anchor,
-                          from_ts(row.created))  # type: ignore[arg-type]
+                          from_ts(row.created), row.account_id)  # type: ignore[arg-type]
 
     def insert(self, c: HsmCluster) -> None:
         self.conn.execute(insert(t.hsm_clusters).values(
             cluster_id=c.cluster_id, module_path=c.module_path, token_label=c.token_label,
-            trust_anchor=c.trust_anchor, created=_now_ts(c.created)))
+            trust_anchor=c.trust_anchor, created=_now_ts(c.created), account_id=c.account_id))
 
     def get(self, cluster_id: str) -> HsmCluster | None:
         row = self.conn.execute(select(t.hsm_clusters).where(t.hsm_clusters.c.cluster_id == cluster_id)).first()
@@ -514,9 +514,12 @@ class KeyStoreRepo:
             created=_now_ts(s.created)))
         self.changes.key_stores.add(s.custom_key_store_id)
 
-    def get(self, custom_key_store_id: str) -> CustomKeyStore | None:
-        row = self.conn.execute(select(t.custom_key_stores).where(
-            t.custom_key_stores.c.custom_key_store_id == custom_key_store_id)).first()
+    def get(self, custom_key_store_id: str, for_update: bool = False) -> CustomKeyStore | None:
+        """The store's row; `for_update` locks it for the transaction (CreateKey against a delete)."""
+        q = select(t.custom_key_stores).where(t.custom_key_stores.c.custom_key_store_id == custom_key_store_id)
+        if for_update:
+            q = q.with_for_update()
+        row = self.conn.execute(q).first()
         return None if row is None else self._store(row)
 
     def by_name(self, account_id: str, name: str) -> CustomKeyStore | None:
@@ -547,13 +550,20 @@ class KeyStoreRepo:
             t.custom_key_stores.c.custom_key_store_id == custom_key_store_id)).first()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def update(self, custom_key_store_id: str, **values: Any) -> None:
-        """Change columns (name, cluster_id, sealed_password, connection_state, connection_error_code)."""
+    def update(self, custom_key_store_id: str, *, only_if: ConnectionState | tuple[ConnectionState, ...] | None = None,
+               **values: Any) -> bool:
+        """Change columns (name, cluster_id, sealed_password, connection_state, connection_error_code);
+        with `only_if`, only while the store is in that state (or one of those): whether it changed."""
         if isinstance(values.get("connection_state"), ConnectionState):
             values["connection_state"] = values["connection_state"].value
-        self.conn.execute(update(t.custom_key_stores).where(
-            t.custom_key_stores.c.custom_key_store_id == custom_key_store_id).values(**values))
-        self.changes.key_stores.add(custom_key_store_id)
+        q = update(t.custom_key_stores).where(t.custom_key_stores.c.custom_key_store_id == custom_key_store_id)
+        if only_if is not None:
+            states = (only_if,) if isinstance(only_if, ConnectionState) else only_if
+            q = q.where(t.custom_key_stores.c.connection_state.in_([s.value for s in states]))
+        changed = self.conn.execute(q.values(**values)).rowcount > 0
+        if changed:
+            self.changes.key_stores.add(custom_key_store_id)
+        return changed
 
     def delete(self, custom_key_store_id: str) -> None:
         self.conn.execute(delete(t.custom_key_stores).where(

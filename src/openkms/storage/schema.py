@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Statements that bring a store of an older schema version up to date, by target version. New
 # tables need none: create_all adds them.
@@ -35,6 +35,12 @@ MIGRATIONS: dict[int, list[str]] = {
         "(SELECT principal_id FROM principals WHERE is_admin ORDER BY created LIMIT 1)"],
     # Custom key stores: hsm_clusters and custom_key_stores are new tables (create_all makes them).
     5: ["ALTER TABLE kms_keys ADD COLUMN custom_key_store_id VARCHAR(64)"],
+    # An HSM cluster belongs to one account. A cluster registered before v6 goes to the account of
+    # its key store (the lowest account id, if several accounts made stores on it: the others'
+    # stores can no longer connect); one without a store serves no account until registered again.
+    6: ["ALTER TABLE hsm_clusters ADD COLUMN account_id VARCHAR(12)",
+        "UPDATE hsm_clusters SET account_id = (SELECT MIN(s.account_id) FROM custom_key_stores s "
+        "WHERE s.cluster_id = hsm_clusters.cluster_id)"],
 }
 
 metadata = MetaData()
@@ -114,6 +120,7 @@ hsm_clusters = Table(
     Column("token_label", String(32), nullable=False),
     Column("trust_anchor", Text, nullable=False),
     Column("created", Float, nullable=False),
+    Column("account_id", String(12), nullable=True),  # the tenant it serves (NULL: none, see v6)
 )
 
 # A tenant's custom key store. The token user's PIN is sealed under the root key.
