@@ -9,6 +9,9 @@ Errors, as AWS names them: no Authorization header -> MissingAuthenticationToken
 header that cannot be read -> IncompleteSignatureException; an unknown or inactive access key ->
 UnrecognizedClientException; a wrong signature, scope or a clock skew over 5 minutes ->
 InvalidSignatureException. A correctly signed request replayed within the window is accepted.
+
+The verifier is generic in what a credential lookup returns beside the secret (the KMS API's
+Principal; the XKS proxy's access key id), so that another API signed with SigV4 reuses it as is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hmac
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Generic, TypeVar
 from urllib.parse import parse_qsl, quote
 
 from ..errors import (
@@ -30,6 +34,7 @@ from ..model import Principal, SecretStr
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 MAX_SKEW = timedelta(minutes=5)
+P = TypeVar("P")  # what a lookup returns beside the secret: the caller, for the API that verifies
 Lookup = Callable[[str], "tuple[SecretStr, Principal] | None"]
 
 
@@ -67,8 +72,8 @@ def _parse_amz_date(value: str) -> datetime:
         raise IncompleteSignatureException("The request must carry a valid X-Amz-Date header.") from None
 
 
-class SigV4Verifier:
-    def __init__(self, region: str, service: str, lookup: Lookup) -> None:
+class SigV4Verifier(Generic[P]):
+    def __init__(self, region: str, service: str, lookup: Callable[[str], tuple[SecretStr, P] | None]) -> None:
         self.region = region
         self.service = service
         self._lookup = lookup
@@ -84,7 +89,7 @@ class SigV4Verifier:
         return key
 
     def verify(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-               now: datetime | None = None, service: str | None = None) -> tuple[Principal, str]:
+               now: datetime | None = None, service: str | None = None) -> tuple[P, str]:
         """Check the request's signature. `headers` has lower-case names (repeated ones joined by ',').
         `service` is the signing service the request must be scoped to (default: this verifier's)."""
         expected_service = service or self.service

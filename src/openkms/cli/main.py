@@ -1,4 +1,5 @@
-"""The `openkms` command: `serve` runs the server, `admin` manages accounts, users and access keys."""
+"""The `openkms` command: `serve` runs the server, `admin` manages accounts, users and access keys,
+`xks-proxy` runs an external key store proxy in front of a PKCS#11 token."""
 
 from __future__ import annotations
 
@@ -430,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--public-key", help="audit public key PEM (default: the one in the store)")
     verify.add_argument("--digest-dir", help="digests the nodes exported [<data-dir>/audit-digests]")
     audit.set_defaults(func=_audit)
+
+    from ..xksproxy.cli import add_parser as add_xks_proxy  # argparse only; the proxy loads when it runs
+
+    add_xks_proxy(sub)
     return parser
 
 
