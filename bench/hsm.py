@@ -17,34 +17,25 @@ measured, 1 a run failed, 2 a tool is missing (wrk, softhsm2-util).
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 # The repository root, for `tests.server` and `bench` when run as `python bench/hsm.py`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._beside import Target, print_table, summarize
 from bench._load import (
     REGION,
     BenchError,
     LoadOptions,
-    SignedRequest,
-    WrkStats,
     add_load_arguments,
     check_load_arguments,
     measure_alternating,
-    median_stats,
-    met_text,
     progress,
     run_bench,
-    signed_request,
-    table_header,
-    table_row,
 )
 from bench._moto import bootstrap_env
 from openkms.client.admin import AdminClient
@@ -54,23 +45,6 @@ MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PIN = "bench-pin-1234"
 TARGET_HSM_RPS = 3000.0
 TARGET_HSM_P99_MS = 50.0
-
-
-@dataclass
-class Target:
-    name: str
-    server: ServerProcess
-    key_id: str
-    runs: list[WrkStats] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return self.name
-
-    def request(self) -> SignedRequest:
-        payload = {"KeyId": self.key_id, "Plaintext": base64.b64encode(os.urandom(32)).decode()}
-        return signed_request(self.server.endpoint, "TrentService.Encrypt", payload, self.server.access_key_id,
-                              self.server.secret_access_key, region=REGION)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -140,52 +114,17 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
             server.stop()
 
 
-def summarize(targets: list[Target], args: argparse.Namespace, load_before: float) -> dict[str, Any]:
-    medians = {t.name: median_stats(t.runs) for t in targets}
-    hsm, default, base = medians["hsm"], medians["default"], medians["baseline"]
-    return {
-        "benchmark": "hsm",
-        "storage": "postgresql" if args.storage_url else "sqlite (embedded)",
-        "load_average_before": round(load_before, 2),
-        "wrk": LoadOptions.from_args(args).summary(),
-        "results": {t.name: {"median": medians[t.name], "runs": t.runs} for t in targets},
-        "hsm_over_default": hsm["requests_per_sec"] / default["requests_per_sec"],
-        "default_over_baseline": default["requests_per_sec"] / base["requests_per_sec"],
-        "targets": {
-            "hsm_req_per_sec": {"want": f">= {TARGET_HSM_RPS:g}", "value": hsm["requests_per_sec"],
-                                "met": hsm["requests_per_sec"] >= TARGET_HSM_RPS},
-            "hsm_p99_ms": {"want": f"< {TARGET_HSM_P99_MS:g}", "value": hsm["latency_ms"]["99"],
-                           "met": hsm["latency_ms"]["99"] < TARGET_HSM_P99_MS},
-        },
-    }
-
-
-def print_table(summary: dict[str, Any]) -> None:
-    wrk = summary["wrk"]
-    load = LoadOptions(duration=wrk["duration_s"], warmup=wrk["warmup_s"], connections=wrk["connections"],
-                       threads=wrk["threads"], repeat=wrk["runs"])
-    print(f"Encrypt of 32 bytes, auditing on, {load.describe()}, {wrk['runs']} measured run(s) per key (medians, "
-          f"rounds interleaved), storage: {summary['storage']}, load average before "
-          f"{summary['load_average_before']:.2f}")
-    print(table_header())
-    for name, result in summary["results"].items():
-        print(table_row(name, result["median"]))
-        print(f"  {name} runs req/s: " + " / ".join(f"{r['requests_per_sec']:,.0f}" for r in result["runs"]))
-    print("baseline: a default-store key on a server with no custom key store; default: a default-store key "
+LEGEND = ("baseline: a default-store key on a server with no custom key store; default: a default-store key "
           "beside the HSM store; hsm: a key in the SoftHSM2 key store")
-    print(f"hsm/default req/s: {summary['hsm_over_default']:.2f}; "
-          f"default/baseline req/s: {summary['default_over_baseline']:.2f}")
-    t = summary["targets"]
-    print(f"issue targets: HSM Encrypt >= {TARGET_HSM_RPS:,.0f}/s {met_text(t['hsm_req_per_sec']['met'])} "
-          f"({t['hsm_req_per_sec']['value']:,.0f}); HSM p99 < {TARGET_HSM_P99_MS:g} ms "
-          f"{met_text(t['hsm_p99_ms']['met'])} ({t['hsm_p99_ms']['value']:.1f} ms)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
-    return run_bench("bench/hsm.py", args, lambda tmp: summarize(run(args, tmp), args, load_before), print_table,
-                     needs_moto=False)
+    return run_bench("bench/hsm.py", args,
+                     lambda tmp: summarize("hsm", "hsm", run(args, tmp), args, load_before, TARGET_HSM_RPS,
+                                           TARGET_HSM_P99_MS),
+                     lambda summary: print_table(summary, LEGEND, "HSM"), needs_moto=False)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,24 @@ is brought up to date, keeping what it holds."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import text
 
-from openkms.model import Account, ConnectionState, CustomKeyStore, HsmCluster, Principal
+from openkms.model import (
+    Account,
+    ConnectionState,
+    CustomKeyStore,
+    HsmCluster,
+    Key,
+    KeyState,
+    KeyUsage,
+    Origin,
+    Principal,
+    XksProxyConfig,
+)
 from openkms.storage import Store
 from openkms.storage.schema import SCHEMA_VERSION
 
@@ -84,3 +96,38 @@ def tx_columns(store: Store, table: str) -> set[str]:
     from sqlalchemy import inspect
 
     return {c["name"] for c in inspect(store.engine).get_columns(table)}
+
+
+def test_v6_store_takes_external_key_stores(store_url: str | None, tmp_path: Path) -> None:
+    """v7: the XKS columns, and kms_keys.origin wide enough for EXTERNAL_KEY_STORE (PostgreSQL keeps
+    lengths; before v7 it was VARCHAR(16))."""
+    url = store_url or f"sqlite:///{tmp_path / 'openkms.db'}"
+    store = Store.open(url)
+    with store.begin() as tx:
+        tx.accounts.insert(Account("411111111111", "a", datetime.now(UTC)))
+        for column in ("xks_uri_endpoint", "xks_uri_path", "xks_connectivity", "xks_access_key_id"):
+            tx.conn.execute(text(f"ALTER TABLE custom_key_stores DROP COLUMN {column}"))
+        tx.conn.execute(text("ALTER TABLE kms_keys DROP COLUMN xks_key_id"))
+        if store.engine.dialect.name == "postgresql":
+            tx.conn.execute(text("ALTER TABLE kms_keys ALTER COLUMN origin TYPE VARCHAR(16)"))
+        tx.conn.execute(text("UPDATE openkms_meta SET value = :v WHERE name = 'schema_version'"), {"v": b"6"})
+    store.close()
+
+    store = Store.open(url)
+    try:
+        key = Key(key_id=str(uuid.uuid4()), account_id="411111111111", region="us-east-1", description="",
+                  key_spec="SYMMETRIC_DEFAULT", key_usage=KeyUsage.ENCRYPT_DECRYPT, origin=Origin.EXTERNAL_KEY_STORE,
+                  state=KeyState.ENABLED, created=datetime.now(UTC), custom_key_store_id="cks-0", xks_key_id="k1")
+        xks = XksProxyConfig("https://xks.example.com", "/p/kms/xks/v1", "PUBLIC_ENDPOINT", "A" * 20)
+        with store.begin() as tx:
+            tx.key_stores.insert(CustomKeyStore("cks-0", "411111111111", "x", "EXTERNAL_KEY_STORE", None,
+                                                ConnectionState.DISCONNECTED, None, datetime.now(UTC), xks), b"s")
+            tx.keys.insert(key)
+        with store.begin() as tx:
+            got, row = tx.keys.get(key.key_id), tx.key_stores.get("cks-0")
+            version = tx.meta.get("schema_version")
+        assert got is not None and (got.origin, got.xks_key_id) == (Origin.EXTERNAL_KEY_STORE, "k1")
+        assert row is not None and row.xks == xks
+        assert version == str(SCHEMA_VERSION).encode()
+    finally:
+        store.close()

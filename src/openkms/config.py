@@ -43,6 +43,19 @@ class Settings:
     # Share the listening port with other processes (SO_REUSEPORT): only for running several
     # servers of one deployment behind one port on purpose. Off, a port in use refuses the start.
     reuse_port: bool = False
+    # External key stores: how this node reaches XKS proxies. The proxy's certificate is checked
+    # against xks_ca_bundle (PEM; empty: the system's CAs); xks_client_cert/_key are presented to
+    # proxies that require mTLS; http:// endpoints only with xks_allow_http. Each proxy call has
+    # xks_timeout_ms (a retry included), and each store at most xks_rate_limit calls/s on this node.
+    xks_ca_bundle: str = ""
+    xks_client_cert: str = ""
+    xks_client_key: str = ""
+    xks_allow_http: bool = False
+    xks_timeout_ms: int = 250
+    xks_rate_limit: float = 1800.0
+    xks_health_interval: float = 60.0  # seconds between health checks of each connected proxy
+    # Threads for calls that wait on an HSM or an XKS proxy (off the event loop).
+    blocking_threads: int = 64
 
     def __repr__(self) -> str:  # the passphrase and the PIN must never reach a log
         secret = ("root_passphrase", "root_pkcs11_pin")
@@ -106,6 +119,18 @@ class Settings:
             raise ConfigurationError(f"bad host {self.host!r}: give an address or a host name to listen on")
         if not REGION_RE.match(self.region):
             raise ConfigurationError(f"bad region {self.region!r}: a region looks like us-east-1")
+        if not 10 <= self.xks_timeout_ms <= 60000:
+            raise ConfigurationError(f"bad xks-timeout-ms {self.xks_timeout_ms}: from 10 to 60000")
+        if not 1 <= self.blocking_threads <= 1024:
+            raise ConfigurationError(f"bad blocking-threads {self.blocking_threads}: from 1 to 1024")
+        if self.xks_rate_limit <= 0:
+            raise ConfigurationError(f"bad xks-rate-limit {self.xks_rate_limit:g}: calls per second, above 0")
+        for name in ("xks_ca_bundle", "xks_client_cert", "xks_client_key"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigurationError(f"OPENKMS_{name.upper()} {path}: no such file")
+        if bool(self.xks_client_cert) != bool(self.xks_client_key):
+            raise ConfigurationError("OPENKMS_XKS_CLIENT_CERT and OPENKMS_XKS_CLIENT_KEY go together")
 
 
 def _flag(value: str) -> bool:

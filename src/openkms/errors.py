@@ -231,6 +231,49 @@ class IncorrectTrustAnchorException(KMSError):
     code = "IncorrectTrustAnchorException"
 
 
+# -- external key stores (AWS's codes) -----------------------------------------------------------
+class XksProxyUriInUseException(KMSError):
+    code = "XksProxyUriInUseException"
+
+
+class XksProxyUriEndpointInUseException(KMSError):
+    code = "XksProxyUriEndpointInUseException"
+
+
+class XksProxyUriUnreachableException(KMSError):
+    code = "XksProxyUriUnreachableException"
+
+
+class XksProxyIncorrectAuthenticationCredentialException(KMSError):
+    code = "XksProxyIncorrectAuthenticationCredentialException"
+
+
+class XksProxyInvalidConfigurationException(KMSError):
+    code = "XksProxyInvalidConfigurationException"
+
+
+class XksProxyInvalidResponseException(KMSError):
+    code = "XksProxyInvalidResponseException"
+
+
+class XksKeyNotFoundException(KMSError):
+    code = "XksKeyNotFoundException"
+
+
+class XksKeyInvalidConfigurationException(KMSError):
+    code = "XksKeyInvalidConfigurationException"
+
+
+class XksKeyAlreadyInUseException(KMSError):
+    code = "XksKeyAlreadyInUseException"
+
+
+class ThrottlingException(KMSError):
+    """A request rate above a quota (an external key store's): clients back off and retry."""
+
+    code = "ThrottlingException"
+
+
 class KeyStoreUnavailable(KMSInvalidStateException):
     """A key store's backend (an HSM, an external key manager) cannot answer now. Clients see
     KMSInvalidStateException, as AWS answers when a custom key store cannot be reached."""

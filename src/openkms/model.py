@@ -29,7 +29,7 @@ class Origin(str, enum.Enum):
     AWS_KMS = "AWS_KMS"
     EXTERNAL = "EXTERNAL"
     AWS_CLOUDHSM = "AWS_CLOUDHSM"  # made in, and never leaving, an HSM of a custom key store
-    EXTERNAL_KEY_STORE = "EXTERNAL_KEY_STORE"  # in a key manager outside (not offered yet)
+    EXTERNAL_KEY_STORE = "EXTERNAL_KEY_STORE"  # double-encrypted with a key of the customer's key manager
 
     @property
     def imports_material(self) -> bool:
@@ -38,8 +38,9 @@ class Origin(str, enum.Enum):
 
     @property
     def in_custom_key_store(self) -> bool:
-        """The material lives in a key store the customer registers: made there, used there, never here."""
-        return self is Origin.AWS_CLOUDHSM
+        """The key lives in a key store the customer registers (an HSM, or an external key manager
+        that every use calls out to): no rotation, no data key pairs, as in AWS."""
+        return self in (Origin.AWS_CLOUDHSM, Origin.EXTERNAL_KEY_STORE)
 
 
 class KeyFamily(str, enum.Enum):
@@ -188,6 +189,7 @@ class Key:
     expiration_model: str | None = None
     policy: str | None = None  # the key policy's JSON; None: the default key policy
     custom_key_store_id: str | None = None  # the custom key store that holds the material, if any
+    xks_key_id: str | None = None  # in an external key store: the external key's id at its proxy
     # Not stored: set by the key lookup while the key's custom key store is not connected.
     store_unavailable: bool = False
 
@@ -242,6 +244,20 @@ class CustomKeyStore:
     connection_state: ConnectionState
     connection_error_code: str | None
     created: datetime
+    xks: XksProxyConfig | None = None  # an external key store's proxy (EXTERNAL_KEY_STORE)
+
+
+@dataclass(frozen=True, slots=True)
+class XksProxyConfig:
+    """Where an external key store's XKS proxy is. Its credential's secret is sealed in the store."""
+
+    uri_endpoint: str
+    uri_path: str
+    connectivity: str  # PUBLIC_ENDPOINT
+    access_key_id: str
+
+    def __repr__(self) -> str:  # the access key id is sensitive in AWS's model: never in a log
+        return f"XksProxyConfig({self.uri_endpoint}{self.uri_path}, {self.connectivity})"
 
 
 @dataclass(frozen=True, slots=True)

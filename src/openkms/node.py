@@ -38,6 +38,7 @@ from .files import replace_file
 from .keystore.base import KeyStore
 from .keystore.registry import KeyStores
 from .keystore.software import SoftwareKeyStore
+from .keystore.xks import XksOptions
 from .roots import open_root
 from .service import Context, KeyLookup
 from .storage import Store
@@ -94,11 +95,18 @@ def open_node(settings: Settings, keystore: KeyStore | None = None) -> Node:
         raise
     accounts = Accounts(store, root, cache_ttl=settings.cache_ttl)
     access = AccessControl(store, settings.cache_ttl)
-    keystores = KeyStores(keystore or SoftwareKeyStore(store, root), store, root, settings.cache_ttl)
+    keystores = KeyStores(keystore or SoftwareKeyStore(store, root), store, root, settings.cache_ttl,
+                          xks_options(settings), settings.region)
     service = Context(store=store, region=settings.region,
                       keys=KeyLookup(store, access, keystores, settings.region, settings.cache_ttl),
                       keystores=keystores, access=access)
     return Node(settings, store, root, accounts, service)
+
+
+def xks_options(settings: Settings) -> XksOptions:
+    return XksOptions(ca_bundle=settings.xks_ca_bundle, client_cert=settings.xks_client_cert,
+                      client_key=settings.xks_client_key, allow_http=settings.xks_allow_http,
+                      timeout=settings.xks_timeout_ms / 1000, rate_limit=settings.xks_rate_limit)
 
 
 def serving_node(settings: Settings) -> Node:

@@ -23,7 +23,8 @@ class Scheduler:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._tasks:
-            self._tasks = [loop.create_task(self._run_scheduled_work()), loop.create_task(self._run_audit_ticks())]
+            self._tasks = [loop.create_task(self._run_scheduled_work()), loop.create_task(self._run_audit_ticks()),
+                           loop.create_task(self._poll_xks_health())]
 
     def stop(self) -> None:
         for task in self._tasks:
@@ -52,6 +53,18 @@ class Scheduler:
         assert audit is not None
         cutoff = time.time() - settings.audit_retention_days * 86400
         return archive_audit(self.node.store, audit.node_id, cutoff, settings.data_dir / "audit-archive")
+
+    async def _poll_xks_health(self) -> None:
+        """Each connected external key store's proxy health, for DescribeCustomKeyStores and the log
+        (a store stays CONNECTED while its proxy is down, as in AWS: only its keys' calls fail)."""
+        keystores = self.node.service.keystores
+        while True:
+            await asyncio.sleep(self.node.settings.xks_health_interval)
+            try:
+                if keystores.any_custom_key_stores():
+                    await asyncio.get_running_loop().run_in_executor(None, keystores.poll_xks_health)
+            except Exception:
+                log.exception("external key store health check failed; will retry")
 
     async def _run_audit_ticks(self) -> None:
         while True:

@@ -99,6 +99,29 @@ def test_key_material_id(v: dict[str, Any]) -> None:
     assert material_id(v["key_id"], bytes.fromhex(v["material"])) == v["material_id"]
 
 
+@pytest.mark.parametrize("v", load("blob_v3.json"), ids=lambda v: f"v3-{len(v['plaintext']) // 2}B")
+def test_blob_v3(v: dict[str, Any]) -> None:
+    """Double encryption: the proxy's layer opens with the external key and the spec's AAD binding
+    of openkms's AAD (header, SHA-256 of the context); inside is the format-1 blob of the key's own
+    material."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    data = bytes.fromhex(v["blob"])
+    header = blob.parse_header(data)
+    assert (header.format, header.key_id, header.version) == (3, v["key_id"], v["version"])
+    assert header.raw == blob.header_v3(v["key_id"], v["version"])
+    aad = blob.xks_aad(header.raw, v["context"])
+    assert aad.hex() == v["aad"]
+    parts = blob.unpack_v3(data)
+    binding = len(aad).to_bytes(2, "big") + aad + len(parts.metadata).to_bytes(1, "big") + parts.metadata
+    inner = AESGCM(bytes.fromhex(v["external_key"])).decrypt(parts.iv, parts.ciphertext + parts.tag, binding)
+    assert inner.hex() == v["inner"]
+    inner_header = blob.parse_header(inner)
+    assert blob.open_blob(bytes.fromhex(v["material"]), inner_header, inner, v["context"]) == \
+        bytes.fromhex(v["plaintext"])
+    assert blob.pack_v3(header.raw, parts) == data
+
+
 @pytest.mark.parametrize("v", load("blob_v2.json"), ids=lambda v: f"v2-{len(v['plaintext']) // 2}B")
 def test_blob_v2(v: dict[str, Any]) -> None:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM

@@ -64,6 +64,34 @@ def blob_v2_vectors() -> list[dict[str, object]]:
     return out
 
 
+def proxy_aad(aad: bytes, metadata: bytes) -> bytes:
+    """The AAD an XKS proxy gives its HSM (spec): len16(aad) || aad || len8(metadata) || metadata."""
+    return len(aad).to_bytes(2, "big") + aad + len(metadata).to_bytes(1, "big") + metadata
+
+
+def blob_v3_vectors() -> list[dict[str, object]]:
+    """Format 3 (external key stores): a format-1 blob under the key's own material, sealed again by
+    the external key as an XKS proxy does it (AES-256-GCM, the spec's AAD binding), here with pyca."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    out = []
+    for i, (key_id, version, plaintext, context, iv_len, metadata) in enumerate([
+            (KEY_ID, 1, b"hyok data", {"tenant": "t1"}, 12, b""),
+            ("00000000-0000-0000-0000-000000000003", 2, b"", None, 16, b"ekm-metadata-20bytes")]):
+        material, salt = bytes([0x60 + i]) * 32, bytes([0x70 + i]) * blob.SALT_BYTES
+        external, iv = bytes([0x80 + i]) * 32, bytes([0x90 + i]) * iv_len
+        with fixed_random(salt):
+            inner = blob.seal(material, key_id, version, plaintext, context)
+        header = blob.header_v3(key_id, version)
+        aad = blob.xks_aad(header, context)
+        sealed = AESGCM(external).encrypt(iv, inner, proxy_aad(aad, metadata))
+        parts = blob.XksParts(iv, metadata, sealed[-16:], sealed[:-16])
+        out.append({"material": material.hex(), "external_key": external.hex(), "key_id": key_id,
+                    "version": version, "plaintext": plaintext.hex(), "context": context, "aad": aad.hex(),
+                    "inner": inner.hex(), "blob": blob.pack_v3(header, parts).hex()})
+    return out
+
+
 def sealed_vectors() -> list[dict[str, object]]:
     key = bytes(range(100, 132))
     cases = [
@@ -100,7 +128,8 @@ def material_id_vectors() -> list[dict[str, object]]:
 
 
 def main() -> None:
-    files = {"blob_v1.json": blob_vectors(), "blob_v2.json": blob_v2_vectors(), "sealed_v1.json": sealed_vectors(),
+    files = {"blob_v1.json": blob_vectors(), "blob_v2.json": blob_v2_vectors(), "blob_v3.json": blob_v3_vectors(),
+             "sealed_v1.json": sealed_vectors(),
              "passphrase_v1.json": passphrase_vectors(), "material_id_v1.json": material_id_vectors()}
     for name, vectors in files.items():
         (HERE / name).write_text(json.dumps(vectors, indent=1, ensure_ascii=True) + "\n")

@@ -13,6 +13,7 @@ dispatch.py, records the call in the audit log and answers once the record is du
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import re
@@ -174,6 +175,10 @@ class App:
 
     # -- background work --------------------------------------------------------------------------
     def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Calls that wait on an HSM or an XKS proxy run in these threads: mostly waiting, not
+        # computing, so many more than the machine has cores (asyncio's default is cores + 4).
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.blocking_threads, thread_name_prefix="openkms-blocking"))
         self.scheduler.start(loop)
 
     def stop_background(self) -> None:

@@ -30,9 +30,38 @@ Parser = Callable[[Any, str, list[str]], Any]
 Renderer = Callable[[Any], Any]
 
 
+# Where openkms accepts more than AWS's model, on purpose (README, "Hold your own key"): an XKS
+# proxy's endpoint on a private network may carry a port, be an IP address, or (where the operator
+# allows it) use http://.
+PATTERN_OVERRIDES = {
+    "XksProxyUriEndpointType": r"^https?://(\[[0-9A-Fa-f:.]+\]|[a-zA-Z0-9.-]+)(:[0-9]{1,5})?$",
+}
+
+
+# Members openkms adds to AWS's responses (clients that do not know them ignore them, as botocore
+# does): DescribeCustomKeyStores shows an external key store's proxy health.
+MODEL_EXTENSIONS: dict[str, dict[str, Any]] = {
+    "OpenKMSXksProxyHealth": {"type": "structure", "members": {
+        "Status": {"shape": "String"}, "CheckedAt": {"shape": "DateType"}, "Detail": {"shape": "String"}}},
+}
+MEMBER_EXTENSIONS: dict[str, dict[str, Any]] = {
+    "CustomKeyStoresListEntry": {"XksProxyHealth": {"shape": "OpenKMSXksProxyHealth"}}}
+
+
 @lru_cache(maxsize=1)
 def kms_model() -> dict[str, Any]:
-    return botocore.loaders.Loader().load_service_model("kms", "service-2")  # type: ignore[no-any-return]
+    model: dict[str, Any] = botocore.loaders.Loader().load_service_model("kms", "service-2")
+    shapes = model["shapes"]
+    for name, pattern in PATTERN_OVERRIDES.items():
+        if name in shapes:
+            shapes[name] = dict(shapes[name], pattern=pattern)
+    shapes.setdefault("String", {"type": "string"})
+    for name, shape in MODEL_EXTENSIONS.items():
+        shapes.setdefault(name, shape)
+    for name, members in MEMBER_EXTENSIONS.items():
+        if name in shapes:
+            shapes[name] = dict(shapes[name], members={**shapes[name]["members"], **members})
+    return model
 
 
 def _member_path(parent: str, member: str) -> str:

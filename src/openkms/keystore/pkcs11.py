@@ -38,6 +38,7 @@ from typing import Any, ClassVar, TypeVar
 
 from ..crypto import blob
 from ..crypto.aead import TAG_BYTES
+from ..crypto.openssl import clear_error_queue
 from ..errors import InvalidCiphertextException, KeyStoreUnavailable
 from ..model import Key, KeyFamily, KeySpecInfo, SecretStr
 from ..storage import Store
@@ -88,6 +89,8 @@ class Module:
             self.lib = _p11().lib(path)
         except Exception as exc:  # python-pkcs11 raises its own error for a library it cannot load
             raise ConnectError("INTERNAL_ERROR", f"cannot load the PKCS#11 module {path}: {_reason(exc)}") from None
+        finally:
+            clear_error_queue()
 
     @classmethod
     def load(cls, path: str) -> Module:
@@ -131,6 +134,7 @@ class Module:
         try:
             yield
         finally:
+            clear_error_queue()  # what the module left for this thread's TLS (crypto/openssl.py)
             self.lock.release()
 
     def reinitialize(self) -> None:

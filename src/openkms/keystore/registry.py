@@ -1,8 +1,10 @@
 """Which key store serves a key.
 
 A key lives in the default store (the software store; the memory store in unit tests) unless it
-was made in a custom key store: then in that store's PKCS#11 token (pkcs11.py). A backend is one
-module of this package and one entry in `BACKENDS`.
+was made in a custom key store: then in that store's PKCS#11 token (pkcs11.py, CustomKeyStoreType
+AWS_CLOUDHSM), or double-encrypted with the default store's material and the customer's external
+key through its XKS proxy (xks.py, EXTERNAL_KEY_STORE). A backend is one module of this package
+and one entry in `BACKENDS`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from ..errors import (
     KMSInternalException,
     UnsupportedOperationException,
 )
-from ..model import ConnectionState, CustomKeyStore, Key, KeySpecInfo, Origin, SecretStr
+from ..model import ConnectionState, CustomKeyStore, Key, KeySpecInfo, Origin, SecretStr, XksProxyConfig
 from ..storage import Changes, Store
 from .base import Asymmetric, Importing, KeyStore
 from .memory import MemoryKeyStore
 from .pkcs11 import ConnectError, Pkcs11KeyStore, TokenSession
 from .software import SoftwareKeyStore
+from .xks import XksClient, XksEndpoint, XksHealth, XksKeyStore, XksOptions
+
+CLOUDHSM = "AWS_CLOUDHSM"
+EXTERNAL = "EXTERNAL_KEY_STORE"
 
 log = logging.getLogger("openkms.keystore")
 
@@ -47,8 +53,10 @@ class KeyStores:
     """
 
     def __init__(self, default: KeyStore, store: Store | None = None, root: RootKey | None = None,
-                 cache_ttl: float = 5.0) -> None:
+                 cache_ttl: float = 5.0, xks: XksOptions | None = None, region: str = "us-east-1") -> None:
         self.default = default
+        self.xks_options = xks or XksOptions()
+        self.region = region
         self._store = store
         self._root = root
         self._stores: dict[str, KeyStore] = {default.name: default}
@@ -58,7 +66,8 @@ class KeyStores:
         # custom key store id -> (its row, what its PKCS#11 store is built from: cluster and sealed password)
         self._rows: TTLCache[str, tuple[CustomKeyStore, bytes] | None] = TTLCache(cache_ttl)
         self._any: TTLCache[None, bool] = TTLCache(cache_ttl)
-        self._custom: dict[str, tuple[bytes, Pkcs11KeyStore]] = {}  # id -> (the fingerprint it was built from, store)
+        # id -> (the fingerprint it was built from, its store)
+        self._custom: dict[str, tuple[bytes, Pkcs11KeyStore | XksKeyStore]] = {}
         self._lock = threading.Lock()
         if store is not None:
             store.on_commit(self._committed)
@@ -137,15 +146,17 @@ class KeyStores:
                 sealed = tx.key_stores.sealed_password(cks_id) or b""
             if row is None:
                 return None
-            return row, hashlib.sha256((row.cluster_id or "").encode() + b"\x00" + sealed).digest()
+            where = row.cluster_id or (f"{row.xks.uri_endpoint}{row.xks.uri_path}\x00{row.xks.access_key_id}"
+                                       if row.xks else "")
+            return row, hashlib.sha256(where.encode() + b"\x00" + sealed).digest()
         return self._rows.get(cks_id, load)
 
     def connected(self, cks_id: str) -> bool:
         row = self.custom_key_store(cks_id)
         return row is not None and row.connection_state is ConnectionState.CONNECTED
 
-    def for_custom_key_store(self, cks_id: str) -> Pkcs11KeyStore:
-        """The PKCS#11 store of a connected custom key store; KeyStoreUnavailable if it is not connected."""
+    def for_custom_key_store(self, cks_id: str) -> Pkcs11KeyStore | XksKeyStore:
+        """The store of a connected custom key store; KeyStoreUnavailable if it is not connected."""
         entry = self._row(cks_id)
         if entry is None or entry[0].connection_state is not ConnectionState.CONNECTED:
             raise KeyStoreUnavailable(f"The custom key store {cks_id} is not connected.")
@@ -157,10 +168,60 @@ class KeyStores:
         # First use, or another node moved the store to another cluster or gave it a new password
         # (seen here once the cached row is older than the TTL): build it anew.
         self._drop(cks_id)
-        store = Pkcs11KeyStore(self._need_store(), self.token_session(cks_id, fingerprint=fingerprint), cks_id)
+        store: Pkcs11KeyStore | XksKeyStore
+        if entry[0].store_type == EXTERNAL:
+            store = XksKeyStore(self.default, self.xks_client(cks_id), cks_id)
+        else:
+            store = Pkcs11KeyStore(self._need_store(), self.token_session(cks_id, fingerprint=fingerprint), cks_id)
         with self._lock:
             self._custom[cks_id] = (fingerprint, store)
         return store
+
+    def poll_xks_health(self) -> int:
+        """Ask every connected external key store's proxy for its health (the scheduler calls this
+        periodically, off the event loop); returns how many were asked."""
+        with self._need_store().begin() as tx:
+            connected = [s.custom_key_store_id for s in tx.key_stores.connected_of_type(EXTERNAL)]
+        for cks_id in connected:
+            try:
+                store = self.for_custom_key_store(cks_id)
+            except KeyStoreUnavailable:
+                continue
+            if isinstance(store, XksKeyStore):
+                store.check_health()
+        return len(connected)
+
+    def xks_health(self, cks_id: str) -> XksHealth | None:
+        """What this node last learnt of an external key store's proxy health, if anything."""
+        with self._lock:
+            opened = self._custom.get(cks_id)
+        return opened[1].health if opened is not None and isinstance(opened[1], XksKeyStore) else None
+
+    def hsm_store(self, cks_id: str) -> Pkcs11KeyStore:
+        """The PKCS#11 store of a connected CloudHSM key store (GenerateRandom from its token)."""
+        store = self.for_custom_key_store(cks_id)
+        if not isinstance(store, Pkcs11KeyStore):
+            raise UnsupportedOperationException(f"Custom key store {cks_id} is not an AWS_CLOUDHSM key store.")
+        return store
+
+    def xks_client(self, cks_id: str, xks: XksProxyConfig | None = None, secret: SecretStr | None = None
+                   ) -> XksClient:
+        """A client of the external key store's proxy, as stored, or with the given configuration
+        and secret (checked before an update is saved). Not cached: for_custom_key_store keeps one."""
+        if xks is None or secret is None:
+            with self._need_store().begin() as tx:
+                row = tx.key_stores.get(cks_id)
+                sealed = tx.key_stores.sealed_password(cks_id)
+            if row is None or row.xks is None or sealed is None:
+                raise KeyStoreUnavailable(f"The custom key store {cks_id} has no external key store proxy.")
+            xks = xks or row.xks
+            secret = secret or self.unseal_password(cks_id, sealed)
+        endpoint = XksEndpoint(xks.uri_endpoint, xks.uri_path, xks.access_key_id, secret, self.region)
+        try:
+            return XksClient(endpoint, self.xks_options)
+        except (ValueError, OSError) as exc:  # a CA bundle or client certificate that does not load
+            raise KeyStoreUnavailable(f"The external key store proxy cannot be used: {type(exc).__name__}.") \
+                from None
 
     def token_session(self, cks_id: str, password: SecretStr | None = None,
                       fingerprint: bytes | None = None) -> TokenSession:

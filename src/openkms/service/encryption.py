@@ -177,6 +177,8 @@ def generate_random(ctx: Context, caller: Caller, p: Params) -> Result:
     require(p, "NumberOfBytes")
     ctx.access.authorize_identity(caller, "GenerateRandom")
     if p.get("CustomKeyStoreId"):  # drawn from the key store's HSM
-        connected_store_of(ctx, caller, p["CustomKeyStoreId"])
-        return {"Plaintext": ctx.keystores.for_custom_key_store(p["CustomKeyStoreId"]).random(p["NumberOfBytes"])}
+        row = connected_store_of(ctx, caller, p["CustomKeyStoreId"])
+        if row.store_type != "AWS_CLOUDHSM":  # as AWS: an external key store makes no random bytes
+            raise UnsupportedOperationException("GenerateRandom is not supported for an external key store.")
+        return {"Plaintext": ctx.keystores.hsm_store(p["CustomKeyStoreId"]).random(p["NumberOfBytes"])}
     return {"Plaintext": os.urandom(p["NumberOfBytes"])}

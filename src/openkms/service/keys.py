@@ -14,6 +14,7 @@ from ..errors import (
     TagException,
     UnsupportedOperationException,
     ValidationException,
+    XksKeyAlreadyInUseException,
 )
 from ..keystore.base import KeyStore, StoredVersion
 from ..model import KEY_SPECS, Caller, ConnectionState, Key, KeyState, KeyUsage, KeyVersion, Origin
@@ -23,6 +24,7 @@ from .paging import decode_marker, limit_of, page
 from .policies import checked_policy
 from .states import STATE_WORDS, check_not_pending_deletion
 from .tags import MAX_TAGS_PER_KEY, checked_tags, tag_conditions
+from .xks import check_external_key
 
 ALGORITHM_FIELDS = {
     KeyUsage.ENCRYPT_DECRYPT: "EncryptionAlgorithms",
@@ -30,7 +32,9 @@ ALGORITHM_FIELDS = {
     KeyUsage.GENERATE_VERIFY_MAC: "MacAlgorithms",
     KeyUsage.KEY_AGREEMENT: "KeyAgreementAlgorithms",
 }
-OFFERED_ORIGINS = (Origin.AWS_KMS.value, Origin.EXTERNAL.value, Origin.AWS_CLOUDHSM.value)
+OFFERED_ORIGINS = (Origin.AWS_KMS.value, Origin.EXTERNAL.value, Origin.AWS_CLOUDHSM.value,
+                   Origin.EXTERNAL_KEY_STORE.value)
+STORE_TYPE_OF_ORIGIN = {Origin.AWS_CLOUDHSM: "AWS_CLOUDHSM", Origin.EXTERNAL_KEY_STORE: "EXTERNAL_KEY_STORE"}
 
 
 def key_metadata(ctx: Context, key: Key) -> Result:
@@ -62,6 +66,8 @@ def key_metadata(ctx: Context, key: Key) -> Result:
         row = ctx.keystores.custom_key_store(key.custom_key_store_id)
         if row is not None and row.cluster_id:
             md["CloudHsmClusterId"] = row.cluster_id
+    if key.xks_key_id is not None:
+        md["XksKeyConfiguration"] = {"Id": key.xks_key_id}
     return md
 
 
@@ -84,11 +90,13 @@ def create_key(ctx: Context, caller: Caller, p: Params) -> Result:
     if origin_name not in OFFERED_ORIGINS:
         raise UnsupportedOperationException(f"Origin {origin_name} is not supported by this server.")
     cks_id = p.get("CustomKeyStoreId")
-    if p.get("XksKeyId") or origin_name == Origin.EXTERNAL_KEY_STORE.value:
-        raise UnsupportedOperationException("External key stores are not supported by this server yet.")
-    if (cks_id is None) != (origin_name != Origin.AWS_CLOUDHSM.value):
-        raise ValidationException("A key in a custom key store needs both Origin AWS_CLOUDHSM and a "
-                                  "CustomKeyStoreId.")
+    origin = Origin(origin_name)
+    if (cks_id is None) == origin.in_custom_key_store:
+        raise ValidationException("A key in a custom key store needs both Origin AWS_CLOUDHSM or "
+                                  "EXTERNAL_KEY_STORE, and a CustomKeyStoreId.")
+    xks_key_id = p.get("XksKeyId")
+    if (xks_key_id is None) == (origin is Origin.EXTERNAL_KEY_STORE):
+        raise ValidationException("XksKeyId is required with Origin EXTERNAL_KEY_STORE, and valid with it only.")
     if cks_id is not None and (spec_name != "SYMMETRIC_DEFAULT" or usage is not KeyUsage.ENCRYPT_DECRYPT):
         raise UnsupportedOperationException("Keys in a custom key store are SYMMETRIC_DEFAULT keys for "
                                             "ENCRYPT_DECRYPT only.")
@@ -102,9 +110,13 @@ def create_key(ctx: Context, caller: Caller, p: Params) -> Result:
         "kms:KeySpec": spec_name, "kms:KeyUsage": usage.value, "kms:KeyOrigin": origin_name,
         "kms:BypassPolicyLockoutSafetyCheck": bypass})
     policy = checked_policy(caller, p.get("Policy"), bypass)
-    origin = Origin(origin_name)
     if cks_id is not None:
-        connected_store_of(ctx, caller, cks_id)  # CustomKeyStoreNotFound / InvalidState before the HSM
+        row = connected_store_of(ctx, caller, cks_id)  # CustomKeyStoreNotFound / InvalidState before the HSM
+        if row.store_type != STORE_TYPE_OF_ORIGIN[origin]:
+            raise UnsupportedOperationException(f"Origin {origin.value} needs a custom key store of type "
+                                                f"{STORE_TYPE_OF_ORIGIN[origin]}; {cks_id} is {row.store_type}.")
+        if xks_key_id is not None:
+            check_external_key(ctx, row, xks_key_id)  # the proxy's metadata, as AWS asks for it
         keystore: KeyStore = ctx.keystores.for_custom_key_store(cks_id)
     else:
         keystore = ctx.keystores.for_new_key(spec, origin)
@@ -112,7 +124,8 @@ def create_key(ctx: Context, caller: Caller, p: Params) -> Result:
     key = Key(key_id=str(uuid.uuid4()), account_id=caller.account_id, region=ctx.region,
               description=p.get("Description") or "", key_spec=spec_name, key_usage=usage, origin=origin,
               state=KeyState.PENDING_IMPORT if imported else KeyState.ENABLED, created=ctx.now(),
-              current_version=0 if imported else 1, policy=policy, custom_key_store_id=cks_id)
+              current_version=0 if imported else 1, policy=policy, custom_key_store_id=cks_id,
+              xks_key_id=xks_key_id)
     # Made before the transaction: generating an RSA key takes up to a second of CPU.
     stored = None if imported else keystore.create_version(key, 1)
     try:
@@ -134,6 +147,10 @@ def _insert_key(ctx: Context, key: Key, stored: StoredVersion | None, tags: dict
             if row is None or row.connection_state is not ConnectionState.CONNECTED:
                 raise CustomKeyStoreInvalidStateException(f"Custom key store {key.custom_key_store_id} "
                                                           "is not connected.")
+            if key.xks_key_id is not None and \
+                    tx.key_stores.key_with_xks_key_id(key.custom_key_store_id, key.xks_key_id) is not None:
+                raise XksKeyAlreadyInUseException(f"External key {key.xks_key_id} is already used by a KMS key in "
+                                                  f"custom key store {key.custom_key_store_id}.")
         tx.keys.insert(key)
         if stored is not None:
             tx.versions.insert(KeyVersion(key.key_id, 1, key.created, stored.material_id, True), stored.locator)

@@ -1,8 +1,9 @@
-"""Custom key stores backed by an HSM (CustomKeyStoreType AWS_CLOUDHSM): CreateCustomKeyStore,
-DescribeCustomKeyStores, UpdateCustomKeyStore, ConnectCustomKeyStore, DisconnectCustomKeyStore,
-DeleteCustomKeyStore, as AWS defines them.
+"""Custom key stores: CreateCustomKeyStore, DescribeCustomKeyStores, UpdateCustomKeyStore,
+ConnectCustomKeyStore, DisconnectCustomKeyStore, DeleteCustomKeyStore, as AWS defines them, for
+both types: AWS_CLOUDHSM (a PKCS#11 token, here) and EXTERNAL_KEY_STORE (an XKS proxy: what is
+particular to it is in xks.py).
 
-A tenant's store names an HSM cluster an operator registered (a PKCS#11 token) and holds the
+A CloudHSM-type store names an HSM cluster an operator registered (a PKCS#11 token) and holds the
 password (PIN) of the token's user, sealed under the root key and never returned. A cluster is
 registered for one account, and only that account may make a key store on it (one store per
 cluster); for any other account it does not exist. Its connection state is in the store, shared by
@@ -13,6 +14,7 @@ ConnectionErrorCode.
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 from ..crypto.certificates import same_certificate
@@ -26,15 +28,18 @@ from ..errors import (
     CustomKeyStoreNameInUseException,
     CustomKeyStoreNotFoundException,
     IncorrectTrustAnchorException,
+    KeyStoreUnavailable,
     LimitExceededException,
-    UnsupportedOperationException,
     ValidationException,
 )
 from ..keystore.pkcs11 import ConnectError
 from ..model import Caller, ConnectionState, CustomKeyStore, HsmCluster
 from ..storage import Tx
+from . import xks
 from .context import Context, Params, Result
 from .paging import decode_marker, limit_of, page
+
+log = logging.getLogger("openkms.service")
 
 MAX_KEY_STORES = 10  # per account and region, as in AWS
 CLOUDHSM = "AWS_CLOUDHSM"
@@ -67,31 +72,47 @@ def _name_in_use(name: str) -> CustomKeyStoreNameInUseException:
     return CustomKeyStoreNameInUseException(f"A custom key store named {name} exists.")
 
 
-def _only_cloudhsm(p: Params) -> None:
-    if p.get("CustomKeyStoreType") not in (None, CLOUDHSM):
-        raise UnsupportedOperationException(f"CustomKeyStoreType {p['CustomKeyStoreType']} is not supported yet.")
-    if any(name.startswith("XksProxy") for name in p):
-        raise UnsupportedOperationException("External key stores (XksProxy*) are not supported yet.")
-
-
 def create_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
-    _only_cloudhsm(p)
-    for member in ("CloudHsmClusterId", "TrustAnchorCertificate", "KeyStorePassword"):
-        if p.get(member) is None:
-            raise ValidationException(f"{member} is required for a custom key store of type {CLOUDHSM}.")
+    store_type = p.get("CustomKeyStoreType") or CLOUDHSM
+    if store_type == xks.EXTERNAL:
+        config, secret = xks.new_store_config(ctx, p)
+    else:
+        if any(p.get(m) is not None for m in xks.XKS_MEMBERS):
+            raise ValidationException(f"XksProxy* members are only valid for a custom key store of type "
+                                      f"{xks.EXTERNAL}.")
+        for member in ("CloudHsmClusterId", "TrustAnchorCertificate", "KeyStorePassword"):
+            if p.get(member) is None:
+                raise ValidationException(f"{member} is required for a custom key store of type {CLOUDHSM}.")
     ctx.access.authorize_identity(caller, "CreateCustomKeyStore")
     cks_id = "cks-" + secrets.token_hex(9)[:17]
+
+    def common_checks(tx: Tx) -> None:
+        if tx.key_stores.by_name(caller.account_id, p["CustomKeyStoreName"]) is not None:
+            raise _name_in_use(p["CustomKeyStoreName"])
+        if tx.key_stores.count(caller.account_id) >= MAX_KEY_STORES:
+            raise LimitExceededException(f"An account can have at most {MAX_KEY_STORES} custom key stores.")
+
     try:
+        if store_type == xks.EXTERNAL:
+            with ctx.store.begin() as tx:  # what can be refused without the proxy, first
+                common_checks(tx)
+                xks.check_uri_free(tx, caller.account_id, config)
+            # As AWS: the proxy must answer GetHealthStatus with these values before they are saved.
+            xks.check_health(ctx.keystores.xks_client(cks_id, config, secret))
+            with ctx.store.begin() as tx:
+                common_checks(tx)
+                xks.check_uri_free(tx, caller.account_id, config)
+                tx.key_stores.insert(CustomKeyStore(cks_id, caller.account_id, p["CustomKeyStoreName"], xks.EXTERNAL,
+                                                    None, ConnectionState.DISCONNECTED, None, ctx.now(), config),
+                                     ctx.keystores.seal_password(cks_id, secret.reveal()))
+            return {"CustomKeyStoreId": cks_id}
         with ctx.store.begin() as tx:
             cluster = _cluster(tx, caller, p["CloudHsmClusterId"])
             if not same_certificate(p["TrustAnchorCertificate"], cluster.trust_anchor):
                 raise IncorrectTrustAnchorException(
                     f"The trust anchor certificate is not the one of CloudHSM cluster {cluster.cluster_id}.")
-            if tx.key_stores.by_name(caller.account_id, p["CustomKeyStoreName"]) is not None:
-                raise _name_in_use(p["CustomKeyStoreName"])
+            common_checks(tx)
             _check_cluster_free(tx, cluster.cluster_id)
-            if tx.key_stores.count(caller.account_id) >= MAX_KEY_STORES:
-                raise LimitExceededException(f"An account can have at most {MAX_KEY_STORES} custom key stores.")
             tx.key_stores.insert(CustomKeyStore(cks_id, caller.account_id, p["CustomKeyStoreName"], CLOUDHSM,
                                                 cluster.cluster_id, ConnectionState.DISCONNECTED, None, ctx.now()),
                                  ctx.keystores.seal_password(cks_id, p["KeyStorePassword"]))
@@ -109,6 +130,8 @@ def _entry(ctx: Context, row: CustomKeyStore, clusters: dict[str, HsmCluster]) -
         cluster = clusters.get(row.cluster_id)
         if cluster is not None:
             entry["TrustAnchorCertificate"] = cluster.trust_anchor
+    if row.xks is not None:
+        entry.update(xks.entry_members(row, ctx.keystores.xks_health(row.custom_key_store_id)))
     if row.connection_state is ConnectionState.FAILED and row.connection_error_code:
         entry["ConnectionErrorCode"] = row.connection_error_code
     return entry
@@ -133,17 +156,35 @@ def describe_custom_key_stores(ctx: Context, caller: Caller, p: Params) -> Resul
 
 
 def update_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
-    _only_cloudhsm({k: v for k, v in p.items() if k != "CustomKeyStoreId"})
     ctx.access.authorize_identity(caller, "UpdateCustomKeyStore")
     row = _store_of(ctx, caller, p)
-    # AWS: the name changes while CONNECTED or DISCONNECTED; the password and the cluster only
-    # while DISCONNECTED.
-    needs_disconnected = bool(p.get("KeyStorePassword") or p.get("CloudHsmClusterId"))
+    # AWS: the name changes while CONNECTED or DISCONNECTED, and so do an external key store's
+    # credential and URI path; everything else only while DISCONNECTED.
+    if row.store_type == xks.EXTERNAL:
+        for member in ("KeyStorePassword", "CloudHsmClusterId"):
+            if p.get(member) is not None:
+                raise ValidationException(f"{member} is only valid for a custom key store of type {CLOUDHSM}.")
+        needs_disconnected = any(p.get(m) is not None for m in xks.XKS_NEEDS_DISCONNECTED)
+    else:
+        if any(p.get(m) is not None for m in xks.XKS_MEMBERS):
+            raise ValidationException(f"XksProxy* members are only valid for a custom key store of type "
+                                      f"{xks.EXTERNAL}.")
+        needs_disconnected = bool(p.get("KeyStorePassword") or p.get("CloudHsmClusterId"))
     allowed = (ConnectionState.DISCONNECTED,) if needs_disconnected else \
         (ConnectionState.DISCONNECTED, ConnectionState.CONNECTED)
     if row.connection_state not in allowed:
         raise _must_be_disconnected(row.custom_key_store_id, "updated")
     values: dict[str, object] = {}
+    proxy = xks.updated_config(ctx, row, p) if row.store_type == xks.EXTERNAL else None
+    if proxy is not None:
+        config, secret = proxy
+        with ctx.store.begin() as tx:
+            xks.check_uri_free(tx, caller.account_id, config, except_store=row.custom_key_store_id)
+        # As AWS: the proxy must answer GetHealthStatus with the new values before they are saved.
+        xks.check_health(ctx.keystores.xks_client(row.custom_key_store_id, config, secret))
+        values["xks"] = config
+        if secret is not None:
+            values["sealed_password"] = ctx.keystores.seal_password(row.custom_key_store_id, secret.reveal())
     try:
         with ctx.store.begin() as tx:
             if p.get("NewCustomKeyStoreName") and p["NewCustomKeyStoreName"] != row.name:
@@ -188,15 +229,25 @@ def connect_custom_key_store(ctx: Context, caller: Caller, p: Params) -> Result:
         if not tx.key_stores.update(cks_id, only_if=(ConnectionState.DISCONNECTED, ConnectionState.CONNECTING),
                                     connection_state=ConnectionState.CONNECTING, connection_error_code=None):
             return {}  # another call connected or disconnected it meanwhile
-    try:
-        with ctx.store.begin() as tx:
-            cluster = tx.clusters.get(row.cluster_id) if row.cluster_id else None
-        if cluster is None or cluster.account_id != row.account_id:
-            raise ConnectError("CLUSTER_NOT_FOUND", "the store's cluster is not registered for its account")
-        ctx.keystores.token_session(cks_id).check()
-        state, code = ConnectionState.CONNECTED, None
-    except ConnectError as exc:
-        state, code = ConnectionState.FAILED, exc.code
+    if row.store_type == xks.EXTERNAL:
+        # The proxy must answer GetHealthStatus (AWS connects the same way).
+        try:
+            code, why = xks.connection_error(ctx.keystores.xks_client(cks_id))
+        except KeyStoreUnavailable as exc:
+            code, why = "XKS_PROXY_INVALID_CONFIGURATION", exc.message
+        if why is not None:
+            log.warning("external key store %s failed to connect: %s (%s)", cks_id, code, why)
+        state = ConnectionState.FAILED if code else ConnectionState.CONNECTED
+    else:
+        try:
+            with ctx.store.begin() as tx:
+                cluster = tx.clusters.get(row.cluster_id) if row.cluster_id else None
+            if cluster is None or cluster.account_id != row.account_id:
+                raise ConnectError("CLUSTER_NOT_FOUND", "the store's cluster is not registered for its account")
+            ctx.keystores.token_session(cks_id).check()
+            state, code = ConnectionState.CONNECTED, None
+        except ConnectError as exc:
+            state, code = ConnectionState.FAILED, exc.code
     with ctx.store.begin() as tx:
         # Not if a Disconnect came meanwhile: then the store stays DISCONNECTED.
         tx.key_stores.update(cks_id, only_if=ConnectionState.CONNECTING, connection_state=state,

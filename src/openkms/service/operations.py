@@ -83,9 +83,9 @@ OPERATIONS: dict[str, Op] = {
     "RetireGrant": Op(grants.retire_grant),
     "RevokeGrant": Op(grants.revoke_grant),
     # custom key stores (an HSM's token: every call may wait on it)
-    "CreateCustomKeyStore": Op(keystores.create_custom_key_store),
+    "CreateCustomKeyStore": Op(keystores.create_custom_key_store, blocking=True),  # may ask a proxy
     "DescribeCustomKeyStores": Op(keystores.describe_custom_key_stores, read_only=True),
-    "UpdateCustomKeyStore": Op(keystores.update_custom_key_store),
+    "UpdateCustomKeyStore": Op(keystores.update_custom_key_store, blocking=True),  # may ask a proxy
     "ConnectCustomKeyStore": Op(keystores.connect_custom_key_store, blocking=True),
     "DisconnectCustomKeyStore": Op(keystores.disconnect_custom_key_store),
     "DeleteCustomKeyStore": Op(keystores.delete_custom_key_store),

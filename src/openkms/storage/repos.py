@@ -24,6 +24,7 @@ from ..model import (
     KeyVersion,
     Origin,
     Principal,
+    XksProxyConfig,
 )
 from . import schema as t
 
@@ -38,6 +39,13 @@ def from_ts(ts: float | None) -> datetime | None:
 
 def _now_ts(dt: datetime) -> float:
     return dt.timestamp()
+
+
+def _xks_columns(xks: XksProxyConfig | None) -> dict[str, Any]:
+    """The custom_key_stores columns of an external key store's proxy (all NULL for none)."""
+    return {"xks_uri_endpoint": xks.uri_endpoint if xks else None, "xks_uri_path": xks.uri_path if xks else None,
+            "xks_connectivity": xks.connectivity if xks else None,
+            "xks_access_key_id": xks.access_key_id if xks else None}
 
 
 @dataclass
@@ -187,7 +195,8 @@ class KeyRepo:
             deletion_date=from_ts(row.deletion_date), pending_window_days=row.pending_window_days,
             current_version=row.current_version, rotation_period_days=row.rotation_period_days,
             next_rotation=from_ts(row.next_rotation), valid_to=from_ts(row.valid_to),
-            expiration_model=row.expiration_model, policy=row.policy, custom_key_store_id=row.custom_key_store_id)
+            expiration_model=row.expiration_model, policy=row.policy, custom_key_store_id=row.custom_key_store_id,
+            xks_key_id=row.xks_key_id)
 
     @staticmethod
     def _mutable(key: Key) -> dict[str, Any]:
@@ -200,7 +209,7 @@ class KeyRepo:
         self.conn.execute(insert(t.keys).values(
             key_id=key.key_id, account_id=key.account_id, region=key.region, key_spec=key.key_spec,
             key_usage=key.key_usage.value, origin=key.origin.value, created=_now_ts(key.created),
-            custom_key_store_id=key.custom_key_store_id, **self._mutable(key)))
+            custom_key_store_id=key.custom_key_store_id, xks_key_id=key.xks_key_id, **self._mutable(key)))
         self.changes.keys.add(key.key_id)
 
     def get(self, key_id: str, for_update: bool = False) -> Key | None:
@@ -502,16 +511,18 @@ class KeyStoreRepo:
 
     @staticmethod
     def _store(row: Any) -> CustomKeyStore:
+        xks = XksProxyConfig(row.xks_uri_endpoint, row.xks_uri_path, row.xks_connectivity, row.xks_access_key_id) \
+            if row.xks_uri_endpoint else None
         return CustomKeyStore(row.custom_key_store_id, row.account_id, row.name, row.store_type, row.cluster_id,
                               ConnectionState(row.connection_state), row.connection_error_code,
-                              from_ts(row.created))  # type: ignore[arg-type]
+                              from_ts(row.created), xks)  # type: ignore[arg-type]
 
     def insert(self, s: CustomKeyStore, sealed_password: bytes | None) -> None:
         self.conn.execute(insert(t.custom_key_stores).values(
             custom_key_store_id=s.custom_key_store_id, account_id=s.account_id, name=s.name,
             store_type=s.store_type, cluster_id=s.cluster_id, sealed_password=sealed_password,
             connection_state=s.connection_state.value, connection_error_code=s.connection_error_code,
-            created=_now_ts(s.created)))
+            created=_now_ts(s.created), **_xks_columns(s.xks)))
         self.changes.key_stores.add(s.custom_key_store_id)
 
     def get(self, custom_key_store_id: str, for_update: bool = False) -> CustomKeyStore | None:
@@ -541,6 +552,12 @@ class KeyStoreRepo:
     def any(self) -> bool:
         return self.conn.execute(select(t.custom_key_stores.c.custom_key_store_id).limit(1)).first() is not None
 
+    def connected_of_type(self, store_type: str) -> list[CustomKeyStore]:
+        rows = self.conn.execute(select(t.custom_key_stores).where(and_(
+            t.custom_key_stores.c.store_type == store_type,
+            t.custom_key_stores.c.connection_state == ConnectionState.CONNECTED.value)))
+        return [self._store(r) for r in rows]
+
     def on_cluster(self, cluster_id: str) -> list[CustomKeyStore]:
         rows = self.conn.execute(select(t.custom_key_stores).where(t.custom_key_stores.c.cluster_id == cluster_id))
         return [self._store(r) for r in rows]
@@ -552,10 +569,13 @@ class KeyStoreRepo:
 
     def update(self, custom_key_store_id: str, *, only_if: ConnectionState | tuple[ConnectionState, ...] | None = None,
                **values: Any) -> bool:
-        """Change columns (name, cluster_id, sealed_password, connection_state, connection_error_code);
-        with `only_if`, only while the store is in that state (or one of those): whether it changed."""
+        """Change columns (name, cluster_id, sealed_password, connection_state, connection_error_code,
+        xks: an XksProxyConfig); with `only_if`, only while the store is in that state (or one of
+        those): whether it changed."""
         if isinstance(values.get("connection_state"), ConnectionState):
             values["connection_state"] = values["connection_state"].value
+        if "xks" in values:
+            values.update(_xks_columns(values.pop("xks")))
         q = update(t.custom_key_stores).where(t.custom_key_stores.c.custom_key_store_id == custom_key_store_id)
         if only_if is not None:
             states = (only_if,) if isinstance(only_if, ConnectionState) else only_if
@@ -569,6 +589,18 @@ class KeyStoreRepo:
         self.conn.execute(delete(t.custom_key_stores).where(
             t.custom_key_stores.c.custom_key_store_id == custom_key_store_id))
         self.changes.key_stores.add(custom_key_store_id)
+
+    def with_xks_uri(self, account_id: str, uri_endpoint: str, uri_path: str) -> list[CustomKeyStore]:
+        rows = self.conn.execute(select(t.custom_key_stores).where(and_(
+            t.custom_key_stores.c.account_id == account_id, t.custom_key_stores.c.xks_uri_endpoint == uri_endpoint,
+            t.custom_key_stores.c.xks_uri_path == uri_path)))
+        return [self._store(r) for r in rows]
+
+    def key_with_xks_key_id(self, custom_key_store_id: str, xks_key_id: str) -> str | None:
+        """The KMS key of the store that uses this external key, if any."""
+        row = self.conn.execute(select(t.keys.c.key_id).where(and_(
+            t.keys.c.custom_key_store_id == custom_key_store_id, t.keys.c.xks_key_id == xks_key_id))).first()
+        return None if row is None else str(row[0])
 
     def key_count(self, custom_key_store_id: str) -> int:
         return int(self.conn.execute(select(func.count()).select_from(t.keys).where(

@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Statements that bring a store of an older schema version up to date, by target version. New
 # tables need none: create_all adds them.
@@ -41,7 +41,17 @@ MIGRATIONS: dict[int, list[str]] = {
     6: ["ALTER TABLE hsm_clusters ADD COLUMN account_id VARCHAR(12)",
         "UPDATE hsm_clusters SET account_id = (SELECT MIN(s.account_id) FROM custom_key_stores s "
         "WHERE s.cluster_id = hsm_clusters.cluster_id)"],
+    # External key stores: where a store's XKS proxy is (its credential's secret is sealed in
+    # sealed_password), and each key's external key id.
+    7: ["ALTER TABLE custom_key_stores ADD COLUMN xks_uri_endpoint VARCHAR(128)",
+        "ALTER TABLE custom_key_stores ADD COLUMN xks_uri_path VARCHAR(128)",
+        "ALTER TABLE custom_key_stores ADD COLUMN xks_connectivity VARCHAR(32)",
+        "ALTER TABLE custom_key_stores ADD COLUMN xks_access_key_id VARCHAR(30)",
+        "ALTER TABLE kms_keys ADD COLUMN xks_key_id VARCHAR(128)",
+        # "EXTERNAL_KEY_STORE" is longer than the 16 characters origin had (SQLite ignores lengths).
+        "postgresql: ALTER TABLE kms_keys ALTER COLUMN origin TYPE VARCHAR(32)"],
 }
+# A statement "postgresql: <sql>" runs on PostgreSQL only.
 
 metadata = MetaData()
 
@@ -88,7 +98,7 @@ keys = Table(
     Column("description", Text, nullable=False, default=""),
     Column("key_spec", String(32), nullable=False),
     Column("key_usage", String(32), nullable=False),
-    Column("origin", String(16), nullable=False),
+    Column("origin", String(32), nullable=False),
     Column("state", String(32), nullable=False),
     Column("created", Float, nullable=False),
     Column("deletion_date", Float, nullable=True),
@@ -105,6 +115,7 @@ keys = Table(
     # The custom key store holding the material (NULL: the software store). Not a foreign key, so
     # that the v5 migration can add it with ALTER TABLE on SQLite; the service keeps it valid.
     Column("custom_key_store_id", String(64), nullable=True),
+    Column("xks_key_id", String(128), nullable=True),  # the external key (external key stores)
     Index("ix_kms_keys_account", "account_id", "key_id"),
     Index("ix_kms_keys_deletion", "state", "deletion_date"),
     Index("ix_kms_keys_rotation", "next_rotation"),
@@ -123,7 +134,8 @@ hsm_clusters = Table(
     Column("account_id", String(12), nullable=True),  # the tenant it serves (NULL: none, see v6)
 )
 
-# A tenant's custom key store. The token user's PIN is sealed under the root key.
+# A tenant's custom key store: on an HSM cluster (the token user's PIN sealed under the root key),
+# or in front of an XKS proxy (the proxy credential's secret sealed the same way).
 custom_key_stores = Table(
     "custom_key_stores", metadata,
     Column("custom_key_store_id", String(64), primary_key=True),
@@ -135,6 +147,10 @@ custom_key_stores = Table(
     Column("connection_state", String(16), nullable=False),
     Column("connection_error_code", String(64), nullable=True),
     Column("created", Float, nullable=False),
+    Column("xks_uri_endpoint", String(128), nullable=True),
+    Column("xks_uri_path", String(128), nullable=True),
+    Column("xks_connectivity", String(32), nullable=True),
+    Column("xks_access_key_id", String(30), nullable=True),
     Index("ux_custom_key_stores_name", "account_id", "name", unique=True),
 )
 

@@ -87,6 +87,11 @@ def _migrate(conn: Connection, existing: bool) -> None:
             f"the store has schema version {version}, newer than this openkms ({t.SCHEMA_VERSION}): upgrade openkms")
     for target in range(version + 1, t.SCHEMA_VERSION + 1):
         for statement in t.MIGRATIONS.get(target, []):
+            dialect, _, only = statement.partition(": ")
+            if only and dialect in ("postgresql", "sqlite"):
+                if conn.dialect.name != dialect:
+                    continue
+                statement = only
             added = _ADD_COLUMN.match(statement)
             if added is not None and added.group(2) in {c["name"] for c in inspect(conn).get_columns(added.group(1))}:
                 continue  # a table newer than the store's version: create_all made it with the column

@@ -1,5 +1,6 @@
-"""The KeyStore contract (keystore/base.py), run over every backend in keystore.registry.BACKENDS
-and over the PKCS#11 store on a real SoftHSM2 token.
+"""The KeyStore contract (keystore/base.py), run over every backend in keystore.registry.BACKENDS,
+over the PKCS#11 store on a real SoftHSM2 token, and over the external key store through openkms's
+own XKS proxy (`openkms xks-proxy`, a real process, in front of a SoftHSM2 token).
 
 Each backend is built over a real SQLite store in tmp_path and a root key, and a version is kept
 the way the service keeps it: the StoredVersion's locator goes into the version's row in the
@@ -40,13 +41,15 @@ CONTEXT = {"tenant": "t1", "purpose": "contract"}
 class Harness:
     """A backend and a store to keep its versions in, as the service does."""
 
-    def __init__(self, name: str, store: Store, backend: KeyStore) -> None:
+    def __init__(self, name: str, store: Store, backend: KeyStore, xks_key_id: str | None = None) -> None:
         self.name, self.store, self.ks = name, store, backend
+        self.xks_key_id = xks_key_id  # the external key every key of an external key store uses
 
     def new_key(self, origin: Origin = Origin.AWS_KMS) -> Key:
         key = Key(key_id=str(uuid.uuid4()), account_id=ACCOUNT, region="us-east-1", description="",
                   key_spec="SYMMETRIC_DEFAULT", key_usage=KeyUsage.ENCRYPT_DECRYPT, origin=origin,
-                  state=KeyState.ENABLED, created=datetime.now(UTC), current_version=0)
+                  state=KeyState.ENABLED, created=datetime.now(UTC), current_version=0,
+                  xks_key_id=self.xks_key_id if origin is not Origin.EXTERNAL else None)
         with self.store.begin() as tx:
             tx.keys.insert(key)
         return key
@@ -73,8 +76,39 @@ def _pkcs11(request: pytest.FixtureRequest, store: Store) -> KeyStore:
     return Pkcs11KeyStore(store, TokenSession(hsm.module, label, SecretStr("contract-pin")), "cluster-contract")
 
 
+XKS_KEY = "contract-key"
+
+
+@pytest.fixture(scope="module")
+def xks_proxy(softhsm: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str, str]]:
+    """`openkms xks-proxy` on a loopback port (plain HTTP: loopback only) in front of a fresh token
+    with the health check's key and XKS_KEY; yields (endpoint, path prefix, access key id, secret)."""
+    from tests.xks_proxy_helpers import PIN, ProxyProcess, Store, cli, free_port, proxy_toml
+
+    label = softhsm.init_token(pin=PIN)  # type: ignore[attr-defined]
+    store, port = Store.new("/contract", 2), free_port()
+    config = tmp_path_factory.mktemp("xks-contract") / "xks-proxy.toml"
+    config.write_text(proxy_toml(port=port, token_label=label, stores=[store]))
+    for key in ("xks-health", XKS_KEY):
+        done = cli("keys", "create", "--config", str(config), "--label", key)
+        assert done.returncode == 0, done.stderr
+    process = ProxyProcess(config, port, tls=False).start()
+    yield f"http://127.0.0.1:{port}", "/contract/kms/xks/v1", *store.credentials[0]
+    process.stop()
+
+
+def _xks(request: pytest.FixtureRequest, store: Store) -> KeyStore:
+    from openkms.keystore.software import SoftwareKeyStore
+    from openkms.keystore.xks import XksClient, XksEndpoint, XksKeyStore, XksOptions
+
+    endpoint, path, access_key_id, secret = request.getfixturevalue("xks_proxy")
+    client = XksClient(XksEndpoint(endpoint, path, access_key_id, SecretStr(secret), "us-east-1"),
+                       XksOptions(allow_http=True, timeout=2.0))
+    return XksKeyStore(SoftwareKeyStore(store, RootKey(os.urandom(32), "test")), client, "cks-contract")
+
+
 #: Backends that need a device: how to build one in a test.
-DEVICE_BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Store], KeyStore]] = {"pkcs11": _pkcs11}
+DEVICE_BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Store], KeyStore]] = {"pkcs11": _pkcs11, "xks": _xks}
 
 
 @pytest.fixture(params=sorted(BACKENDS) + sorted(DEVICE_BACKENDS))
@@ -86,7 +120,7 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         backend = BACKENDS[request.param](store, RootKey(os.urandom(32), "test"))
     else:
         backend = DEVICE_BACKENDS[request.param](request, store)
-    yield Harness(request.param, store, backend)
+    yield Harness(request.param, store, backend, XKS_KEY if request.param == "xks" else None)
     store.close()
 
 

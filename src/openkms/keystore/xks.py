@@ -1,0 +1,460 @@
+"""External key stores: every use of a key calls out to the customer's XKS proxy (XKS proxy API
+v1.0.3), which encrypts and decrypts with a key the customer's external key manager holds.
+
+`XksClient` speaks the proxy API: JSON over HTTPS (or plain HTTP where the operator allows it),
+requests signed with SigV4 for the service `kms-xks-proxy` (botocore's signer), pooled keep-alive
+connections (urllib3). Each call has a budget (250 ms by default) that covers one retry after a
+network failure, and a per-store rate limit (1,800 calls/s by default: AWS's quota per external key
+store) beyond which callers get ThrottlingException. Every answer is checked before it is used
+(lengths, the ciphertext's integrity value); a failure becomes an `XksError` that names its cause.
+
+`XksKeyStore` is a KeyStore for one external key store. Keys are double-encrypted, as AWS does it:
+the key's own material (made here and sealed under the root key, like the software store's) seals
+the plaintext first, then the external key seals that inner blob through the proxy (format 3 of
+crypto/blob.py). Neither openkms nor the external key manager alone can decrypt; switching off the
+external key, the proxy or the credential makes the data unreadable at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import re
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..audit.context import current_request
+from ..crypto import blob
+from ..crypto.aead import TAG_BYTES
+from ..crypto.openssl import clear_error_queue
+from ..errors import InvalidCiphertextException, KeyStoreUnavailable, ThrottlingException
+from ..model import Key, KeyFamily, KeySpecInfo, SecretStr
+from .base import KeyStore, StoredVersion
+
+log = logging.getLogger("openkms.keystore.xks")
+
+SERVICE = "kms-xks-proxy"
+API = "/kms/xks/v1"
+MIN_PLAINTEXT = 4300  # what a proxy must accept (spec); openkms's inner blobs are far smaller
+DEFAULT_TIMEOUT = 0.25
+DEFAULT_RATE = 1800.0
+
+
+@dataclass(frozen=True)
+class XksOptions:
+    """How this node reaches XKS proxies (OPENKMS_XKS_* settings)."""
+
+    ca_bundle: str = ""  # PEM file of the CAs a proxy's certificate must chain to ("" = system CAs)
+    client_cert: str = ""  # PEM certificate (chain) to present to proxies that require mTLS
+    client_key: str = ""
+    allow_http: bool = False  # plain http:// endpoints (a proxy on a trusted network only)
+    timeout: float = DEFAULT_TIMEOUT  # seconds per proxy call, a retry included
+    rate_limit: float = DEFAULT_RATE  # calls per second per external key store, on this node
+    pool_size: int = 32  # keep-alive connections per external key store
+
+
+@dataclass(frozen=True)
+class XksEndpoint:
+    """Where one external key store's proxy is, and the credential that signs its requests."""
+
+    uri_endpoint: str  # scheme://host[:port]
+    uri_path: str  # the prefix ending in /kms/xks/v1
+    access_key_id: str
+    secret: SecretStr
+    region: str
+
+    def __repr__(self) -> str:
+        return f"XksEndpoint({self.uri_endpoint}{self.uri_path}, access key {self.access_key_id[:4]}...)"
+
+
+class XksError(Exception):
+    """A proxy call that failed, with its cause:
+
+    unreachable, timeout, tls: the network; auth (401), denied (403), uri_path (404 InvalidUriPath),
+    key_not_found (404), invalid_state, invalid_key_usage, invalid_ciphertext, validation (400),
+    throttled (429), internal (500), unsupported (501), dependency_timeout (503); invalid_response:
+    an answer that is not what the spec says.
+    """
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.message = message
+
+    def unavailable(self) -> Exception:
+        """What a cryptographic call answers: KMSInvalidStateException naming the cause, but for a
+        ciphertext the external key cannot open (InvalidCiphertextException)."""
+        if self.cause == "invalid_ciphertext":
+            return InvalidCiphertextException()
+        return KeyStoreUnavailable(self.message)
+
+
+_ERROR_CAUSES = {
+    "AuthenticationFailedException": "auth",
+    "AccessDeniedException": "denied",
+    "InvalidUriPathException": "uri_path",
+    "KeyNotFoundException": "key_not_found",
+    "InvalidStateException": "invalid_state",
+    "InvalidKeyUsageException": "invalid_key_usage",
+    "InvalidCiphertextException": "invalid_ciphertext",
+    "ValidationException": "validation",
+    "ThrottlingException": "throttled",
+    "InternalException": "internal",
+    "UnsupportedOperationException": "unsupported",
+    "DependencyTimeoutException": "dependency_timeout",
+}
+_MESSAGES = {
+    "auth": "The external key store proxy rejected the authentication credential (AuthenticationFailedException).",
+    "denied": "The external key store proxy denied the request (AccessDeniedException).",
+    "uri_path": "The external key store proxy does not serve the key store's URI path (InvalidUriPathException).",
+    "key_not_found": "The external key manager has no key {key} (KeyNotFoundException).",
+    "invalid_state": "The external key {key} is not enabled in the external key manager (InvalidStateException).",
+    "invalid_key_usage": "The external key {key} does not allow this operation (InvalidKeyUsageException).",
+    "invalid_ciphertext": "The external key manager cannot decrypt the ciphertext (InvalidCiphertextException).",
+    "validation": "The external key store proxy refused the request as invalid (ValidationException).",
+    "throttled": "The external key store proxy is throttling requests (ThrottlingException).",
+    "internal": "The external key store proxy failed (InternalException).",
+    "unsupported": "The external key store proxy does not support the operation (UnsupportedOperationException).",
+    "dependency_timeout": "The external key manager did not answer the proxy in time (DependencyTimeoutException).",
+}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise XksError("invalid_response", f"The external key store proxy returned no valid {what}.")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise XksError("invalid_response", f"The external key store proxy returned a {what} that is not base64.") \
+            from None
+
+
+class RateLimit:
+    """A token bucket: `rate` calls per second, bursts up to one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = rate
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
+
+def request_metadata(operation: str | None = None, key: Key | None = None, *, health: bool = False
+                     ) -> dict[str, str]:
+    """The spec's requestMetadata: who is calling, on which key, in which KMS operation and request
+    (the request id the caller and the audit log see), so the proxy can log and authorize each use."""
+    current = current_request.get()
+    meta: dict[str, str] = {
+        "kmsRequestId": current.request_id if current is not None else str(uuid.uuid4()),
+        "kmsOperation": operation or (current.operation if current is not None else "") or "Unknown",
+    }
+    if not health:
+        principal = current.principal_arn if current is not None and current.principal_arn else None
+        if principal is None and key is not None:
+            principal = f"arn:aws:iam::{key.account_id}:root"  # work of the service itself
+        meta["awsPrincipalArn"] = principal or "arn:aws:iam::000000000000:root"
+    if key is not None:
+        meta["kmsKeyArn"] = key.arn
+    return meta
+
+
+class XksClient:
+    """The XKS proxy API of one external key store."""
+
+    def __init__(self, endpoint: XksEndpoint, options: XksOptions) -> None:
+        import urllib3
+
+        self.endpoint = endpoint
+        self.options = options
+        self.limit = RateLimit(options.rate_limit)
+        parts = urlsplit(endpoint.uri_endpoint)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("not an http(s) endpoint")
+        self._origin = endpoint.uri_endpoint.rstrip("/")
+        self._host_header = parts.netloc
+        if parts.scheme == "https":
+            self._pool: Any = urllib3.HTTPSConnectionPool(
+                parts.hostname, parts.port or 443, maxsize=options.pool_size, block=False, retries=False,
+                ssl_context=tls_context(options), server_hostname=parts.hostname)
+        else:
+            self._pool = urllib3.HTTPConnectionPool(parts.hostname, parts.port or 80, maxsize=options.pool_size,
+                                                    block=False, retries=False)
+        from botocore.auth import SigV4Auth
+        from botocore.credentials import Credentials
+
+        self._signer = SigV4Auth(Credentials(endpoint.access_key_id, endpoint.secret.reveal()), SERVICE,
+                                 endpoint.region)
+
+    def __repr__(self) -> str:
+        return f"XksClient({self.endpoint!r})"
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # -- the four APIs ------------------------------------------------------------------------------
+    def health(self, operation: str = "KmsHealthCheck") -> dict[str, Any]:
+        """GetHealthStatus: the proxy's answer, checked. An answer whose every external key manager
+        is UNAVAILABLE is a failure (the store cannot serve)."""
+        answer = self._post(f"{API}/health", {"requestMetadata": request_metadata(operation, health=True)}, None)
+        fleet = answer.get("ekmFleetDetails")
+        if not isinstance(answer.get("xksProxyFleetSize"), int) or not isinstance(fleet, list) or not fleet or \
+                not all(isinstance(e, dict) and e.get("healthStatus") in ("ACTIVE", "DEGRADED", "UNAVAILABLE")
+                        for e in fleet):
+            raise XksError("invalid_response", "The external key store proxy's health status is not what the XKS "
+                                               "API specifies.")
+        if all(e["healthStatus"] == "UNAVAILABLE" for e in fleet):
+            raise XksError("dependency_timeout", "The external key store proxy reports every external key manager "
+                                                 "UNAVAILABLE.")
+        return answer
+
+    def metadata(self, xks_key_id: str, operation: str = "CreateKey") -> dict[str, Any]:
+        answer = self._post(f"{API}/keys/{xks_key_id}/metadata",
+                            {"requestMetadata": request_metadata(operation)}, xks_key_id)
+        usage = answer.get("keyUsage")
+        if not isinstance(answer.get("keySpec"), str) or not isinstance(usage, list) or \
+                not isinstance(answer.get("keyStatus"), str):
+            raise XksError("invalid_response", "The external key store proxy's key metadata is not what the XKS API "
+                                               "specifies.")
+        return answer
+
+    def encrypt(self, key: Key, xks_key_id: str, plaintext: bytes, aad: bytes) -> blob.XksParts:
+        answer = self._post(f"{API}/keys/{xks_key_id}/encrypt", {
+            "requestMetadata": request_metadata(None, key), "plaintext": _b64(plaintext),
+            "encryptionAlgorithm": "AES_GCM", "additionalAuthenticatedData": _b64(aad),
+            "ciphertextDataIntegrityValueAlgorithm": "SHA_256"}, xks_key_id)
+        ciphertext = _unb64(answer.get("ciphertext"), "ciphertext")
+        iv = _unb64(answer.get("initializationVector"), "initializationVector")
+        tag = _unb64(answer.get("authenticationTag"), "authenticationTag")
+        metadata = _unb64(answer["ciphertextMetadata"], "ciphertextMetadata") \
+            if answer.get("ciphertextMetadata") is not None else b""
+        integrity = _unb64(answer.get("ciphertextDataIntegrityValue"), "ciphertextDataIntegrityValue")
+        if len(iv) not in blob.XKS_IV_BYTES or len(tag) != TAG_BYTES or len(metadata) > blob.XKS_MAX_METADATA \
+                or len(ciphertext) != len(plaintext):
+            raise XksError("invalid_response", "The external key store proxy's ciphertext has invalid lengths.")
+        expected = hashlib.sha256(aad + metadata + iv + ciphertext + tag).digest()
+        if not hmac.compare_digest(expected, integrity):
+            raise XksError("invalid_response", "The external key store proxy's ciphertext fails its integrity "
+                                               "check.")
+        return blob.XksParts(iv, metadata, tag, ciphertext)
+
+    def decrypt(self, key: Key, xks_key_id: str, parts: blob.XksParts, aad: bytes) -> bytes:
+        payload: dict[str, Any] = {
+            "requestMetadata": request_metadata(None, key), "ciphertext": _b64(parts.ciphertext),
+            "encryptionAlgorithm": "AES_GCM", "initializationVector": _b64(parts.iv),
+            "authenticationTag": _b64(parts.tag), "additionalAuthenticatedData": _b64(aad)}
+        if parts.metadata:
+            payload["ciphertextMetadata"] = _b64(parts.metadata)
+        plaintext = _unb64(self._post(f"{API}/keys/{xks_key_id}/decrypt", payload, xks_key_id).get("plaintext"),
+                           "plaintext")
+        if len(plaintext) != len(parts.ciphertext):
+            raise XksError("invalid_response", "The external key store proxy's plaintext has an invalid length.")
+        return plaintext
+
+    # -- transport ----------------------------------------------------------------------------------
+    def _post(self, api: str, payload: dict[str, Any], xks_key_id: str | None) -> dict[str, Any]:
+        if not self.limit.take():
+            raise ThrottlingException("The external key store's request rate is above its quota "
+                                      f"({self.options.rate_limit:g}/s).")
+        path = self.endpoint.uri_path + api[len(API):] if api.startswith(API) else api
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        deadline = time.monotonic() + self.options.timeout
+        for attempt in (1, 2):
+            try:
+                status, data = self._send(path, body, deadline)
+                break
+            except XksError as exc:
+                # One retry after a network failure (a kept-alive connection the proxy closed, a
+                # lost packet), if the budget leaves time for it.
+                if attempt == 2 or exc.cause not in ("unreachable", "timeout") or \
+                        deadline - time.monotonic() < 0.005:
+                    raise
+        return self._answer(status, data, xks_key_id)
+
+    def _send(self, path: str, body: bytes, deadline: float) -> tuple[int, bytes]:
+        import urllib3
+        from botocore.awsrequest import AWSRequest
+
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise XksError("timeout", self._timed_out())
+        clear_error_queue()  # what a PKCS#11 module on this thread may have left (crypto/openssl.py)
+        request = AWSRequest(method="POST", url=self._origin + path, data=body,
+                             headers={"Content-Type": "application/json", "Host": self._host_header})
+        self._signer.add_auth(request)
+        headers = {k: str(v) for k, v in request.headers.items()}
+        try:
+            response = self._pool.urlopen("POST", path, body=body, headers=headers, retries=False,
+                                          timeout=urllib3.Timeout(connect=remaining, read=remaining),
+                                          preload_content=True, assert_same_host=False)
+        except urllib3.exceptions.SSLError as exc:
+            raise XksError("tls", f"The TLS connection to the external key store proxy failed: {_short(exc)}.") \
+                from None
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, no route, no such name (before timeouts:
+            # urllib3 makes it a ConnectTimeoutError too)
+            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
+        except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError,
+                urllib3.exceptions.TimeoutError):
+            raise XksError("timeout", self._timed_out()) from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
+        return response.status, response.data
+
+    def _timed_out(self) -> str:
+        return f"The external key store proxy did not answer within {self.options.timeout * 1000:g} ms."
+
+    def _answer(self, status: int, data: bytes, xks_key_id: str | None) -> dict[str, Any]:
+        try:
+            parsed = json.loads(data) if data else None
+        except (ValueError, UnicodeDecodeError):
+            parsed = None
+        if status == 200:
+            if not isinstance(parsed, dict):
+                raise XksError("invalid_response", "The external key store proxy's answer is not a JSON object.")
+            return parsed
+        name = parsed.get("errorName") if isinstance(parsed, dict) else None
+        cause = _ERROR_CAUSES.get(name) if isinstance(name, str) else None
+        if cause is None:
+            cause = {401: "auth", 403: "denied", 429: "throttled"}.get(status)
+        if cause is None:
+            raise XksError("invalid_response", f"The external key store proxy answered HTTP {status} without an error "
+                                               "the XKS API specifies.")
+        raise XksError(cause, _MESSAGES[cause].format(key=xks_key_id or "?"))
+
+
+def _short(exc: BaseException) -> str:
+    """A reason for a message: the innermost error's type and first line, never request data."""
+    inner: BaseException = exc
+    while getattr(inner, "reason", None) is not None and isinstance(inner.reason, BaseException):  # type: ignore[attr-defined]
+        inner = inner.reason  # type: ignore[attr-defined]
+    text = str(inner).splitlines()[0][:240] if str(inner) else ""
+    # urllib3 puts the connection (its repr, or "HTTPSConnection(host=..., port=...)") first: keep
+    # what follows it.
+    text = re.split(r"(?:>|\)): ", text, maxsplit=1)[-1][:160]
+    return text or type(inner).__name__
+
+
+def tls_context(options: XksOptions) -> ssl.SSLContext:
+    """TLS 1.2 or later; the proxy's certificate checked against the configured CAs and its name;
+    the node's client certificate presented where one is configured (mTLS)."""
+    context = ssl.create_default_context(cafile=options.ca_bundle or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if options.client_cert:
+        context.load_cert_chain(options.client_cert, options.client_key or None)
+    return context
+
+
+@dataclass(frozen=True)
+class XksHealth:
+    """What this node last learnt of a proxy's health (polled in the background)."""
+
+    status: str  # ACTIVE, DEGRADED (some external key managers down), UNAVAILABLE (the proxy cannot serve)
+    checked: datetime
+    detail: str
+
+
+class XksKeyStore:
+    """The keys of one external key store: double encryption (see the module docstring)."""
+
+    name = "xks"
+    blocking = True
+
+    def __init__(self, inner: KeyStore, client: XksClient, custom_key_store_id: str) -> None:
+        self._inner = inner  # the node's default store: keeps each key's own material
+        self.client = client
+        self._id = custom_key_store_id
+        self.health: XksHealth | None = None
+
+    def check_health(self) -> XksHealth:
+        """GetHealthStatus now; the answer is kept in `health` (DescribeCustomKeyStores shows it)."""
+        now = datetime.now(UTC)
+        try:
+            answer = self.client.health("KmsHealthCheck")
+        except XksError as exc:
+            health = XksHealth("UNAVAILABLE", now, exc.message)
+        except ThrottlingException:
+            return self.health or XksHealth("ACTIVE", now, "not checked: the store's request rate is at its quota")
+        else:
+            fleet = answer["ekmFleetDetails"]
+            down = sum(1 for e in fleet if e["healthStatus"] != "ACTIVE")
+            health = XksHealth("DEGRADED" if down else "ACTIVE", now,
+                               f"{len(fleet) - down} of {len(fleet)} external key managers ACTIVE")
+        if self.health is None or self.health.status != health.status:
+            log.log(logging.INFO if health.status == "ACTIVE" else logging.WARNING,
+                    "external key store %s: proxy health %s (%s)", self._id, health.status, health.detail)
+        self.health = health
+        return health
+
+    def __repr__(self) -> str:
+        return f"XksKeyStore({self._id!r})"
+
+    @staticmethod
+    def supports(spec: KeySpecInfo) -> bool:
+        return spec.family is KeyFamily.SYMMETRIC and spec.name == "SYMMETRIC_DEFAULT"
+
+    def close(self) -> None:
+        self.client.close()
+
+    def create_version(self, key: Key, version: int) -> StoredVersion:
+        return self._inner.create_version(key, version)
+
+    def destroy(self, key: Key, version: int | None = None) -> None:
+        # The key's own material is in the rows the caller deletes; the external key stays in the
+        # external key manager, which the customer runs (as in AWS).
+        self._inner.destroy(key, version)
+
+    def evict(self, key_id: str, version: int | None = None) -> None:
+        self._inner.evict(key_id, version)
+
+    @staticmethod
+    def _xks_key_id(key: Key) -> str:
+        if not key.xks_key_id:
+            raise KeyStoreUnavailable(f"{key.arn} has no external key.")
+        return key.xks_key_id
+
+    def encrypt(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
+        inner = self._inner.encrypt(key, plaintext, context)
+        header = blob.header_v3(key.key_id, key.current_version)
+        try:
+            parts = self.client.encrypt(key, self._xks_key_id(key), inner, blob.xks_aad(header, context))
+        except XksError as exc:
+            raise exc.unavailable() from None
+        return blob.pack_v3(header, parts)
+
+    def decrypt(self, key: Key, version: int, ciphertext: bytes, context: Mapping[str, str] | None) -> bytes:
+        header = blob.parse_header(ciphertext)
+        if header.format != blob.FORMAT_V3 or header.key_id != key.key_id or header.version != version:
+            raise InvalidCiphertextException()
+        parts = blob.unpack_v3(ciphertext)
+        try:
+            inner = self.client.decrypt(key, self._xks_key_id(key), parts, blob.xks_aad(header.raw, context))
+        except XksError as exc:
+            raise exc.unavailable() from None
+        opened = blob.parse_header(inner)
+        if opened.format != blob.FORMAT_V1 or opened.key_id != key.key_id or opened.version != version:
+            raise InvalidCiphertextException()
+        return self._inner.decrypt(key, version, inner, context)

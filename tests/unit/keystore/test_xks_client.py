@@ -1,0 +1,252 @@
+"""The XKS client's checks of what a proxy answers, against a scripted HTTP server in this process
+(the real proxy, `openkms xks-proxy`, is tested in tests/test_xks.py and tests/test_xks_proxy.py):
+every answer that is not what the XKS API specifies is refused with its cause, never used; the
+budget holds for a slow proxy; the rate limit throttles; requests are signed and carry the
+requestMetadata of the request being served."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openkms.api.sigv4 import SigV4Verifier
+from openkms.audit.context import RequestInfo, current_request
+from openkms.crypto import blob
+from openkms.errors import ThrottlingException
+from openkms.keystore.xks import XksClient, XksEndpoint, XksError, XksOptions
+from openkms.model import Key, KeyState, KeyUsage, Origin, SecretStr
+
+ACCESS_KEY = "ABCDEFGHIJKLMNOPQRSTUVWX"
+SECRET = base64.b64encode(b"s" * 32).decode()
+PATH = "/tenant-a/kms/xks/v1"
+
+Reply = Callable[[str, dict[str, Any]], tuple[int, Any]]
+
+
+class Scripted:
+    """An HTTP server whose answer to each request is `reply(path, body)`; it keeps the requests."""
+
+    def __init__(self) -> None:
+        self.reply: Reply = lambda path, body: (200, {})
+        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("content-length", "0")))
+                body = json.loads(raw)
+                outer.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                status, answer = outer.reply(self.path, body)
+                data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[Scripted]:
+    server = Scripted()
+    yield server
+    server.close()
+
+
+def client_for(proxy: Scripted, **options: Any) -> XksClient:
+    endpoint = XksEndpoint(f"http://127.0.0.1:{proxy.port}", PATH, ACCESS_KEY, SecretStr(SECRET), "us-east-1")
+    return XksClient(endpoint, XksOptions(allow_http=True, **options))
+
+
+KEY = Key(key_id=str(uuid.uuid4()), account_id="111122223333", region="us-east-1", description="",
+          key_spec="SYMMETRIC_DEFAULT", key_usage=KeyUsage.ENCRYPT_DECRYPT, origin=Origin.EXTERNAL_KEY_STORE,
+          state=KeyState.ENABLED, created=datetime.now(UTC), custom_key_store_id="cks-0", xks_key_id="ext-1")
+AAD = b"a" * 53
+
+
+def good_encrypt(path: str, body: dict[str, Any], iv: bytes = b"i" * 12, metadata: bytes = b"") -> tuple[int, Any]:
+    """What a correct proxy answers (not real AES-GCM: only lengths and the integrity value count)."""
+    plaintext = base64.b64decode(body["plaintext"])
+    aad = base64.b64decode(body["additionalAuthenticatedData"])
+    ciphertext, tag = bytes(b ^ 0x5A for b in plaintext), b"t" * 16
+    answer = {"ciphertext": base64.b64encode(ciphertext).decode(),
+              "initializationVector": base64.b64encode(iv).decode(),
+              "authenticationTag": base64.b64encode(tag).decode(),
+              "ciphertextDataIntegrityValue": base64.b64encode(
+                  hashlib.sha256(aad + metadata + iv + ciphertext + tag).digest()).decode()}
+    if metadata:
+        answer["ciphertextMetadata"] = base64.b64encode(metadata).decode()
+    return 200, answer
+
+
+def test_a_request_is_signed_and_says_who_asks(proxy: Scripted) -> None:
+    proxy.reply = good_encrypt
+    token = current_request.set(RequestInfo("req-123", "GenerateDataKey", "arn:aws:iam::111122223333:user/app"))
+    try:
+        parts = client_for(proxy).encrypt(KEY, "ext-1", b"p" * 70, AAD)
+    finally:
+        current_request.reset(token)
+    assert len(parts.iv) == 12 and len(parts.ciphertext) == 70
+    path, headers, body = proxy.requests[0]
+    assert path == f"{PATH}/keys/ext-1/encrypt"
+    assert body["requestMetadata"] == {"kmsRequestId": "req-123", "kmsOperation": "GenerateDataKey",
+                                       "awsPrincipalArn": "arn:aws:iam::111122223333:user/app", "kmsKeyArn": KEY.arn}
+    assert body["encryptionAlgorithm"] == "AES_GCM" and body["ciphertextDataIntegrityValueAlgorithm"] == "SHA_256"
+    # The signature verifies as the proxy checks it: SigV4, service kms-xks-proxy, this credential.
+    verifier = SigV4Verifier("us-east-1", "kms-xks-proxy",
+                             lambda k: (SecretStr(SECRET), k) if k == ACCESS_KEY else None)
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    assert verifier.verify("POST", path, "", headers, raw)[0] == ACCESS_KEY
+    with pytest.raises(Exception, match=r"[Ss]ignature"):
+        verifier.verify("POST", path, "", headers, raw + b" ")
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda a: a.update(initializationVector=base64.b64encode(b"i" * 11).decode()), "lengths"),
+    (lambda a: a.update(authenticationTag=base64.b64encode(b"t" * 15).decode()), "lengths"),
+    (lambda a: a.update(ciphertextMetadata=base64.b64encode(b"m" * 21).decode()), "lengths"),
+    (lambda a: a.update(ciphertext=base64.b64encode(b"c" * 69).decode()), "lengths"),
+    (lambda a: a.update(ciphertextDataIntegrityValue=base64.b64encode(b"x" * 32).decode()), "integrity"),
+    (lambda a: a.pop("ciphertextDataIntegrityValue"), "ciphertextDataIntegrityValue"),
+    (lambda a: a.update(ciphertext="not base64!"), "base64"),
+    (lambda a: a.pop("ciphertext"), "ciphertext"),
+])
+def test_a_wrong_encrypt_answer_is_refused(proxy: Scripted, damage: Callable[[dict[str, Any]], Any], why: str) -> None:
+    def reply(path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        status, answer = good_encrypt(path, body)
+        damage(answer)
+        return status, answer
+
+    proxy.reply = reply
+    with pytest.raises(XksError) as e:
+        client_for(proxy).encrypt(KEY, "ext-1", b"p" * 70, AAD)
+    assert e.value.cause == "invalid_response" and why in e.value.message
+
+
+def test_metadata_of_up_to_20_bytes_and_16_byte_ivs_are_kept(proxy: Scripted) -> None:
+    proxy.reply = lambda path, body: good_encrypt(path, body, iv=b"v" * 16, metadata=b"m" * 20)
+    parts = client_for(proxy).encrypt(KEY, "ext-1", b"p" * 70, AAD)
+    packed = blob.pack_v3(blob.header_v3(KEY.key_id, 1), parts)
+    assert blob.unpack_v3(packed) == parts
+
+
+@pytest.mark.parametrize("status, name, cause", [
+    (401, "AuthenticationFailedException", "auth"), (403, "AccessDeniedException", "denied"),
+    (404, "InvalidUriPathException", "uri_path"), (404, "KeyNotFoundException", "key_not_found"),
+    (400, "InvalidStateException", "invalid_state"), (400, "InvalidKeyUsageException", "invalid_key_usage"),
+    (400, "InvalidCiphertextException", "invalid_ciphertext"), (400, "ValidationException", "validation"),
+    (429, "ThrottlingException", "throttled"), (500, "InternalException", "internal"),
+    (501, "UnsupportedOperationException", "unsupported"), (503, "DependencyTimeoutException", "dependency_timeout"),
+    (418, "Teapot", "invalid_response"), (502, None, "invalid_response"),
+])
+def test_each_error_of_the_spec_has_its_cause(proxy: Scripted, status: int, name: str | None, cause: str) -> None:
+    proxy.reply = lambda path, body: (status, {"errorName": name, "errorMessage": "x"} if name else b"<html>")
+    with pytest.raises(XksError) as e:
+        client_for(proxy).decrypt(KEY, "ext-1", blob.XksParts(b"i" * 12, b"", b"t" * 16, b"c" * 70), AAD)
+    assert e.value.cause == cause
+    # A cryptographic call sees KMSInvalidStateException, but for a ciphertext the key cannot open.
+    assert type(e.value.unavailable()).__name__ == ("InvalidCiphertextException" if cause == "invalid_ciphertext"
+                                                    else "KeyStoreUnavailable")
+
+
+def test_the_proxy_message_is_never_echoed(proxy: Scripted) -> None:
+    proxy.reply = lambda path, body: (500, {"errorName": "InternalException", "errorMessage": "pin=1234 secret"})
+    with pytest.raises(XksError) as e:
+        client_for(proxy).health()
+    assert "1234" not in e.value.message and "secret" not in e.value.message
+
+
+def test_a_slow_proxy_fails_within_the_budget(proxy: Scripted) -> None:
+    def slow(path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        time.sleep(0.6)
+        return good_encrypt(path, body)
+
+    proxy.reply = slow
+    client = client_for(proxy, timeout=0.15)
+    started = time.monotonic()
+    with pytest.raises(XksError) as e:
+        client.encrypt(KEY, "ext-1", b"p" * 70, AAD)
+    took = time.monotonic() - started
+    assert e.value.cause == "timeout" and "150 ms" in e.value.message
+    assert took < 0.45, f"the call took {took:.3f} s"  # the budget, plus scheduling slack; never the 0.6 s
+
+
+def test_an_unreachable_proxy_is_named(proxy: Scripted) -> None:
+    proxy.close()
+    with pytest.raises(XksError) as e:
+        client_for(proxy).health()
+    assert e.value.cause in ("unreachable", "timeout")
+
+
+def test_the_rate_limit_throttles(proxy: Scripted) -> None:
+    proxy.reply = lambda path, body: (200, {"xksProxyFleetSize": 1, "xksProxyVendor": "t", "xksProxyModel": "t",
+                                            "ekmVendor": "t", "ekmFleetDetails": [{"id": "a", "model": "m",
+                                                                                  "healthStatus": "ACTIVE"}]})
+    client = client_for(proxy, rate_limit=5)
+    outcomes = []
+    for _ in range(8):
+        try:
+            client.health()
+            outcomes.append("ok")
+        except ThrottlingException:
+            outcomes.append("throttled")
+    assert outcomes.count("ok") == 5 and outcomes[5:] == ["throttled"] * 3
+
+
+def test_health_with_every_manager_unavailable_fails(proxy: Scripted) -> None:
+    proxy.reply = lambda path, body: (200, {"xksProxyFleetSize": 1, "ekmFleetDetails": [
+        {"id": "a", "model": "m", "healthStatus": "UNAVAILABLE"}]})
+    with pytest.raises(XksError, match="UNAVAILABLE"):
+        client_for(proxy).health()
+    assert "awsPrincipalArn" not in proxy.requests[0][2]["requestMetadata"]  # health names no caller
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=120))
+def test_any_bytes_are_a_format_3_blob_or_invalid_ciphertext(data: bytes) -> None:
+    from openkms.errors import InvalidCiphertextException
+
+    candidate = bytes([blob.FORMAT_V3]) + data
+    try:
+        header = blob.parse_header(candidate)
+    except InvalidCiphertextException:
+        return
+    parts = blob.unpack_v3(candidate)
+    assert header.format == blob.FORMAT_V3 and len(header.raw) == blob.HEADER_V3_BYTES
+    assert blob.pack_v3(header.raw, parts) == candidate
+
+
+def test_blob_v3_round_trip() -> None:
+    parts = blob.XksParts(os.urandom(12), b"meta", os.urandom(16), os.urandom(99))
+    header = blob.header_v3(KEY.key_id, 7)
+    packed = blob.pack_v3(header, parts)
+    parsed = blob.parse_header(packed)
+    assert (parsed.key_id, parsed.version, parsed.format) == (KEY.key_id, 7, blob.FORMAT_V3)
+    assert blob.unpack_v3(packed) == parts
+    assert blob.xks_aad(header, {"a": "b"}) != blob.xks_aad(header, {"a": "c"})
