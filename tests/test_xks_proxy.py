@@ -6,13 +6,20 @@ order of its checks, SigV4 (two credentials at once, rotation by SIGHUP, clock s
 signed), the size minimums and limits, the AAD layout and the integrity value (recomputed here),
 key usage from CKA_ENCRYPT/CKA_DECRYPT, the allow-list and disabled keys, the deep health check
 and its cache, a token that goes away, mTLS at the handshake, and logs that hold requestMetadata
-but never plaintext or secrets.
+but never plaintext or secrets. Also what a review found: one tenant's keys kept from a store
+without an allow-list, connection slots that bare sockets cannot take, answers to refused requests
+that survive the close, a SIGHUP while starting, a health check whose first caller goes away.
+
+Faults of a slow token are injected into the proxy process with a sitecustomize module on its
+PYTHONPATH (`slow_token`); what a hung token does to the worker's memory is in
+tests/unit/test_xks_proxy_worker.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -21,9 +28,11 @@ import socket
 import ssl
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -31,7 +40,9 @@ from openkms.xksproxy.errors import DependencyTimeoutException
 from openkms.xksproxy.worker import TokenWorker
 from tests.conftest import SoftHsm
 from tests.xks_proxy_helpers import (
+    CLIENT_NAME,
     PIN,
+    REGION,
     Answer,
     Pki,
     ProxyProcess,
@@ -40,6 +51,7 @@ from tests.xks_proxy_helpers import (
     b64,
     cli,
     free_port,
+    health_metadata,
     metadata,
     proxy_toml,
     secret_access_key,
@@ -47,6 +59,7 @@ from tests.xks_proxy_helpers import (
     unb64,
 )
 
+T = TypeVar("T")
 PREFIX = "/example/uri/path/prefix"
 KEYS = ["foo", "bar", "enc-only", "dec-only", "off", "outside"]
 ALLOWED = ["foo", "bar", "enc-only", "dec-only", "off", "absent-from-token"]
@@ -63,6 +76,66 @@ def plaintext(size: int = 32) -> bytes:
 def sealed_of(answer: Answer) -> dict[str, str]:
     assert answer.status == 200, answer.body
     return dict(answer.json)
+
+
+def with_settings(text: str, server: str = "", pkcs11: str = "") -> str:
+    """A file made by proxy_toml with more [server] and [pkcs11] settings."""
+    region = f'region = "{REGION}"\n'
+    return text.replace(region, region + server, 1).replace("[health]\n", pkcs11 + "[health]\n", 1)
+
+
+def in_background(call: Callable[[], T]) -> Future[T]:
+    """`call()` on a thread of its own; the future holds its result or its exception."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(call)
+    pool.shutdown(wait=False)
+    return future
+
+
+INJECTION = '''"""Fault injection for tests/test_xks_proxy.py (XKS_TEST_* variables): a slow token."""
+import os
+import time
+from pathlib import Path
+
+_health_s = float(os.environ.get("XKS_TEST_SLOW_HEALTH_S") or 0)
+_start_marker = os.environ.get("XKS_TEST_SLOW_START_MARKER")
+if _health_s or _start_marker:
+    from openkms.xksproxy import keys as _keys
+
+    if _health_s:  # the deep health check's token calls take this long
+        _health_check = _keys.TokenKeys.health_check
+
+        def _slow_health_check(self, label):
+            time.sleep(_health_s)
+            return _health_check(self, label)
+
+        _keys.TokenKeys.health_check = _slow_health_check
+    if _start_marker:  # at start, the test key's check says so in a file, then takes a second
+        _ensure = _keys.TokenKeys.ensure
+
+        def _slow_ensure(self, label):
+            Path(_start_marker).write_text("starting")
+            time.sleep(1.0)
+            return _ensure(self, label)
+
+        _keys.TokenKeys.ensure = _slow_ensure
+'''
+
+
+@pytest.fixture
+def slow_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """`slow_token(XKS_TEST_...=value)`: proxies this test starts get a token slowed as INJECTION says."""
+
+    def set_up(**variables: str) -> None:
+        directory = tmp_path / "injection"
+        directory.mkdir(exist_ok=True)
+        (directory / "sitecustomize.py").write_text(INJECTION)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(directory),
+                                                                        os.environ.get("PYTHONPATH")])))
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+
+    return set_up
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -96,6 +169,7 @@ def proxy(token: str, pki: Pki, stores: list[Store],
     port = free_port()
     config = tmp_path_factory.mktemp("xks-proxy") / "xks-proxy.toml"
     config.write_text(proxy_toml(port=port, token_label=token, stores=stores, pki=pki))
+    config.chmod(0o600)  # it holds the SigV4 secrets
     process = ProxyProcess(config, port, tls=True).start()
     yield process
     assert process.stop() == 0, process.output()[-3000:]
@@ -218,6 +292,61 @@ def test_start_refused_without_pin_token_or_certificate(token: str, pki: Pki, tm
     assert done.returncode == 2 and "no such file" in done.stderr
 
 
+def test_client_ca_without_a_name_is_refused_unless_asked_for(token: str, pki: Pki, tmp_path: Path) -> None:
+    """With AWS KMS's client CAs (public roots), any certificate they issued would pass without a name."""
+    store = Store.new("/any")
+    port = free_port()
+    config = tmp_path / "any.toml"
+    named = proxy_toml(port=port, token_label=token, stores=[store], pki=pki, mtls=True)
+    config.write_text(named.replace(f'client_dns_name = "{CLIENT_NAME}"\n', ""))
+    done = cli("--config", str(config), timeout=20)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "client_ca without client_dns_name" in done.stderr and "client_any_name = true" in done.stderr
+    config.write_text(named.replace("[pkcs11]", "client_any_name = true\n[pkcs11]"))  # and a name
+    both = cli("--config", str(config), timeout=20)
+    assert both.returncode == 2 and "client_any_name = true goes with client_ca and without" in both.stderr
+
+    config.write_text(proxy_toml(port=port, token_label=token, stores=[store], pki=pki, mtls=True,
+                                 client_dns_name=None))  # the helper asks for it: client_any_name = true
+    proxy = ProxyProcess(config, port, tls=True).start()
+    try:
+        akid, secret = store.credentials[0]
+        other = XksClient(proxy.base, "/any", akid, secret, pki.client_context(pki.wrong_name))
+        assert other.health().status == 200  # another name, from the CA: accepted, as asked
+        other.close()
+        assert "(any name)" in proxy.output()
+        assert _refused(port, pki.client_context(pki.self_signed)).startswith("after handshake:")  # the CA still counts
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_the_pin_leaves_the_environment(token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read once into a SecretStr, then gone from os.environ (a child process, a crash dump, /proc)."""
+    from openkms.xksproxy.cli import _open_token
+    from openkms.xksproxy.config import PIN_VARIABLE, load
+
+    config = tmp_path / "pin.toml"
+    config.write_text(proxy_toml(port=1, token_label=token, stores=[Store.new("/pin")]))
+    monkeypatch.setenv(PIN_VARIABLE, PIN)
+    keys = _open_token(load(config))
+    assert PIN_VARIABLE not in os.environ
+    assert keys.describe("foo").usage == ["ENCRYPT", "DECRYPT"]  # logged in all the same
+    assert PIN not in repr(keys)
+
+
+def test_the_proxy_uses_the_hsm_key_stores_helpers() -> None:
+    """One copy of the GCM failed-tag errors and of the key template, in keystore/pkcs11.py."""
+    from openkms.keystore import pkcs11
+    from openkms.xksproxy import keys
+
+    assert keys.gcm_failed_tag is pkcs11.gcm_failed_tag and keys.aes_key_template is pkcs11.aes_key_template
+    assert keys.p11 is pkcs11.p11 is pkcs11._p11 and keys.reason is pkcs11.reason is pkcs11._reason
+    assert not hasattr(keys.TokenKeys, "forget")  # nothing called it
+    template = pkcs11.aes_key_template(encrypt=True, decrypt=False)
+    attribute = pkcs11.p11().Attribute
+    assert template[attribute.SENSITIVE] and not template[attribute.EXTRACTABLE] and not template[attribute.DECRYPT]
+
+
 # -- the four APIs --------------------------------------------------------------------------------
 
 def test_health(client: XksClient) -> None:
@@ -328,16 +457,26 @@ def test_disabled_key(client: XksClient) -> None:
     fails(client.decrypt("off", sealed), 400, "InvalidStateException")
 
 
-def test_allow_list_and_test_key(client: XksClient, open_client: XksClient) -> None:
+def test_allow_list_and_test_key(client: XksClient, open_client: XksClient, proxy: ProxyProcess) -> None:
     for key in ("outside", "xks-health", "absent-from-token", "never-heard-of"):
         fails(client.encrypt(key, plaintext()), 404, "KeyNotFoundException")
         fails(client.metadata(key), 404, "KeyNotFoundException")
-    # The store without an allow-list serves every AES-256 key of the token but the test key.
+    # The store without an allow-list serves every AES-256 key of the token that no other store
+    # lists, but the test key.
     assert open_client.metadata("outside").json["keyStatus"] == "ENABLED"
     sealed = sealed_of(open_client.encrypt("outside", b"x" * 5))
     assert unb64(open_client.decrypt("outside", sealed).json["plaintext"]) == b"x" * 5
     fails(open_client.metadata("xks-health"), 404, "KeyNotFoundException")
     fails(open_client.metadata("absent-from-token"), 404, "KeyNotFoundException")
+    # The other prefix's keys are its own: never another tenant's by default.
+    theirs = sealed_of(client.encrypt("foo", plaintext()))
+    for key in ("foo", "bar", "enc-only", "dec-only", "off"):
+        fails(open_client.metadata(key), 404, "KeyNotFoundException")
+        fails(open_client.encrypt(key, plaintext(), integrity=False), 404, "KeyNotFoundException")
+    fails(open_client.decrypt("foo", theirs), 404, "KeyNotFoundException")
+    # And the operator is told at start that a store has no allow-list of its own.
+    assert "(no prefix): no xks_key_id_set, so it may use every AES-256 key of the token that no other " \
+        "store lists" in proxy.output()
     # A store's credentials are its own.
     answer = open_client.post(client.path("metadata", "foo"), {"requestMetadata": metadata("DescribeKey")})
     fails(answer, 401, "AuthenticationFailedException")
@@ -479,6 +618,33 @@ def test_ping_and_keep_alive(client: XksClient, proxy: ProxyProcess) -> None:
     assert raw(b"NOT HTTP\r\n\r\n").startswith(b"HTTP/1.1 400 ")
 
 
+def test_a_request_head_past_16_kib_is_refused_even_in_one_read(client: XksClient) -> None:
+    def first_line(size: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", client.port), timeout=5) as raw, \
+                client.context.wrap_socket(raw, server_hostname="localhost") as tls:  # type: ignore[union-attr]
+            tls.sendall(b"GET /ping HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"a" * size + b"\r\n\r\n")
+            return tls.recv(4096).split(b"\r\n")[0]
+
+    assert first_line(15 * 1024) == b"HTTP/1.1 200 OK"
+    for size in (16 * 1024, 20 * 1024, 200 * 1024):  # h11 alone takes any head that arrives whole
+        assert first_line(size) == b"HTTP/1.1 431 Request Header Fields Too Large", size
+
+
+def test_a_refused_request_is_answered_before_the_connection_closes(client: XksClient) -> None:
+    """Most clients send the whole body before they read; closing on the unread rest would reset
+    the connection and destroy the 413 before the client reads it."""
+    for _ in range(3):
+        conn = http.client.HTTPSConnection("localhost", client.port, context=client.context, timeout=10)
+        try:
+            conn.request("POST", client.path("encrypt", "foo"), body=b"{" + b" " * (2 * 1024 * 1024),
+                         headers={"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            assert answer.status == 413 and b'"errorName":"ValidationException"' in answer.read()
+            assert answer.getheader("connection") == "close"
+        finally:
+            conn.close()
+
+
 def test_logs_hold_request_metadata_and_never_plaintext(client: XksClient, proxy: ProxyProcess,
                                                         stores: list[Store]) -> None:
     assert client.metadata("never-heard-of").status == 404
@@ -501,6 +667,7 @@ def test_logs_hold_request_metadata_and_never_plaintext(client: XksClient, proxy
         for _, secret in store.credentials:
             assert secret not in log
     assert PIN not in log
+    assert "readable by" not in log  # the file is mode 0600
 
 
 # -- rotation, quotas, health, the token ----------------------------------------------------------
@@ -548,6 +715,37 @@ def test_two_credentials_and_rotation_by_sighup(token: str, pki: Pki, tmp_path: 
             c.close()
     finally:
         assert proxy.stop() == 0
+
+
+def test_a_sighup_while_starting_is_held_until_the_proxy_serves(token: str, tmp_path: Path,
+                                                               slow_token: Callable[..., None]) -> None:
+    marker = tmp_path / "starting"
+    slow_token(XKS_TEST_SLOW_START_MARKER=str(marker))  # the test key's check at start takes a second
+    store = Store.new("/hup")
+    port = free_port()
+    config = tmp_path / "hup.toml"
+    config.write_text(proxy_toml(port=port, token_label=token, stores=[store]))
+    proxy = ProxyProcess(config, port, tls=False)
+    started = in_background(proxy.start)
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline and not started.done(), started
+            time.sleep(0.01)
+        proxy.signal(signal.SIGHUP)  # the token is open, the loop not yet running
+        proxy.signal(signal.SIGHUP)
+        started.result(timeout=30)  # it did not die of it
+        proxy.wait_for("SIGHUP: reloaded")
+        time.sleep(0.2)
+        assert proxy.output().count("SIGHUP: reloaded") == 1  # once for both
+        akid, secret = store.credentials[0]
+        client = XksClient(f"http://127.0.0.1:{port}", "/hup", akid, secret)
+        assert client.health().status == 200
+        client.close()
+    finally:
+        wait([started], timeout=30)
+        code = proxy.stop()
+    assert code == 0
 
 
 def test_health_cache_degraded_and_a_token_that_goes_away(softhsm: SoftHsm, pki: Pki, tmp_path: Path) -> None:
@@ -601,6 +799,39 @@ def test_health_cache_degraded_and_a_token_that_goes_away(softhsm: SoftHsm, pki:
         fails(client.metadata("k"), 404, "KeyNotFoundException")
     finally:
         client.close()
+        assert proxy.stop() == 0
+
+
+def test_health_waiters_keep_their_answer_when_the_first_is_cancelled(token: str, tmp_path: Path,
+                                                                     slow_token: Callable[..., None]) -> None:
+    """Requests that arrive during a deep check wait for it; the first request (whose check it is)
+    timing out must not take their answers with it."""
+    slow_token(XKS_TEST_SLOW_HEALTH_S="2")
+    store = Store.new("/hc")
+    port = free_port()
+    config = tmp_path / "health-cancel.toml"
+    config.write_text(with_settings(proxy_toml(port=port, token_label=token, stores=[store]),
+                                    server="request_timeout_ms = 1500\n", pkcs11="call_timeout_ms = 5000\n"))
+    proxy = ProxyProcess(config, port, tls=False).start()
+    akid, secret = store.credentials[0]
+
+    def health() -> Answer:
+        c = XksClient(f"http://127.0.0.1:{port}", "/hc", akid, secret)
+        try:
+            return c.health()
+        finally:
+            c.close()
+
+    try:
+        first = in_background(health)  # starts the check (2 s), cancelled at its 1.5 s
+        time.sleep(0.8)
+        second = in_background(health)  # waits for the same check: due at 2.3 s, answered at 2 s
+        fails(first.result(timeout=10), 503, "DependencyTimeoutException")
+        answer = second.result(timeout=10)
+        assert answer.status == 200, answer
+        assert answer.json["ekmFleetDetails"][0]["healthStatus"] == "ACTIVE"
+        assert health().status == 200  # cached now: at once
+    finally:
         assert proxy.stop() == 0
 
 
@@ -697,6 +928,99 @@ def test_mtls(token: str, pki: Pki, tmp_path: Path) -> None:
         output = proxy.output()
         assert output.count('"api":"health"') == 1  # only the good client's request was answered
     finally:
+        assert proxy.stop() == 0
+
+
+def test_connection_slots(token: str, pki: Pki, tmp_path: Path) -> None:
+    """Sockets that never start TLS cannot lock a client out, idle connections make room for new
+    ones, and refusals are logged at most once a second."""
+    store = Store.new("/slots")
+    port = free_port()
+    config = tmp_path / "slots.toml"
+    config.write_text(with_settings(proxy_toml(port=port, token_label=token, stores=[store], pki=pki),
+                                    server="max_connections = 20\n"))
+    proxy = ProxyProcess(config, port, tls=True).start()
+    akid, secret = store.credentials[0]
+
+    def new_client() -> XksClient:
+        return XksClient(proxy.base, "/slots", akid, secret, pki.client_context())
+
+    bare: list[socket.socket] = []
+    clients: list[XksClient] = []
+    try:
+        # 30 connections that never send a byte: at most max_handshakes (16 here) of the 20 slots,
+        # and a newcomer takes the place of a handshake that has gone on for half a second.
+        bare += [socket.create_connection(("127.0.0.1", port)) for _ in range(25)]
+        time.sleep(0.6)
+        bare += [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        time.sleep(0.6)
+        client = new_client()
+        assert client.health().status == 200
+        client.close()
+        refusals = [line for line in proxy.output().splitlines() if "refused a connection" in line]
+        assert 1 <= len(refusals) <= 3, refusals  # not one line per refusal
+        assert "TLS handshakes are in progress already" in refusals[0]
+        for s in bare:
+            s.close()
+
+        # A handshake must begin and end within 2 s.
+        with socket.create_connection(("127.0.0.1", port), timeout=8) as idle:
+            started = time.monotonic()
+            assert idle.recv(1) == b""
+            assert time.monotonic() - started < 3.5
+        time.sleep(0.2)
+
+        # All 20 slots held by idle keep-alive clients: the 21st closes the longest idle.
+        clients = [new_client() for _ in range(20)]
+        for c in clients:
+            assert c.health().status == 200
+        late = new_client()
+        clients.append(late)
+        assert late.health().status == 200
+        proxy.wait_for("closed an idle connection for a new one (max_connections 20)")
+        for c in clients[1:]:
+            assert c.health().status == 200  # one request each on the connections that were kept
+    finally:
+        for s in bare:
+            s.close()
+        for c in clients:
+            c.close()
+        assert proxy.stop() == 0
+
+
+def test_server_names_refuse_a_request_signed_for_another_proxy(token: str, tmp_path: Path) -> None:
+    """Two proxies that share credentials (a fleet behind names of its own, or a copied file): a
+    request captured on its way to one is refused by the other, before its signature is checked."""
+    store = Store.new("/names")
+    port = free_port()
+    config = tmp_path / "names.toml"
+    config.write_text(with_settings(proxy_toml(port=port, token_label=token, stores=[store]),
+                                    server='server_names = ["localhost", "XKS.example.com"]\n'))
+    config.chmod(0o644)
+    proxy = ProxyProcess(config, port, tls=False).start()
+    akid, secret = store.credentials[0]
+    client = XksClient(f"http://127.0.0.1:{port}", "/names", akid, secret)
+    path = client.path("health")
+    body = json.dumps({"requestMetadata": health_metadata()}).encode()
+
+    def signed_for(host: str) -> dict[str, str]:
+        headers = signed_headers(f"https://{host}{path}", body, akid, secret)
+        headers["Host"] = host
+        return headers
+
+    try:
+        assert client.send("POST", path, body, signed_for(f"localhost:{port}")).status == 200  # listed without port
+        assert client.send("POST", path, body, signed_for("xks.example.com")).status == 200
+        message = fails(client.send("POST", path, body, signed_for("xks-other.example.com")), 401,
+                        "AuthenticationFailedException")
+        assert "Host header does not name this XKS proxy" in message
+        fails(client.send("POST", path, b"not signed", {"Host": "xks-other.example.com"}), 401,
+              "AuthenticationFailedException")
+        proxy.wait_for('"host":"xks-other.example.com"')
+        # The file holds the secrets: the operator is told that others can read it.
+        assert f"{config} is readable by its group and every user (mode 0644)" in proxy.output()
+    finally:
+        client.close()
         assert proxy.stop() == 0
 
 

@@ -163,6 +163,8 @@ def proxy_toml(*, port: int, token_label: str, stores: list[Store], pki: Pki | N
             text += f'client_ca = "{pki.ca}"\n'
             if client_dns_name:
                 text += f'client_dns_name = "{client_dns_name}"\n'
+            else:
+                text += "client_any_name = true\n"  # any certificate of the CA: asked for explicitly
     text += f'[pkcs11]\nmodule = "{SOFTHSM_MODULE}"\ntoken_label = "{token_label}"\n'
     text += f'[health]\ntest_key_label = "xks-health"\n{health}'
     return text + extra + "".join(store.toml() for store in stores)

@@ -59,10 +59,14 @@ class ConnectError(Exception):
         self.message = message
 
 
-def _p11() -> Any:
+def p11() -> Any:
+    """The python-pkcs11 package, imported on first use (the server starts without it)."""
     import pkcs11
 
     return pkcs11
+
+
+_p11 = p11  # the old name, for modules not yet moved to the public one
 
 
 class Module:
@@ -172,10 +176,33 @@ class Module:
 os.register_at_fork(after_in_child=Module._after_fork_in_child)
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     """A short reason for a log line or a message: the exception's type, never its arguments' data."""
     text = str(exc).splitlines()[0][:200] if str(exc) else ""
     return f"{type(exc).__name__}{': ' + text if text and 'pin' not in text.lower() else ''}"
+
+
+_reason = reason  # the old name, for modules not yet moved to the public one
+
+
+def gcm_failed_tag() -> tuple[type[BaseException], ...]:
+    """The module's errors that mean a GCM decryption's tag did not match: SoftHSM reports a tag
+    mismatch as CKR_GENERAL_ERROR, other tokens as CKR_ENCRYPTED_DATA_INVALID, _LEN_RANGE,
+    CKR_FUNCTION_FAILED or CKR_DATA_INVALID/_LEN_RANGE. All mean: not what was sealed."""
+    exceptions = p11().exceptions
+    return (exceptions.GeneralError, exceptions.EncryptedDataInvalid, exceptions.EncryptedDataLenRange,
+            exceptions.FunctionFailed, exceptions.DataInvalid, exceptions.DataLenRange)
+
+
+def aes_key_template(*, encrypt: bool = True, decrypt: bool = True) -> dict[Any, bool]:
+    """The attributes of a token's AES key that never leaves it: a private token object, sensitive,
+    never extractable, allowed to encrypt and decrypt as asked and nothing else (no wrap, unwrap,
+    sign, verify or derive)."""
+    attribute = p11().Attribute
+    return {attribute.TOKEN: True, attribute.PRIVATE: True, attribute.SENSITIVE: True,
+            attribute.EXTRACTABLE: False, attribute.ENCRYPT: encrypt, attribute.DECRYPT: decrypt,
+            attribute.WRAP: False, attribute.UNWRAP: False, attribute.SIGN: False, attribute.VERIFY: False,
+            attribute.DERIVE: False}
 
 
 def check_token(module_path: str, token_label: str) -> None:
@@ -370,15 +397,11 @@ class Pkcs11KeyStore:
     # -- versions -----------------------------------------------------------------------------
     def create_version(self, key: Key, version: int) -> StoredVersion:
         p11 = _p11()
-        attribute = p11.Attribute
         object_id = object_id_of(key.key_id, version)
 
         def generate(session: Any) -> Any:
-            return session.generate_key(p11.KeyType.AES, 256, label=key.arn, id=object_id, store=True, template={
-                attribute.TOKEN: True, attribute.PRIVATE: True, attribute.SENSITIVE: True,
-                attribute.EXTRACTABLE: False, attribute.ENCRYPT: True, attribute.DECRYPT: True,
-                attribute.WRAP: False, attribute.UNWRAP: False, attribute.SIGN: False, attribute.VERIFY: False,
-                attribute.DERIVE: False})
+            return session.generate_key(p11.KeyType.AES, 256, label=key.arn, id=object_id, store=True,
+                                        template=aes_key_template())
 
         self._call(generate)
         material_id = hashlib.sha256(b"openkms hsm key\x00" + self._cluster_id.encode() + b"\x00" + object_id)
@@ -461,9 +484,7 @@ class Pkcs11KeyStore:
             raise InvalidCiphertextException()
         p11 = _p11()
         params = p11.mechanisms.GCMParams(header.salt, blob.aad(header.raw, context), TAG_BYTES * 8)
-        failed_tag = (p11.exceptions.GeneralError, p11.exceptions.EncryptedDataInvalid,
-                      p11.exceptions.EncryptedDataLenRange, p11.exceptions.FunctionFailed,
-                      p11.exceptions.DataInvalid, p11.exceptions.DataLenRange)
+        failed_tag = gcm_failed_tag()
 
         def open_(session: Any, obj: Any) -> bytes:
             try:

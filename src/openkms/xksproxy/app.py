@@ -6,16 +6,19 @@ expects, each answering the spec's error:
 
 1. a path that is no API of a configured prefix: 404 InvalidUriPathException (before the signature,
    so a misconfigured XksProxyUriPath is told apart from bad credentials); GET: 405;
-2. SigV4 (service `kms-xks-proxy`, the [server] region, one of the prefix's credentials, the
-   headers the request says it signed, 5 minutes of clock skew): 401 AuthenticationFailedException;
+2. with [server] server_names, a Host header that is none of them (a request signed for another
+   proxy that shares the credentials), then SigV4 (service `kms-xks-proxy`, the [server] region,
+   one of the prefix's credentials, the headers the request says it signed, 5 minutes of clock
+   skew): 401 AuthenticationFailedException;
 3. the prefix's request quota: 429 ThrottlingException;
 4. the body: JSON with a requestMetadata holding the API's required members (health too), the
    spec's encodings and lengths: 400 ValidationException; sizes past this proxy's limits (at least
    the spec's 4,300-byte plaintext and 8,192-byte AAD): 501 UnsupportedOperationException, as the
    spec's table says for "a parameter value [that] exceeded the maximum size ... supported";
-5. the key: not in xks_key_id_set, the health check's test key, or not in the token: 404
-   KeyNotFoundException; listed in disabled_xks_key_ids: 400 InvalidStateException; an operation
-   its CKA_ENCRYPT/CKA_DECRYPT forbids: 400 InvalidKeyUsageException;
+5. the key: not in xks_key_id_set (with none, listed in another store's), the health check's test
+   key, or not in the token: 404 KeyNotFoundException; listed in disabled_xks_key_ids: 400
+   InvalidStateException; an operation its CKA_ENCRYPT/CKA_DECRYPT forbids: 400
+   InvalidKeyUsageException;
 6. the token: a failed GCM tag 400 InvalidCiphertextException; the token down 500
    InternalException; no answer within [pkcs11] call_timeout_ms 503 DependencyTimeoutException.
 
@@ -128,10 +131,13 @@ class TokenBucket:
 
 
 class _Store:
-    """A configured external key store as the app serves it: its verifier and its quota."""
+    """A configured external key store as the app serves it: its verifier, its quota, and the keys
+    it may not use: with no xks_key_id_set, those that other stores list (`claimed`)."""
 
-    def __init__(self, settings: KeyStoreSettings, region: str) -> None:
+    def __init__(self, settings: KeyStoreSettings, region: str, claimed: frozenset[str]) -> None:
         self.settings = settings
+        self.allowed = settings.xks_key_id_set
+        self.excluded = claimed if settings.xks_key_id_set is None else frozenset()
         secrets: dict[str, tuple[SecretStr, str]] = {
             c.access_key_id: (c.secret_access_key, c.access_key_id) for c in settings.credentials}
         self.verifier: SigV4Verifier[str] = SigV4Verifier(region, SERVICE, secrets.get)
@@ -181,15 +187,25 @@ class XksApp:
         self.config = config
         self._stores: dict[str, _Store] = {}
         self._health: _Health | None = None
-        self._health_running: asyncio.Future[_Health] | None = None
+        self._health_task: asyncio.Task[_Health] | None = None
+        self._server_names = config.server.server_names
         self.apply(config)
 
     def apply(self, config: Config) -> None:
         """Take the key stores (credentials, allow-lists, disabled keys, quotas) of `config`: what a
         SIGHUP reloads. A request already past its signature check finishes under the old ones."""
-        self._stores = {store.uri_path: _Store(store, self.config.server.region) for store in config.key_stores}
+        claimed = config.claimed_key_ids()
+        self._stores = {store.uri_path: _Store(store, self.config.server.region, claimed)
+                        for store in config.key_stores}
         self.config = Config(self.config.path, self.config.server, self.config.tls, self.config.pkcs11,
                              self.config.health, self.config.limits, config.key_stores)
+        # About as many calls as can arrive within one call's timeout: more could not be answered
+        # in time, and each queued call holds its request's body.
+        rate = sum(store.requests_per_second for store in config.key_stores)
+        self.worker.max_queued = max(256, int(rate * self.config.pkcs11.call_timeout_s))
+        warning = config.isolation_warning()
+        if warning is not None:
+            log.warning("%s", warning)
 
     # -- the request --------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -252,6 +268,12 @@ class XksApp:
             record["externalKeyId"] = key_id
         if request.method != "POST":
             raise MethodNotAllowed(f"{request.method} is not allowed; the XKS proxy APIs accept only POST.")
+        if self._server_names is not None and not _names_this_server(request.headers.get("host", ""),
+                                                                     self._server_names):
+            # A request signed for another proxy that shares these credentials (SigV4 signs the
+            # Host header, so it would verify here): not ours to answer.
+            record["host"] = request.headers.get("host", "")[:300]
+            raise AuthenticationFailedException("The request's Host header does not name this XKS proxy.")
         try:
             _, access_key_id = store.verifier.verify(request.method, request.path, request.query, request.headers,
                                                      request.body)
@@ -291,8 +313,8 @@ class XksApp:
         elif api == "decrypt":
             use = self._decrypt(document, key_id)
         settings = store.settings
-        if key_id == self.config.health.test_key_label or \
-                (settings.xks_key_id_set is not None and key_id not in settings.xks_key_id_set):
+        if key_id == self.config.health.test_key_label or key_id in store.excluded or \
+                (store.allowed is not None and key_id not in store.allowed):
             raise KeyNotFoundException(f"No external key {key_id} in this external key store.")
         disabled = key_id in settings.disabled_xks_key_ids
         if use is None:
@@ -364,26 +386,26 @@ class XksApp:
     async def _get_health(self, record: dict[str, Any]) -> Response:
         health = self._health
         if health is None or time.monotonic() - health.at > self.config.health.cache_seconds:
-            if self._health_running is None:  # one deep check at a time; the others wait for it
-                self._health_running = asyncio.get_running_loop().create_future()
-                running = self._health_running
-                try:
-                    health = await self._check_health()
-                    running.set_result(health)
-                except BaseException as exc:
-                    running.set_exception(exc)
-                    running.exception()  # retrieved: nobody else may be waiting
-                    raise
-                finally:
-                    self._health_running = None
-                self._health = health
-            else:
-                health = await asyncio.shield(self._health_running)
+            # One deep check at a time, in a task of its own: every request waiting for it is shielded,
+            # so a request that is cancelled (its client gone, its time up) leaves the others their answer.
+            task = self._health_task
+            if task is None:
+                task = self._health_task = asyncio.get_running_loop().create_task(self._refresh_health())
+                task.add_done_callback(_retrieve)
+            health = await asyncio.shield(task)
         record["healthStatus"] = health.status
         if health.error is not None:
             raise type(health.error)(health.error.message)
         assert health.body is not None
         return Response.json(200, health.body)
+
+    async def _refresh_health(self) -> _Health:
+        try:
+            health = await self._check_health()
+            self._health = health
+            return health
+        finally:
+            self._health_task = None
 
     async def _check_health(self) -> _Health:
         """ACTIVE: the test key encrypts and decrypts in the token. DEGRADED: the token answers, but
@@ -421,6 +443,22 @@ class XksApp:
             }],
         }
         return _Health(time.monotonic(), body=body, status=status)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A health check that failed while nobody waited for it: its exception is not worth a warning."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _names_this_server(host: str, names: frozenset[str]) -> bool:
+    """Whether a Host header is one of [server] server_names: as sent, or without its port when the
+    name is listed without one."""
+    host = host.lower()
+    if host in names:
+        return True
+    bare = host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.rpartition(":")[0]
+    return bool(bare) and bare in names
 
 
 @dataclass

@@ -83,6 +83,7 @@ def _open_token(config: Any) -> Any:
     from .keys import TokenKeys
 
     pin = read_pin(os.environ, config.pkcs11.token_label)
+    os.environ.pop(PIN_VARIABLE, None)  # held as a SecretStr from here on; not left for a child or a dump
     try:
         session = TokenSession(config.pkcs11.module, config.pkcs11.token_label, pin)
         session.check()
@@ -176,13 +177,30 @@ def _logging() -> None:
     root.propagate = False
 
 
+class StartupSighup:
+    """SIGHUP while the proxy starts (the file read, the token opened, the test key checked), before
+    the event loop's handler is in place, where its default action would kill the proxy: only
+    noted. The server reloads once as soon as it runs if one arrived (server.py, ProxyServer.run)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.arrived = False
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.arrived = True
+
+
 def _serve(path: str) -> int:
+    startup = StartupSighup()  # first: from here on a SIGHUP must not kill the proxy while it starts
     import asyncio
+    import logging
 
     from ..api.listener import bind
     from ..errors import ConfigurationError
     from .app import XksApp
-    from .config import ConfigError, load
+    from .config import ConfigError, exposure_warning, load
     from .errors import XksError
     from .keys import KeyExists
     from .server import ProxyServer, ssl_context
@@ -211,18 +229,22 @@ def _serve(path: str) -> int:
     mtls = ""
     if config.tls is not None and config.tls.client_ca is not None:
         mtls = f", client certificates from {config.tls.client_ca}" + (
-            f" naming {config.tls.client_dns_name}" if config.tls.client_dns_name else "")
+            f" naming {config.tls.client_dns_name}" if config.tls.client_dns_name else " (any name)")
     print(f"openkms xks-proxy serving on {scheme}://{shown}:{port}{mtls}", flush=True)
     print(f"  token:  {config.pkcs11.token_label} ({config.pkcs11.module})")
     print(f"  region: {config.server.region}")
     for store in config.key_stores:
-        keys_text = ", ".join(sorted(store.xks_key_id_set)) if store.xks_key_id_set is not None else "every AES-256 key"
+        keys_text = ", ".join(sorted(store.xks_key_id_set)) if store.xks_key_id_set is not None else \
+            "every AES-256 key" + (" no other store lists" if len(config.key_stores) > 1 else "")
         print(f"  {store.uri_path}: {len(store.credentials)} credential(s), keys: {keys_text}")
     sys.stdout.flush()
+    exposed = exposure_warning(config.path)
+    if exposed is not None:
+        logging.getLogger("openkms.xksproxy").warning("%s", exposed)
 
     worker = TokenWorker()
-    app = XksApp(config, keys, worker)
-    server = ProxyServer(config, app, sock, context)
+    app = XksApp(config, keys, worker)  # logs, too, if a store may use keys meant for another
+    server = ProxyServer(config, app, sock, context, lambda: startup.arrived)
     try:
         asyncio.run(server.run())
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ PREFIX_RE = re.compile(r"(/[A-Za-z0-9_-]+)+\Z")
 MAX_PREFIX = 128 - len(API_PATH)
 XKS_KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 REGION_RE = re.compile(r"[a-z0-9-]{1,40}\Z")
+SERVER_NAME_RE = re.compile(r"([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?\Z")
 
 # The spec's minimums (what a proxy MUST accept) and the hard ceilings of the AAD layout.
 MIN_PLAINTEXT = 4300
@@ -59,7 +61,11 @@ class ServerSettings:
     region: str = "us-east-1"  # the SigV4 scope AWS KMS signs with: the key store's region
     request_timeout_s: float = 5.0  # to read one request, and to answer it once read
     idle_timeout_s: float = 60.0  # a keep-alive connection with no request in flight
-    max_connections: int = 1024
+    max_connections: int = 1024  # past it, the longest-idle connection is closed to make room
+    max_handshakes: int = 256  # connections still in their TLS handshake (a part of max_connections)
+    # The Host headers this proxy answers (None: any); a request signed for another proxy that shares
+    # the credentials is refused before its signature is checked.
+    server_names: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class TlsSettings:
     key: Path
     client_ca: Path | None = None
     client_dns_name: str | None = None
+    client_any_name: bool = False  # client_ca without client_dns_name, asked for explicitly
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ class KeyStoreSettings:
 
     uri_path_prefix: str
     credentials: tuple[Credential, ...]
-    xks_key_id_set: frozenset[str] | None = None  # None: every AES-256 key in the token
+    xks_key_id_set: frozenset[str] | None = None  # None: every AES-256 key no other store lists
     disabled_xks_key_ids: frozenset[str] = frozenset()
     requests_per_second: int = 10000  # the per-prefix quota (AWS KMS's default is 1,800 per store)
 
@@ -130,6 +137,22 @@ class Config:
 
     def key_store(self, prefix: str) -> KeyStoreSettings | None:
         return next((store for store in self.key_stores if store.uri_path_prefix == prefix), None)
+
+    def claimed_key_ids(self) -> frozenset[str]:
+        """Every key some store lists in its xks_key_id_set: a store without one may use every key of
+        the token but these (a key listed for one tenant is never another's by default)."""
+        return frozenset().union(*(store.xks_key_id_set for store in self.key_stores
+                                   if store.xks_key_id_set is not None))
+
+    def isolation_warning(self) -> str | None:
+        """A line for the log when several stores share the token and one has no allow-list."""
+        open_ = [store.uri_path_prefix or "(no prefix)" for store in self.key_stores if store.xks_key_id_set is None]
+        if len(self.key_stores) < 2 or not open_:
+            return None
+        each = "it" if len(open_) == 1 else "each"
+        return (f"[[external_key_stores]] {', '.join(open_)}: no xks_key_id_set, so {each} may use every AES-256 "
+                "key of the token that no other store lists, keys made later included; give every store its own "
+                "xks_key_id_set to keep them apart")
 
 
 class _Table:
@@ -172,6 +195,10 @@ class _Table:
             raise ConfigError(f"{self.where}: {name} must be between {low} and {high}")
         return int(value)
 
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self._take(name, bool, False)
+        return default if value is None else bool(value)
+
     def strings(self, name: str) -> list[str] | None:
         value = self._take(name, list, False)
         if value is None:
@@ -205,18 +232,40 @@ def _relative(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _server_names(table: _Table) -> frozenset[str] | None:
+    names = table.strings("server_names")
+    if names is None:
+        return None
+    for name in names:
+        if not SERVER_NAME_RE.match(name):
+            raise ConfigError(f"{table.where}: server_names has {name!r}, not a host name (or [IPv6] address) "
+                              "with an optional :port")
+    if not names:
+        raise ConfigError(f"{table.where}: server_names must name at least one host (leave it out to answer any)")
+    return frozenset(name.lower() for name in names)
+
+
 def _server(table: _Table) -> ServerSettings:
     host = table.string("host", "127.0.0.1") or "127.0.0.1"
     region = table.string("region", "us-east-1") or ""
     if not REGION_RE.match(region):
         raise ConfigError(f"{table.where}: region must be a region name such as us-east-1")
+    max_connections = table.integer("max_connections", 1024, 1, 1_000_000)
     settings = ServerSettings(
         host=host, port=table.integer("port", 8443, 0, 65535), region=region,
         request_timeout_s=table.number("request_timeout_ms", 5000, 10, 600_000) / 1000,
         idle_timeout_s=table.number("idle_timeout_seconds", 60, 1, 86400),
-        max_connections=table.integer("max_connections", 1024, 1, 1_000_000))
+        max_connections=max_connections,
+        max_handshakes=table.integer("max_handshakes", default_max_handshakes(max_connections), 1,
+                                     max_connections),
+        server_names=_server_names(table))
     table.done()
     return settings
+
+
+def default_max_handshakes(max_connections: int) -> int:
+    """A quarter of the connections, at least 16 and at most 256 (never more than max_connections)."""
+    return min(max_connections, max(16, min(256, max_connections // 4)))
 
 
 def _tls(table: _Table, base: Path) -> TlsSettings:
@@ -224,13 +273,23 @@ def _tls(table: _Table, base: Path) -> TlsSettings:
     key = table.string("key", required=True) or ""
     client_ca = table.string("client_ca")
     client_dns_name = table.string("client_dns_name")
+    client_any_name = table.flag("client_any_name")
     table.done()
     if client_dns_name is not None and client_ca is None:
         raise ConfigError(f"{table.where}: client_dns_name needs client_ca (the CA that issues client certificates)")
     if client_dns_name is not None and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", client_dns_name):
         raise ConfigError(f"{table.where}: client_dns_name must be a DNS name")
+    if client_any_name and (client_ca is None or client_dns_name is not None):
+        raise ConfigError(f"{table.where}: client_any_name = true goes with client_ca and without client_dns_name")
+    if client_ca is not None and client_dns_name is None and not client_any_name:
+        # With AWS KMS's client CAs (public Amazon Trust Services roots), any certificate they issued
+        # to anyone would pass: the name is what makes the certificate AWS KMS's.
+        raise ConfigError(f"{table.where}: client_ca without client_dns_name accepts any certificate the CA issued; "
+                          "set client_dns_name (AWS KMS: cks.kms.<region>.amazonaws.com), or client_any_name = true "
+                          "to accept that")
     return TlsSettings(_relative(base, cert), _relative(base, key),
-                       _relative(base, client_ca) if client_ca is not None else None, client_dns_name)
+                       _relative(base, client_ca) if client_ca is not None else None, client_dns_name,
+                       client_any_name)
 
 
 def _pkcs11(table: _Table) -> Pkcs11Settings:
@@ -360,6 +419,19 @@ def load(path: str | Path) -> Config:
         return parse(document, path)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def exposure_warning(path: Path) -> str | None:
+    """A line for the log when the file (which holds the SigV4 secrets) is readable by others."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return None
+    who = " and ".join(w for w, bit in (("its group", stat.S_IRGRP), ("every user", stat.S_IROTH)) if mode & bit)
+    return (f"{path} is readable by {who} (mode {stat.S_IMODE(mode):04o}) and holds the SigV4 secrets: "
+            f"chmod 600 {path}")
 
 
 def read_pin(env: Mapping[str, str], token_label: str) -> SecretStr:

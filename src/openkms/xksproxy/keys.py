@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import KeyStoreUnavailable
-from ..keystore.pkcs11 import ConnectError, TokenSession, _p11, _reason
+from ..keystore.pkcs11 import ConnectError, TokenSession, aes_key_template, gcm_failed_tag, p11, reason
 from .config import valid_key_id
 from .errors import (
     InternalException,
@@ -104,7 +104,7 @@ class NotAnAesKey(KeyNotFoundException):
 
 def _not_permitted(exc: BaseException) -> bool:
     """CKR_KEY_FUNCTION_NOT_PERMITTED, which python-pkcs11 0.10 does not map to a class of its own."""
-    named = getattr(_p11().exceptions, "KeyFunctionNotPermitted", None)
+    named = getattr(p11().exceptions, "KeyFunctionNotPermitted", None)
     return (named is not None and isinstance(exc, named)) or str(exc).strip().lower().endswith("0x68")
 
 
@@ -128,7 +128,7 @@ class TokenKeys:
 
     # -- running calls ------------------------------------------------------------------------
     def _run(self, call: Callable[[Any], T]) -> T:
-        exceptions = _p11().exceptions
+        exceptions = p11().exceptions
         try:
             return self._session.run(call)
         except XksError:
@@ -136,13 +136,13 @@ class TokenKeys:
         except KeyStoreUnavailable as exc:
             raise InternalException(exc.message) from None
         except exceptions.PKCS11Error as exc:
-            raise InternalException(f"The HSM refused the operation: {_reason(exc)}.") from None
+            raise InternalException(f"The HSM refused the operation: {reason(exc)}.") from None
 
     def _find(self, session: Any, label: str) -> _Entry:
-        p11 = _p11()
-        attribute = p11.Attribute
+        pkcs11 = p11()
+        attribute = pkcs11.Attribute
         found = list(itertools.islice(session.get_objects({
-            attribute.CLASS: p11.ObjectClass.SECRET_KEY, attribute.LABEL: label, attribute.TOKEN: True}), 2))
+            attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY, attribute.LABEL: label, attribute.TOKEN: True}), 2))
         if not found:
             # A token that went away may still answer searches, with nothing (SoftHSM does when
             # its token directory is gone): ask the module whether it still has the token before
@@ -157,9 +157,9 @@ class TokenKeys:
         try:
             values = obj.get_attributes([attribute.KEY_TYPE, attribute.VALUE_LEN, attribute.ENCRYPT,
                                          attribute.DECRYPT, attribute.ID])
-        except p11.exceptions.PKCS11Error:  # e.g. no CKA_VALUE_LEN: not an AES key
+        except pkcs11.exceptions.PKCS11Error:  # e.g. no CKA_VALUE_LEN: not an AES key
             values = {}
-        if values.get(attribute.KEY_TYPE) != p11.KeyType.AES or values.get(attribute.VALUE_LEN) != 32:
+        if values.get(attribute.KEY_TYPE) != pkcs11.KeyType.AES or values.get(attribute.VALUE_LEN) != 32:
             raise NotAnAesKey(f"The key labelled {label} is not an AES-256 key.")
         info = KeyInfo(label, bool(values[attribute.ENCRYPT]), bool(values[attribute.DECRYPT]),
                        bytes(values.get(attribute.ID) or b"").hex())
@@ -169,7 +169,7 @@ class TokenKeys:
     def _token_present(self) -> bool:
         try:
             self._session.module.token(self._session.token_label)
-        except (ConnectError, _p11().exceptions.PKCS11Error):
+        except (ConnectError, p11().exceptions.PKCS11Error):
             return False
         return True
 
@@ -182,7 +182,7 @@ class TokenKeys:
     def _with_key(self, label: str, use: Callable[[_Entry], T]) -> T:
         """`use(entry)` on the key labelled `label`. A handle gone stale (the object was destroyed,
         the token came back) is looked up once more; gone then, the key is not in the token."""
-        exceptions = _p11().exceptions
+        exceptions = p11().exceptions
         stale = (exceptions.ObjectHandleInvalid, exceptions.KeyHandleInvalid)
 
         def call(session: Any) -> T:
@@ -197,10 +197,6 @@ class TokenKeys:
 
         return self._run(call)
 
-    def forget(self) -> None:
-        """Drop every cached handle (the next call looks each key up again)."""
-        self._cache.clear()
-
     # -- the four APIs ------------------------------------------------------------------------
     def describe(self, label: str) -> KeyInfo:
         return self._with_key(label, lambda entry: entry.info)
@@ -209,7 +205,7 @@ class TokenKeys:
         """AES-256-GCM in the token under a fresh 12-byte IV. With `integrity_prefix` (the request's
         AAD and the ciphertextMetadata), also the integrity value, computed over the encrypt output
         first and then checked by decrypting that output once (the spec's Appendix C order)."""
-        p11 = _p11()
+        pkcs11 = p11()
 
         def seal(entry: _Entry) -> Sealed:
             if not entry.info.can_encrypt:
@@ -219,13 +215,13 @@ class TokenKeys:
                     f"The key {label} does not allow decryption (CKA_DECRYPT is false), which the integrity "
                     "value needs: the proxy decrypts once to vouch for the ciphertext.")
             iv = os.urandom(IV_BYTES)
-            params = p11.mechanisms.GCMParams(iv, hsm_aad, TAG_BYTES * 8)
+            params = pkcs11.mechanisms.GCMParams(iv, hsm_aad, TAG_BYTES * 8)
             try:
-                sealed = bytes(entry.obj.encrypt(plaintext, mechanism=p11.Mechanism.AES_GCM, mechanism_param=params))
+                sealed = bytes(entry.obj.encrypt(plaintext, mechanism=pkcs11.Mechanism.AES_GCM, mechanism_param=params))
             except AttributeError:  # python-pkcs11 leaves out .encrypt when CKA_ENCRYPT was false
                 self._cache.pop(label, None)
                 raise InvalidKeyUsageException(f"The key {label} does not allow encryption.") from None
-            except p11.exceptions.PKCS11Error as exc:
+            except pkcs11.exceptions.PKCS11Error as exc:
                 if _not_permitted(exc):
                     self._cache.pop(label, None)
                     raise InvalidKeyUsageException(f"The key {label} does not allow encryption.") from None
@@ -237,13 +233,13 @@ class TokenKeys:
                 return out
             digest = hashlib.sha256(b"".join((integrity_prefix, out.iv, out.ciphertext, out.tag))).digest()
             try:
-                back = bytes(entry.obj.decrypt(out.ciphertext + out.tag, mechanism=p11.Mechanism.AES_GCM,
-                                               mechanism_param=p11.mechanisms.GCMParams(out.iv, hsm_aad,
+                back = bytes(entry.obj.decrypt(out.ciphertext + out.tag, mechanism=pkcs11.Mechanism.AES_GCM,
+                                               mechanism_param=pkcs11.mechanisms.GCMParams(out.iv, hsm_aad,
                                                                                         TAG_BYTES * 8)))
             except AttributeError:
                 self._cache.pop(label, None)
                 raise InvalidKeyUsageException(f"The key {label} does not allow decryption.") from None
-            except p11.exceptions.PKCS11Error as exc:
+            except pkcs11.exceptions.PKCS11Error as exc:
                 if _not_permitted(exc):
                     self._cache.pop(label, None)
                     raise InvalidKeyUsageException(f"The key {label} does not allow decryption.") from None
@@ -256,26 +252,23 @@ class TokenKeys:
         return self._with_key(label, seal)
 
     def decrypt(self, label: str, iv: bytes, ciphertext: bytes, tag: bytes, hsm_aad: bytes) -> bytes:
-        p11 = _p11()
-        exceptions = p11.exceptions
-        failed_tag = (exceptions.GeneralError, exceptions.EncryptedDataInvalid, exceptions.EncryptedDataLenRange,
-                      exceptions.FunctionFailed, exceptions.DataInvalid, exceptions.DataLenRange)
+        pkcs11 = p11()
+        exceptions = pkcs11.exceptions
+        failed_tag = gcm_failed_tag()
 
         def open_(entry: _Entry) -> bytes:
             if not entry.info.can_decrypt:
                 raise InvalidKeyUsageException(f"The key {label} does not allow decryption (CKA_DECRYPT is false).")
             if len(iv) != IV_BYTES:  # the spec allows 16-byte IVs; this proxy never makes them
                 raise InvalidCiphertextException("This proxy never made a ciphertext with a 16-byte IV.")
-            params = p11.mechanisms.GCMParams(iv, hsm_aad, TAG_BYTES * 8)
+            params = pkcs11.mechanisms.GCMParams(iv, hsm_aad, TAG_BYTES * 8)
             try:
-                return bytes(entry.obj.decrypt(ciphertext + tag, mechanism=p11.Mechanism.AES_GCM,
+                return bytes(entry.obj.decrypt(ciphertext + tag, mechanism=pkcs11.Mechanism.AES_GCM,
                                                mechanism_param=params))
             except AttributeError:
                 self._cache.pop(label, None)
                 raise InvalidKeyUsageException(f"The key {label} does not allow decryption.") from None
-            except failed_tag:
-                # SoftHSM reports a GCM tag mismatch as CKR_GENERAL_ERROR; others as
-                # CKR_ENCRYPTED_DATA_INVALID or CKR_FUNCTION_FAILED. All mean: not what was sealed.
+            except failed_tag:  # the tag did not match (keystore/pkcs11.py: how each token says so)
                 raise InvalidCiphertextException() from None
             except exceptions.PKCS11Error as exc:
                 if _not_permitted(exc):
@@ -309,18 +302,15 @@ class TokenKeys:
         if not valid_key_id(label):
             raise ValueError("a label must be 1-128 characters of A-Z, a-z, 0-9, '.', '-', '_' (it is the "
                              "external key id AWS KMS sends)")
-        p11 = _p11()
-        attribute = p11.Attribute
+        pkcs11 = p11()
+        attribute = pkcs11.Attribute
 
         def make(session: Any) -> KeyInfo:
             if next(iter(session.get_objects({attribute.LABEL: label})), None) is not None:
                 raise KeyExists(f"an object labelled {label!r} is already in the token")
             object_id = os.urandom(16)
-            session.generate_key(p11.KeyType.AES, 256, label=label, id=object_id, store=True, template={
-                attribute.TOKEN: True, attribute.PRIVATE: True, attribute.SENSITIVE: True,
-                attribute.EXTRACTABLE: False, attribute.ENCRYPT: encrypt, attribute.DECRYPT: decrypt,
-                attribute.WRAP: False, attribute.UNWRAP: False, attribute.SIGN: False, attribute.VERIFY: False,
-                attribute.DERIVE: False})
+            session.generate_key(pkcs11.KeyType.AES, 256, label=label, id=object_id, store=True,
+                                 template=aes_key_template(encrypt=encrypt, decrypt=decrypt))
             return KeyInfo(label, encrypt, decrypt, object_id.hex())
 
         self._cache.pop(label, None)
@@ -340,17 +330,17 @@ class TokenKeys:
 
     def list_keys(self) -> list[KeyInfo]:
         """Every AES-256 token key, in label order."""
-        p11 = _p11()
-        attribute = p11.Attribute
+        pkcs11 = p11()
+        attribute = pkcs11.Attribute
 
         def read(session: Any) -> list[KeyInfo]:
             out = []
-            for obj in session.get_objects({attribute.CLASS: p11.ObjectClass.SECRET_KEY,
-                                            attribute.KEY_TYPE: p11.KeyType.AES, attribute.TOKEN: True}):
+            for obj in session.get_objects({attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                                            attribute.KEY_TYPE: pkcs11.KeyType.AES, attribute.TOKEN: True}):
                 try:
                     values = obj.get_attributes([attribute.LABEL, attribute.VALUE_LEN, attribute.ENCRYPT,
                                                  attribute.DECRYPT, attribute.ID])
-                except p11.exceptions.PKCS11Error:
+                except pkcs11.exceptions.PKCS11Error:
                     continue
                 if values.get(attribute.VALUE_LEN) == 32:
                     out.append(KeyInfo(str(values.get(attribute.LABEL) or ""), bool(values[attribute.ENCRYPT]),

@@ -15,19 +15,31 @@ warning names the client and the reason. It is also cheaper than asyncio's layer
   ChaCha20-Poly1305: the spec's TLS_ECDHE_RSA/ECDSA_WITH_AES_256_GCM_SHA384 among them), TLS 1.3
   its defaults (TLS_AES_256_GCM_SHA384 and TLS_CHACHA20_POLY1305_SHA256 among them).
 - mTLS with [tls] client_ca: a client certificate chained to that CA is required at the handshake;
-  a missing, expired or otherwise unverifiable one fails the handshake. With client_dns_name the
-  name must also be among the certificate's subjectAltName DNS names (or be its subject CN when it
-  has none). Python's `ssl` cannot check a client's name inside the handshake, so that check is
-  made the moment the handshake completes, and the connection is closed (close_notify) before a
-  byte of any request is read.
-- Keep-alive connections, one request at a time on each (pipelined requests wait their turn);
-  headers up to 16 KiB, bodies up to [limits]' sizes plus room for requestMetadata (413 past it);
-  a handshake must complete within 10 s, a request must arrive within [server] request_timeout_ms
+  a missing, expired or otherwise unverifiable one fails the handshake. With client_dns_name (which
+  config.py requires with client_ca unless client_any_name = true) the name must also be among the
+  certificate's subjectAltName DNS names (or be its subject CN when it has none). Python's `ssl`
+  cannot check a client's name inside the handshake, so that check is made the moment the
+  handshake completes, and the connection is closed (close_notify) before a byte of any request is
+  read.
+- Keep-alive connections, one request at a time on each (pipelined requests wait their turn); a
+  request line and headers of up to 16 KiB, whether they arrive in pieces or in one read (431 past
+  it), bodies up to [limits]' sizes plus room for requestMetadata (413 past it). A request refused
+  that way is answered, then the connection is half-closed and what the client still sends is read
+  and dropped for a second, so that its kernel does not reset the connection before it reads the
+  answer.
+- A handshake must complete within 2 s; a request must arrive within [server] request_timeout_ms
   of its first byte and be answered within the same time again (503 past it); an idle connection
-  is closed after idle_timeout_seconds; at most max_connections are open at once.
+  is closed after idle_timeout_seconds.
+- At most max_connections are open at once, and at most max_handshakes of them still in their TLS
+  handshake. A connection past max_connections closes the longest-idle one (no request in flight)
+  to make room, and is refused only when none is idle; one past max_handshakes takes the place of
+  the oldest handshake if that has gone on for HANDSHAKE_GRACE_S already (a client's handshake
+  takes a round trip or two; sockets that never start one are what fills the slots). Refusals are
+  logged at most once a second, with their count.
 - SIGHUP reloads the file's key stores (credentials, allow-lists, disabled keys, quotas) without
-  dropping a connection; SIGTERM and SIGINT stop accepting, let requests in flight finish (5 s at
-  most) and exit 0.
+  dropping a connection; one that arrives while the proxy is starting is held and acted on once
+  the proxy serves (cli.py's StartupSighup). SIGTERM and SIGINT stop accepting, let requests in flight
+  finish (5 s at most) and exit 0.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import logging
 import signal
 import socket
 import ssl
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -50,8 +63,10 @@ from .errors import DependencyTimeoutException
 log = logging.getLogger("openkms.xksproxy")
 
 MAX_HEADER_BYTES = 16 * 1024
-HANDSHAKE_TIMEOUT_S = 10.0
-DRAIN_S = 5.0
+HANDSHAKE_TIMEOUT_S = 2.0
+HANDSHAKE_GRACE_S = 0.5  # a handshake younger than this is not displaced by a new connection
+DRAIN_S = 5.0  # at SIGTERM: how long requests in flight may take to finish
+REFUSED_DRAIN_S = 1.0  # after a refused request: how long what the client still sends is read and dropped
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
@@ -117,34 +132,62 @@ class Connection(asyncio.Protocol):
         self.incoming: ssl.MemoryBIO | None = None
         self.outgoing: ssl.MemoryBIO | None = None
         self.handshaken = False
+        self.shut = False  # close_notify sent
+        self.draining = False  # refused: what arrives is dropped until the client closes
 
     # -- the connection: TCP, then TLS over memory BIOs ---------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
-        if len(self.server.connections) >= self.server.config.server.max_connections:
-            log.warning("refused a connection from %s: %d connections are open already", self.peer,
-                        len(self.server.connections))
-            self.transport.abort()
-            return
-        self.server.connections.add(self)
-        context = self.server.context
+        server = self.server
+        settings = server.config.server
+        context = server.context
+        if context is not None and len(server.handshaking) >= settings.max_handshakes:
+            oldest = next(iter(server.handshaking))
+            if self.loop.time() - server.handshaking[oldest] < HANDSHAKE_GRACE_S:
+                self._refused(f"{len(server.handshaking)} TLS handshakes are in progress already")
+                return
+            oldest._abort()  # a socket that has not finished its handshake yet: it makes room
+        if len(server.connections) >= settings.max_connections:
+            if not server.idle:
+                self._refused(f"{len(server.connections)} connections are open already, none of them idle")
+                return
+            server.closed_idle.add(f"for a new one (max_connections {settings.max_connections})")
+            next(iter(server.idle))._close()  # the longest idle: its client opens another when it needs one
+        server.connections.add(self)
         if context is None:
-            self._arm(self.server.config.server.idle_timeout_s)
+            server.idle[self] = None
+            self._arm(settings.idle_timeout_s)
             return
+        server.handshaking[self] = self.loop.time()
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._arm(HANDSHAKE_TIMEOUT_S)
 
+    def _refused(self, why: str) -> None:
+        assert self.transport is not None
+        self.server.refusals.add(f"from {self.peer}: {why}")
+        self.transport.abort()
+        self.transport = None
+
+    def _release(self) -> None:
+        """No longer counted: the connection is closing."""
+        server = self.server
+        server.connections.discard(self)
+        server.handshaking.pop(self, None)
+        server.idle.pop(self, None)
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self._release()
         self._disarm()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.draining:
+            return
         if self.tls is None or self.incoming is None:
             self._received(data)
             return
@@ -198,6 +241,7 @@ class Connection(asyncio.Protocol):
             self._abort()
             return False
         self.handshaken = True
+        self.server.handshaking.pop(self, None)
         self._flush()
         wanted = self.server.client_dns_name
         # Right after the handshake (which checked the chain), before any request is read.
@@ -205,12 +249,14 @@ class Connection(asyncio.Protocol):
             log.warning("refused a TLS client %s: its certificate does not name %s", self.peer, wanted)
             self._close()  # nothing read; close_notify tells the client it is over
             return False
+        self.server.idle[self] = None
         self._arm(self.server.config.server.idle_timeout_s)
         return True
 
     def _received(self, data: bytes) -> None:
         if not self.reading and self.task is None:
             self.reading = True
+            self.server.idle.pop(self, None)
             self._arm(self.server.config.server.request_timeout_s)
         try:
             self.h11.receive_data(data)
@@ -220,6 +266,9 @@ class Connection(asyncio.Protocol):
         self._next()
 
     def eof_received(self) -> bool | None:
+        if self.draining:
+            self._close()
+            return None
         with contextlib.suppress(h11.RemoteProtocolError):
             self.h11.receive_data(b"")
         if self.task is None:
@@ -253,7 +302,9 @@ class Connection(asyncio.Protocol):
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                self._refuse(exc.error_status_hint, "The request is not valid HTTP/1.1.")
+                status = exc.error_status_hint
+                self._refuse(status, f"The request's line and headers are larger than {MAX_HEADER_BYTES} bytes."
+                             if status == 431 else "The request is not valid HTTP/1.1.")
                 return
             if event is h11.NEED_DATA:
                 if self.h11.they_are_waiting_for_100_continue and self.request is not None:
@@ -262,9 +313,22 @@ class Connection(asyncio.Protocol):
             if event is h11.PAUSED:
                 return
             if isinstance(event, h11.Request):
+                # h11 holds back only a head that is still incomplete at 16 KiB; one that arrived
+                # whole in one read is measured here (its bytes less the optional whitespace).
+                size, length = len(event.method) + len(event.target) + 13, None
+                for name, value in event.headers:
+                    size += len(name) + len(value) + 4
+                    if name == b"content-length":
+                        length = value
+                if size > MAX_HEADER_BYTES:
+                    self._refuse(431, f"The request's line and headers are larger than {MAX_HEADER_BYTES} bytes.")
+                    return
+                if not self.reading:  # pipelined: it began in the buffer, not with a read
+                    self.reading = True
+                    self.server.idle.pop(self, None)
+                    self._arm(self.server.config.server.request_timeout_s)
                 self.request = event
                 self.body = bytearray()
-                length = dict(event.headers).get(b"content-length")
                 if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
                     self._refuse(413, f"The body is larger than {limits.max_body_bytes} bytes.")
                     return
@@ -314,6 +378,7 @@ class Connection(asyncio.Protocol):
             self._close()
             return
         self.reading = False
+        self.server.idle[self] = None
         self._arm(self.server.config.server.idle_timeout_s)
         self.transport.resume_reading()
         self._next()  # a pipelined request may be waiting in h11's buffer already
@@ -339,11 +404,22 @@ class Connection(asyncio.Protocol):
         self._write(data or b"")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer a request that cannot be read (bad HTTP, too large) and close the connection."""
+        """Answer a request that cannot be read (bad HTTP, too large) and close the connection:
+        half-closed at once, closed once the client closes too (or after REFUSED_DRAIN_S). Closing
+        a socket with unread data makes the kernel send a reset, which can destroy the answer in
+        the client's buffers before it reads it; so what the client still sends is read and dropped."""
         error = {"errorName": "ValidationException", "errorMessage": message}
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self._respond(Response.json(status, error), close=True)
-        self._close()
+        if self.transport is None:
+            return
+        self.draining = True
+        self._release()
+        self._shutdown_tls()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # after what is written: the client reads the answer, then EOF
+        self.transport.resume_reading()
+        self._arm(REFUSED_DRAIN_S)
 
     def _write(self, data: bytes) -> None:
         if self.transport is None or not data:
@@ -363,33 +439,75 @@ class Connection(asyncio.Protocol):
         if self.outgoing is not None and self.outgoing.pending and self.transport is not None:
             self.transport.write(self.outgoing.read())
 
-    def _close(self) -> None:
-        """Close after what is written (with TLS, after a close_notify)."""
-        self._disarm()
-        if self.transport is None:
-            return
-        if self.tls is not None and self.handshaken:
+    def _shutdown_tls(self) -> None:
+        if self.tls is not None and self.handshaken and not self.shut:
+            self.shut = True
             with contextlib.suppress(ssl.SSLError, ValueError):
                 self.tls.unwrap()  # writes close_notify; the client's answer is not awaited
             self._flush()
+
+    def _close(self) -> None:
+        """Close after what is written (with TLS, after a close_notify)."""
+        self._disarm()
+        self._release()
+        if self.transport is None:
+            return
+        self._shutdown_tls()
         self.transport.close()
 
     def _abort(self) -> None:
         self._disarm()
+        self._release()
         if self.transport is not None:
             self.transport.close()  # after the alert already written
+
+
+class Tally:
+    """A kind of event logged at most once a second: the first at once, the others counted and
+    logged together a second later (a flood of refused connections must not flood the log too)."""
+
+    def __init__(self, level: int, what: str) -> None:
+        self.level = level
+        self.what = what
+        self.count = 0
+        self.last = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, detail: str) -> None:
+        if self._timer is not None:
+            self.count += 1
+            self.last = detail
+            return
+        log.log(self.level, "%s %s", self.what, detail)
+        self._timer = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    def _tick(self) -> None:
+        if not self.count:
+            self._timer = None
+            return
+        log.log(self.level, "%s: %d more in the last second, the last %s", self.what, self.count, self.last)
+        self.count = 0
+        self._timer = asyncio.get_running_loop().call_later(1.0, self._tick)
 
 
 class ProxyServer:
     """The listening socket, its connections, the signals."""
 
-    def __init__(self, config: Config, app: XksApp, sock: socket.socket, context: ssl.SSLContext | None) -> None:
+    def __init__(self, config: Config, app: XksApp, sock: socket.socket, context: ssl.SSLContext | None,
+                 sighup_while_starting: Callable[[], bool] | None = None) -> None:
         self.config = config
         self.app = app
         self.sock = sock
         self.context = context
+        self.sighup_while_starting = sighup_while_starting  # cli.py notes one until run() takes over
         self.client_dns_name = config.tls.client_dns_name if config.tls is not None else None
         self.connections: set[Connection] = set()
+        # Insertion-ordered, oldest first: connections in their TLS handshake (since when), and
+        # connections with nothing to do (since they became idle).
+        self.handshaking: dict[Connection, float] = {}
+        self.idle: dict[Connection, None] = {}
+        self.refusals = Tally(logging.WARNING, "refused a connection")
+        self.closed_idle = Tally(logging.INFO, "closed an idle connection")
         self.stopping = False
 
     async def run(self) -> None:
@@ -398,6 +516,8 @@ class ProxyServer:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self.sighup_while_starting is not None and self.sighup_while_starting():
+            self.reload()  # once, however many arrived: the file is read as it is now
         server = await loop.create_server(lambda: Connection(self), sock=self.sock)  # TLS: in Connection
         try:
             await stop.wait()
