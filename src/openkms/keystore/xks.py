@@ -25,7 +25,6 @@ import json
 import logging
 import re
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -40,6 +39,7 @@ from ..crypto.aead import TAG_BYTES
 from ..crypto.openssl import clear_error_queue
 from ..errors import InvalidCiphertextException, KeyStoreUnavailable, ThrottlingException
 from ..model import Key, KeyFamily, KeySpecInfo, SecretStr
+from ..ratelimit import TokenBucket
 from .base import KeyStore, StoredVersion
 
 log = logging.getLogger("openkms.keystore.xks")
@@ -144,26 +144,6 @@ def _unb64(value: Any, what: str) -> bytes:
             from None
 
 
-class RateLimit:
-    """A token bucket: `rate` calls per second, bursts up to one second's worth."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self._tokens = rate
-        self._at = time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
-            self._at = now
-            if self._tokens < 1:
-                return False
-            self._tokens -= 1
-            return True
-
-
 def request_metadata(operation: str | None = None, key: Key | None = None, *, health: bool = False
                      ) -> dict[str, str]:
     """The spec's requestMetadata: who is calling, on which key, in which KMS operation and request
@@ -191,7 +171,7 @@ class XksClient:
 
         self.endpoint = endpoint
         self.options = options
-        self.limit = RateLimit(options.rate_limit)
+        self.limit = TokenBucket(options.rate_limit)
         parts = urlsplit(endpoint.uri_endpoint)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError("not an http(s) endpoint")

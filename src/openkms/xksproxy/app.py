@@ -46,7 +46,8 @@ from .. import __version__
 from ..api.sigv4 import SigV4Verifier
 from ..errors import KMSError
 from ..model import SecretStr
-from .config import API_PATH, Config, KeyStoreSettings, valid_key_id
+from ..ratelimit import TokenBucket
+from .config import API_PATH, SERVICE, Config, KeyStoreSettings, valid_key_id
 from .errors import (
     AuthenticationFailedException,
     DependencyTimeoutException,
@@ -66,7 +67,6 @@ from .worker import TokenWorker
 log = logging.getLogger("openkms.xksproxy")
 T = TypeVar("T")
 
-SERVICE = "kms-xks-proxy"
 VENDOR = "openkms"
 MODEL = f"openkms xks-proxy {__version__}"
 ALGORITHM = "AES_GCM"
@@ -109,25 +109,6 @@ class Response:
     @classmethod
     def json(cls, status: int, document: Mapping[str, Any], allow: str | None = None) -> Response:
         return cls(status, orjson.dumps(document), allow)  # orjson writes one line
-
-
-class TokenBucket:
-    """The per-prefix quota: `rate` requests a second, bursts of up to a second's worth."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self._clock = clock
-        self._tokens = rate
-        self._at = clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
 
 
 class _Store:

@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..keystore import xks as spec  # the spec's constants: one copy, for both sides
 from ..model import SecretStr
 
 PIN_VARIABLE = "OPENKMS_XKS_PKCS11_PIN"
-API_PATH = "/kms/xks/v1"
+API_PATH = spec.API
+SERVICE = spec.SERVICE
+MIN_PLAINTEXT = spec.MIN_PLAINTEXT
 
 ACCESS_KEY_ID_RE = re.compile(r"[A-Z2-7]{20,30}\Z")
 SECRET_RE = re.compile(r"[A-Za-z0-9+/=]{43,64}\Z")
@@ -38,8 +41,8 @@ XKS_KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 REGION_RE = re.compile(r"[a-z0-9-]{1,40}\Z")
 SERVER_NAME_RE = re.compile(r"([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?\Z")
 
-# The spec's minimums (what a proxy MUST accept) and the hard ceilings of the AAD layout.
-MIN_PLAINTEXT = 4300
+# The spec's minimums (what a proxy MUST accept: MIN_PLAINTEXT too) and the hard ceilings of the
+# AAD layout.
 MIN_AAD = 8192
 MAX_AAD_LAYOUT = 0xFFFF  # the HSM's AAD carries the length in 2 bytes
 MAX_PLAINTEXT_CEILING = 65536
