@@ -300,6 +300,16 @@ def check_load_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error(f"--{name} must be at least 1")
 
 
+def parse_load_args(doc: str | None, argv: Sequence[str] | None = None, *, peer: bool = True) -> argparse.Namespace:
+    """The command line of a benchmark that takes only the common options (its docstring's first
+    line is the description)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    add_load_arguments(parser, peer=peer)
+    args = parser.parse_args(argv)
+    check_load_arguments(parser, args)
+    return args
+
+
 def progress(message: str) -> None:
     """Progress goes to stderr, so that stdout holds only the table or the JSON document."""
     print(message, file=sys.stderr, flush=True)

@@ -33,14 +33,13 @@ from bench._load import (
     LoadOptions,
     SignedRequest,
     WrkStats,
-    add_load_arguments,
-    check_load_arguments,
     check_replay,
     create_key,
     format_ratio,
     measure,
     median_stats,
     met_text,
+    parse_load_args,
     progress,
     ratio,
     run_bench,
@@ -130,11 +129,7 @@ class Load:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    add_load_arguments(parser)
-    args = parser.parse_args(argv)
-    check_load_arguments(parser, args)
-    return args
+    return parse_load_args(__doc__, argv)
 
 
 def give_up(load: Load, exc: ErrorAnswer) -> None:

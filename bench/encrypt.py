@@ -27,13 +27,12 @@ from bench._load import (
     LoadOptions,
     SignedRequest,
     WrkStats,
-    add_load_arguments,
-    check_load_arguments,
     create_key,
     format_ratio,
     measure,
     median_stats,
     met_text,
+    parse_load_args,
     ratio,
     run_bench,
     signed_request,
@@ -69,11 +68,7 @@ class Target:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    add_load_arguments(parser)
-    args = parser.parse_args(argv)
-    check_load_arguments(parser, args)
-    return args
+    return parse_load_args(__doc__, argv)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> list[Target]:

@@ -31,9 +31,8 @@ from bench._load import (
     REGION,
     BenchError,
     LoadOptions,
-    add_load_arguments,
-    check_load_arguments,
     measure_alternating,
+    parse_load_args,
     progress,
     run_bench,
 )
@@ -48,11 +47,7 @@ TARGET_HSM_P99_MS = 50.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    add_load_arguments(parser, peer=False)
-    args = parser.parse_args(argv)
-    check_load_arguments(parser, args)
-    return args
+    return parse_load_args(__doc__, argv, peer=False)
 
 
 def softhsm(workdir: Path) -> tuple[dict[str, str], str]:

@@ -33,9 +33,8 @@ from bench._beside import Target, print_table, summarize
 from bench._load import (
     BenchError,
     LoadOptions,
-    add_load_arguments,
-    check_load_arguments,
     measure_alternating,
+    parse_load_args,
     progress,
     run_bench,
 )
@@ -50,11 +49,7 @@ PREFIX = "/bench"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    add_load_arguments(parser, peer=False)
-    args = parser.parse_args(argv)
-    check_load_arguments(parser, args)
-    return args
+    return parse_load_args(__doc__, argv, peer=False)
 
 
 def start_proxy(workdir: Path) -> tuple[ProxyProcess, Pki, Store, dict[str, str]]:

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -141,6 +142,21 @@ def running(server: ServerProcess) -> Iterator[ServerProcess]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def two_nodes_on(pg_url: str, tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two serving nodes on one PostgreSQL store: the first bootstraps it, the second has its own
+    data dir and a copy of the root key (as an operator sets up a second node), both with `env`."""
+    from tests.conftest import bootstrap_env
+
+    a = ServerProcess(tmp_path / "a", storage_url=pg_url, env=dict(bootstrap_env(), **env))
+    with running(a):
+        (tmp_path / "b").mkdir()
+        shutil.copy2(tmp_path / "a" / "root.key", tmp_path / "b" / "root.key")
+        b = ServerProcess(tmp_path / "b", storage_url=pg_url, env=dict(env))
+        with running(b):
+            yield a, b
 
 
 # -- clusters, tenants and key stores ---------------------------------------------------------------------

@@ -19,6 +19,19 @@ allows kms:* (the default key policy delegates to identity policies). Operations
 Admin operations, all aimed at account A, are allowed as `OPERATIONS` scopes them: operator-only
 ones to the operator; account ones to the operator and A's administrator, never to B's
 administrator or A's plain user; open ones to everyone (scoped to the caller's own account).
+
+Secrets Manager operations (botocore's secretsmanager model, every one of which the secrets
+package's table serves) are authorized as `secretsmanager:<Operation>` by IAM's rules. On a secret
+of A (made by A's administrator, with a value, named by its ARN) they succeed for A's administrator
+and for `a_secrets`, a user of A whose identity policy allows secretsmanager:* and nothing of KMS
+(the value is sealed under A's AWS managed key aws/secretsmanager, which any principal of A may use
+through Secrets Manager). They are refused (AccessDeniedException) to A's user with no policy, to
+A's user whose policy allows only kms:*, to `b_secrets` (B, secretsmanager:* and kms:Decrypt) and
+to B's administrator, since the secret has no resource policy; two tests share a secret with B.
+Operations on no secret are scoped to the caller's account, so B's principals succeed there. An
+operation this server does not do (replication) or cannot do here
+(RotateSecret with no rotation function) answers its error to the allowed callers only: the others
+are refused first.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,11 +58,19 @@ from openkms.api.admin import OPERATIONS as ADMIN_OPERATIONS
 from openkms.api.admin import Scope
 from openkms.client.admin import AdminClient, AdminError
 from openkms.client.byok import wrap_key_material
+from openkms.secrets import OPERATIONS as SECRETS_OPERATIONS
 from openkms.service import OPERATIONS
 from tests.conftest import SoftHsm, softhsm_available, trust_anchor
 from tests.server import REGION, ServerProcess
 
 KMS_ALL = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]})
+SECRETS_ALL = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": "secretsmanager:*", "Resource": "*"}]})
+# A principal of B that reads A's shared secrets needs the right to decrypt with A's key too (IAM:
+# across accounts both the key policy and the caller's own policies must allow).
+SECRETS_AND_DECRYPT = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": "secretsmanager:*", "Resource": "*"},
+    {"Effect": "Allow", "Action": ["kms:Decrypt", "kms:GenerateDataKey"], "Resource": "*"}]})
 
 
 def snake(name: str) -> str:
@@ -68,6 +90,7 @@ class Who:
     user: str
     kms: Any
     admin: AdminClient
+    sm: Any = None  # a Secrets Manager client
 
     @property
     def arn(self) -> str:
@@ -108,7 +131,8 @@ def _person(server: ServerProcess, operator: AdminClient, name: str, account_id:
         operator.call("PutUserPolicy", AccountId=account_id, UserName=user, PolicyName="p", PolicyDocument=policy)
     key = operator.call("CreateAccessKey", AccountId=account_id, UserName=user)["AccessKey"]
     return Who(name, account_id, user, server.client(key["AccessKeyId"], key["SecretAccessKey"], retry=False),
-               AdminClient(server.endpoint, key["AccessKeyId"], key["SecretAccessKey"], REGION))
+               AdminClient(server.endpoint, key["AccessKeyId"], key["SecretAccessKey"], REGION),
+               server.client(key["AccessKeyId"], key["SecretAccessKey"], service="secretsmanager", retry=False))
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +150,8 @@ def world(server: ServerProcess, request: pytest.FixtureRequest) -> World:
         "a_grantee": _person(server, op_client, "a_grantee", a),
         "b_user": _person(server, op_client, "b_user", b, policy=KMS_ALL),
         "b_admin": _person(server, op_client, "b_admin", b, admin=True),
+        "a_secrets": _person(server, op_client, "a_secrets", a, policy=SECRETS_ALL),
+        "b_secrets": _person(server, op_client, "b_secrets", b, policy=SECRETS_AND_DECRYPT),
     }
     hsm = request.getfixturevalue("softhsm") if softhsm_available() else None
     return World(server, operator, a, b, people, hsm=hsm)
@@ -446,7 +472,17 @@ ADMIN_ROWS: dict[str, AdminRow] = {
     "ListHsmClusters": AdminRow(lambda w: {}),
     "DescribeHsmCluster": AdminRow(lambda w: {"ClusterId": new_cluster(w)}, needs_hsm=True),
     "DeleteHsmCluster": AdminRow(lambda w: {"ClusterId": new_cluster(w)}, needs_hsm=True),
+    "CreateRotationFunction": AdminRow(lambda w: {"AccountId": w.a, "FunctionName": w.unique("fn"),
+                                                  "Kind": "random-password"}),
+    "ListRotationFunctions": AdminRow(lambda w: {"AccountId": w.a}),
+    "DeleteRotationFunction": AdminRow(lambda w: new_rotation_function(w)),
 }
+
+
+def new_rotation_function(w: World) -> dict[str, Any]:
+    name = w.unique("fn")
+    w.operator.admin.call("CreateRotationFunction", AccountId=w.a, FunctionName=name, Kind="random-password")
+    return {"AccountId": w.a, "FunctionName": name}
 SCOPE_ALLOWS = {Scope.OPERATOR: frozenset({"operator"}), Scope.ACCOUNT: frozenset({"operator", "a_admin"}),
                 Scope.ANY: frozenset({"operator", "a_admin", "a_user", "a_bare", "b_admin"})}
 
@@ -471,6 +507,21 @@ def test_admin_operation(world: World, operation: str, request: pytest.FixtureRe
             assert got == "AccessDeniedException", f"{operation} by {name}: {got or 'succeeded'}"
 
 
+def test_only_an_operator_registers_a_command(world: World) -> None:
+    """A command rotation function runs on the server's machine: an account administrator may
+    register webhooks and built-ins for its account, never a command; an operator may."""
+    params = {"AccountId": world.a, "Kind": "command", "Command": [sys.executable, "-c", "pass"]}
+    with pytest.raises(AdminError) as e:
+        world["a_admin"].admin.call("CreateRotationFunction", FunctionName=world.unique("cmd"), **params)
+    assert e.value.code == "AccessDeniedException"
+    assert "only an operator may register a command" in e.value.message
+    made = world.operator.admin.call("CreateRotationFunction", FunctionName=world.unique("cmd"), **params)
+    assert made["RotationFunction"]["Kind"] == "command"
+    hook = world["a_admin"].admin.call("CreateRotationFunction", AccountId=world.a, FunctionName=world.unique("wh"),
+                                       Kind="webhook", Url="https://rotate.example.com/hook")
+    assert hook["SigningSecret"] and hook["RotationFunction"]["Kind"] == "webhook"
+
+
 def test_an_account_administrator_cannot_touch_an_operator(world: World) -> None:
     boss = world["a_admin"].admin
     operator_in_a = world.unique("op")
@@ -491,3 +542,238 @@ def test_an_account_administrator_cannot_touch_an_operator(world: World) -> None
     with pytest.raises(AdminError) as e:
         boss.call("CreateUser", AccountId=world.a, UserName=world.unique("x"), Operator=True)
     assert e.value.code == "AccessDeniedException"
+
+
+# -- Secrets Manager rows ---------------------------------------------------------------------------
+
+def implemented_secrets_operations() -> set[str]:
+    """The operations of botocore's Secrets Manager model."""
+    return set(botocore.loaders.Loader().load_service_model("secretsmanager", "service-2")["operations"])
+
+
+def answer_code(response: dict[str, Any]) -> str | None:
+    """What a successful call answered, as an error code: None (it did what was asked)."""
+    return None
+
+
+def first_error(response: dict[str, Any]) -> str | None:
+    """BatchGetSecretValue answers 200 and lists the secrets it could not read in Errors."""
+    errors = response.get("Errors") or []
+    return str(errors[0]["ErrorCode"]) if errors else None
+
+
+@dataclass(frozen=True)
+class SecretRow:
+    """`setup(world)` makes what one call needs (with A's administrator); `params(world, state, who)`
+    is the request. `answer`: what the allowed callers get (None: success; else the error code of
+    an operation this server does not do). `outcome` reads a 200 answer (BatchGetSecretValue's
+    Errors)."""
+
+    setup: Callable[[World], State]
+    params: Callable[[World, State, Who], dict[str, Any]]
+    on_secret: bool = True
+    answer: str | None = None
+    outcome: Callable[[dict[str, Any]], str | None] = answer_code
+
+
+SECRET_VALUE = "matrix-secret-value"
+
+
+def secret(tags: bool = False, policy: bool = False, deleted: bool = False) -> Callable[[World], State]:
+    """A new secret of A with a value, made by A's administrator (under A's aws/secretsmanager key)."""
+    def setup(w: World) -> State:
+        args: dict[str, Any] = {"Name": w.unique("matrix"), "SecretString": SECRET_VALUE}
+        if tags:
+            args["Tags"] = [{"Key": "team", "Value": "a"}]
+        made = w["a_admin"].sm.create_secret(**args)
+        if policy:
+            w["a_admin"].sm.put_resource_policy(SecretId=made["ARN"], ResourcePolicy=own_account_policy(w))
+        if deleted:
+            w["a_admin"].sm.delete_secret(SecretId=made["ARN"], RecoveryWindowInDays=7)
+        return {"arn": made["ARN"], "version": made["VersionId"]}
+    return setup
+
+
+def own_account_policy(w: World) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{w.a}:root"}, "Action": "secretsmanager:GetSecretValue",
+        "Resource": "*"}]})
+
+
+def on_secret(**fixed: Any) -> Callable[[World, State, Who], dict[str, Any]]:
+    return lambda w, s, who: {"SecretId": s["arn"], **fixed}
+
+
+SECRET = secret()
+REPLICA = "arn:aws:secretsmanager:us-east-1:123456789012:secret:replica-AbCdEf"
+UNSUPPORTED = "UnsupportedOperationException"
+SECRETS_ROWS: dict[str, SecretRow] = {
+    # secrets and values
+    "CreateSecret": SecretRow(no_setup, lambda w, s, who: {"Name": w.unique("new"), "SecretString": "v"},
+                              on_secret=False),
+    "GetSecretValue": SecretRow(SECRET, on_secret()),
+    "BatchGetSecretValue": SecretRow(SECRET, lambda w, s, who: {"SecretIdList": [s["arn"]]}, outcome=first_error),
+    "PutSecretValue": SecretRow(SECRET, on_secret(SecretString="changed")),
+    "UpdateSecret": SecretRow(SECRET, on_secret(Description="changed")),
+    "DescribeSecret": SecretRow(SECRET, on_secret()),
+    "ListSecrets": SecretRow(no_setup, lambda w, s, who: {}, on_secret=False),
+    "ListSecretVersionIds": SecretRow(SECRET, on_secret()),
+    "UpdateSecretVersionStage": SecretRow(SECRET, lambda w, s, who: {
+        "SecretId": s["arn"], "VersionStage": "matrix", "MoveToVersionId": s["version"]}),
+    "DeleteSecret": SecretRow(SECRET, on_secret(RecoveryWindowInDays=7)),
+    "RestoreSecret": SecretRow(secret(deleted=True), on_secret()),
+    "GetRandomPassword": SecretRow(no_setup, lambda w, s, who: {"PasswordLength": 16}, on_secret=False),
+    # rotation: no rotation function can be given (RotateSecret) nor enabled (CancelRotateSecret)
+    "RotateSecret": SecretRow(SECRET, on_secret(), answer="InvalidRequestException"),
+    "CancelRotateSecret": SecretRow(SECRET, on_secret(), answer="InvalidRequestException"),
+    # tags
+    "TagResource": SecretRow(SECRET, on_secret(Tags=[{"Key": "team", "Value": "a"}])),
+    "UntagResource": SecretRow(secret(tags=True), on_secret(TagKeys=["team"])),
+    # resource policies
+    "PutResourcePolicy": SecretRow(SECRET, lambda w, s, who: {"SecretId": s["arn"],
+                                                              "ResourcePolicy": own_account_policy(w)}),
+    "GetResourcePolicy": SecretRow(secret(policy=True), on_secret()),
+    "DeleteResourcePolicy": SecretRow(secret(policy=True), on_secret()),
+    "ValidateResourcePolicy": SecretRow(SECRET, lambda w, s, who: {"SecretId": s["arn"],
+                                                                   "ResourcePolicy": own_account_policy(w)}),
+    "ListResourcePolicies": SecretRow(secret(policy=True), on_secret()),
+    # replication: not done by this server
+    "ReplicateSecretToRegions": SecretRow(SECRET, on_secret(AddReplicaRegions=[{"Region": "eu-west-1"}]),
+                                          answer=UNSUPPORTED),
+    "RemoveRegionsFromReplication": SecretRow(SECRET, on_secret(RemoveReplicaRegions=["eu-west-1"]),
+                                              answer=UNSUPPORTED),
+    "StopReplicationToReplica": SecretRow(SECRET, on_secret(), answer=UNSUPPORTED),
+    "AssociateCrossAccountReplica": SecretRow(SECRET, on_secret(CrossAccountReplicaARN=REPLICA), answer=UNSUPPORTED),
+    "DisassociateCrossAccountReplica": SecretRow(SECRET, on_secret(CrossAccountReplicaARN=REPLICA),
+                                                 answer=UNSUPPORTED),
+}
+# Who may call: on a secret of A, A's administrator and A's secretsmanager:* user; on no secret,
+# B's principals too (in their own account).
+SECRETS_ALLOWED = ("a_admin", "a_secrets")
+SECRETS_REFUSED = ("a_bare", "a_user", "b_secrets", "b_admin")
+
+
+def call_secrets(who: Who, operation: str, params: dict[str, Any],
+                 outcome: Callable[[dict[str, Any]], str | None] = answer_code) -> str | None:
+    """The error code of the Secrets Manager call (or `outcome` of its answer), None if it succeeded."""
+    try:
+        response = getattr(who.sm, snake(operation))(**params)
+    except ClientError as exc:
+        return str(exc.response["Error"]["Code"])
+    return outcome(response)
+
+
+def test_every_secrets_operation_has_a_row() -> None:
+    model = implemented_secrets_operations()
+    assert len(model) >= 26
+    assert model - set(SECRETS_ROWS) == set(), "Secrets Manager operations with no row in the matrix"
+    assert set(SECRETS_ROWS) - model == set(), "rows for operations botocore's model does not have"
+    assert set(SECRETS_ROWS) == set(SECRETS_OPERATIONS), "rows and secrets.OPERATIONS differ"
+
+
+@pytest.mark.parametrize("operation", sorted(SECRETS_ROWS))
+def test_secrets_operation(world: World, operation: str) -> None:
+    row = SECRETS_ROWS[operation]
+    state = row.setup(world)
+    refused = SECRETS_REFUSED if row.on_secret else ("a_bare", "a_user")
+    allowed = SECRETS_ALLOWED if row.on_secret else (*SECRETS_ALLOWED, "b_secrets", "b_admin")
+    failures = []
+    for name in refused:
+        who = world[name]
+        got = call_secrets(who, operation, row.params(world, state, who), row.outcome)
+        if got != "AccessDeniedException":
+            failures.append(f"{operation} by {name}: {got or 'succeeded'}, expected AccessDeniedException")
+    for i, name in enumerate(allowed):
+        who = world[name]
+        fresh = state if i == 0 or row.answer is not None else row.setup(world)
+        got = call_secrets(who, operation, row.params(world, fresh, who), row.outcome)
+        if got != row.answer:
+            failures.append(f"{operation} by {name} (allowed): {got or 'succeeded'}, "
+                            f"expected {row.answer or 'success'}")
+    assert not failures, "\n".join(failures)
+
+
+def shared_key(w: World) -> str:
+    """A customer key of A whose key policy also lets account B decrypt (and describe) with it."""
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Sid": "Enable IAM User Permissions", "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{w.a}:root"},
+         "Action": "kms:*", "Resource": "*"},
+        {"Sid": "Account B may decrypt", "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{w.b}:root"},
+         "Action": ["kms:Decrypt", "kms:DescribeKey"], "Resource": "*"}]}
+    return str(w.root.create_key(Policy=json.dumps(policy))["KeyMetadata"]["Arn"])
+
+
+def share_with_b(w: World, arn: str) -> None:
+    w["a_admin"].sm.put_resource_policy(SecretId=arn, ResourcePolicy=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{w.b}:root"},
+            "Action": ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"], "Resource": "*"}]}))
+
+
+def test_a_secret_shared_with_another_account(world: World) -> None:
+    """A resource policy naming B's account, and a KMS key B may decrypt with: B's user whose own
+    policy allows secretsmanager:* (and kms:Decrypt) reads the secret; B's kms:*-only user does not
+    (both sides of an account boundary must allow); what the policy does not grant stays refused."""
+    name = world.unique("shared")
+    made = world["a_admin"].sm.create_secret(Name=name, SecretString=SECRET_VALUE, KmsKeyId=shared_key(world))
+    share_with_b(world, made["ARN"])
+    b = world["b_secrets"].sm
+    assert b.get_secret_value(SecretId=made["ARN"])["SecretString"] == SECRET_VALUE
+    assert b.describe_secret(SecretId=made["ARN"])["Name"] == name
+    for operation, params in (("PutSecretValue", {"SecretString": "from B"}), ("ListSecretVersionIds", {})):
+        got = call_secrets(world["b_secrets"], operation, {"SecretId": made["ARN"], **params})
+        assert got == "AccessDeniedException", f"{operation} by b_secrets (not in the resource policy): {got}"
+    for operation in ("GetSecretValue", "DescribeSecret"):
+        got = call_secrets(world["b_user"], operation, {"SecretId": made["ARN"]})
+        assert got == "AccessDeniedException", f"{operation} by b_user (kms:* only): {got or 'succeeded'}"
+    # By its name, B looks in its own account, where there is no such secret.
+    assert call_secrets(world["b_secrets"], "DescribeSecret", {"SecretId": name}) == "ResourceNotFoundException"
+
+
+def test_a_shared_secret_under_the_aws_managed_key_is_not_readable_across_accounts(world: World) -> None:
+    """The aws/secretsmanager key's policy allows only its own account (kms:CallerAccount): B may
+    describe a secret shared with it, but reading the value is refused by KMS, as in AWS."""
+    arn = SECRET(world)["arn"]
+    share_with_b(world, arn)
+    assert call_secrets(world["b_secrets"], "DescribeSecret", {"SecretId": arn}) is None
+    assert call_secrets(world["b_secrets"], "GetSecretValue", {"SecretId": arn}) == "AccessDeniedException"
+
+
+def test_another_account_cannot_probe_secret_names(world: World) -> None:
+    """From another account, a name that does not exist and one that does (with no policy for the
+    caller) are refused alike, and the refusal does not show the secret's random ARN suffix."""
+    made = world["a_admin"].sm.create_secret(Name=world.unique("probe"), SecretString=SECRET_VALUE)
+    partial = made["ARN"][:-7]
+    b = world["b_secrets"]
+    for secret_id in (partial, partial[:-3] + "zzz", made["ARN"]):
+        try:
+            b.sm.describe_secret(SecretId=secret_id)
+            raise AssertionError(f"DescribeSecret {secret_id} by b_secrets succeeded")
+        except ClientError as exc:
+            assert exc.response["Error"]["Code"] == "AccessDeniedException", (secret_id, exc.response["Error"])
+            assert made["ARN"] not in exc.response["Error"]["Message"] or secret_id == made["ARN"]
+    got = b.sm.batch_get_secret_value(SecretIdList=[partial, partial[:-3] + "zzz"])
+    assert [e["ErrorCode"] for e in got["Errors"]] == ["AccessDeniedException"] * 2
+
+
+def test_another_accounts_write_seals_under_the_owners_key(world: World) -> None:
+    """A secret whose KmsKeyId is an alias name: a value written by another account (allowed by the
+    resource policy) is sealed under the owner's key of that alias, never the writer's."""
+    alias = "alias/" + world.unique("both")
+    a_key = shared_key(world)
+    world.root.create_alias(AliasName=alias, TargetKeyId=a_key)
+    b_kms = world["b_user"].kms
+    b_key = b_kms.create_key()["KeyMetadata"]["KeyId"]
+    b_kms.create_alias(AliasName=alias, TargetKeyId=b_key)
+    # A's key lets B generate data keys for this secret too (both sides must allow across accounts).
+    policy = json.loads(world.root.get_key_policy(KeyId=a_key, PolicyName="default")["Policy"])
+    policy["Statement"][1]["Action"] = ["kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKey"]
+    world.root.put_key_policy(KeyId=a_key, PolicyName="default", Policy=json.dumps(policy))
+    made = world["a_admin"].sm.create_secret(Name=world.unique("aliased"), SecretString="from A", KmsKeyId=alias)
+    world["a_admin"].sm.put_resource_policy(SecretId=made["ARN"], ResourcePolicy=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{world.b}:root"},
+            "Action": ["secretsmanager:PutSecretValue", "secretsmanager:GetSecretValue"], "Resource": "*"}]}))
+    world["b_secrets"].sm.put_secret_value(SecretId=made["ARN"], SecretString="from B")
+    b_kms.disable_key(KeyId=b_key)  # B's own key of the same alias name: no power over A's secret
+    assert world["a_admin"].sm.get_secret_value(SecretId=made["ARN"])["SecretString"] == "from B"

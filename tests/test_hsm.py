@@ -45,6 +45,7 @@ from tests.hsm_helpers import (
     leaks,
     query,
     running,
+    two_nodes_on,
     wait_until,
 )
 from tests.server import ServerProcess
@@ -732,14 +733,8 @@ def test_scheduled_deletion_destroys_the_token_object(softhsm: SoftHsm, store_ur
 
 @pytest.fixture
 def two_nodes(softhsm: SoftHsm, pg_url: str, tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    ttl = {"OPENKMS_CACHE_TTL": "0.5"}
-    a = ServerProcess(tmp_path / "a", storage_url=pg_url, env=dict(bootstrap_env(), **ttl))
-    with running(a):
-        (tmp_path / "b").mkdir()
-        shutil.copy2(tmp_path / "a" / "root.key", tmp_path / "b" / "root.key")
-        b = ServerProcess(tmp_path / "b", storage_url=pg_url, env=ttl)
-        with running(b):
-            yield a, b
+    with two_nodes_on(pg_url, tmp_path, {"OPENKMS_CACHE_TTL": "0.5"}) as nodes:
+        yield nodes
 
 
 def test_two_nodes_share_a_key_store(softhsm: SoftHsm, two_nodes: tuple[ServerProcess, ServerProcess],

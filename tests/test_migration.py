@@ -19,6 +19,8 @@ from openkms.model import (
     KeyUsage,
     Origin,
     Principal,
+    Secret,
+    SecretVersion,
     XksProxyConfig,
 )
 from openkms.storage import Store
@@ -128,6 +130,85 @@ def test_v6_store_takes_external_key_stores(store_url: str | None, tmp_path: Pat
             version = tx.meta.get("schema_version")
         assert got is not None and (got.origin, got.xks_key_id) == (Origin.EXTERNAL_KEY_STORE, "k1")
         assert row is not None and row.xks == xks
+        assert version == str(SCHEMA_VERSION).encode()
+    finally:
+        store.close()
+
+
+def test_v7_store_takes_secrets(store_url: str | None, tmp_path: Path) -> None:
+    """v8: the secrets tables (new: create_all adds them) and kms_keys.key_manager (AWS managed
+    keys), on a store that holds a key from before; that key stays a customer key."""
+    url = store_url or f"sqlite:///{tmp_path / 'openkms.db'}"
+    store = Store.open(url)
+    account = "511111111111"
+    now = datetime.now(UTC)
+    old = Key(key_id=str(uuid.uuid4()), account_id=account, region="us-east-1", description="",
+              key_spec="SYMMETRIC_DEFAULT", key_usage=KeyUsage.ENCRYPT_DECRYPT, origin=Origin.AWS_KMS,
+              state=KeyState.ENABLED, created=now)
+    with store.begin() as tx:
+        tx.accounts.insert(Account(account, "a", now))
+        tx.keys.insert(old)
+        for table in ("secret_tags", "secret_stages", "secret_versions", "secrets"):
+            tx.conn.execute(text(f"DROP TABLE {table}"))
+        tx.conn.execute(text("ALTER TABLE kms_keys DROP COLUMN key_manager"))
+        tx.conn.execute(text("UPDATE openkms_meta SET value = :v WHERE name = 'schema_version'"), {"v": b"7"})
+    store.close()
+
+    store = Store.open(url)
+    try:
+        managed = Key(key_id=str(uuid.uuid4()), account_id=account, region="us-east-1", description="",
+                      key_spec="SYMMETRIC_DEFAULT", key_usage=KeyUsage.ENCRYPT_DECRYPT, origin=Origin.AWS_KMS,
+                      state=KeyState.ENABLED, created=now, key_manager="AWS")
+        secret = Secret("s-1", account, "us-east-1", "prod/db", f"arn:aws:secretsmanager:us-east-1:{account}:secret:"
+                        "prod/db-AbCdEf", None, None, now, now)
+        with store.begin() as tx:
+            tx.keys.insert(managed)
+            tx.secrets.insert(secret)
+            tx.secrets.add_version(SecretVersion("s-1", "v-1", now, None, "string", managed.arn, b"edk", b"sealed"))
+            tx.secrets.set_stage("s-1", "AWSCURRENT", "v-1")
+        with store.begin() as tx:
+            kept, made = tx.keys.get(old.key_id), tx.keys.get(managed.key_id)
+            got = tx.secrets.by_name(account, "prod/db")
+            stages = tx.secrets.stages("s-1")
+            version = tx.meta.get("schema_version")
+        assert kept is not None and kept.key_manager == "CUSTOMER"
+        assert made is not None and made.key_manager == "AWS"
+        assert got is not None and got.arn == secret.arn
+        assert stages == {"AWSCURRENT": "v-1"}
+        assert version == str(SCHEMA_VERSION).encode()
+    finally:
+        store.close()
+
+
+def test_v8_store_takes_rotation(store_url: str | None, tmp_path: Path) -> None:
+    """v9: secrets.rotation_token and rotation_started (the rotation in progress) and the
+    rotation_functions table, on a store that holds a secret from before."""
+    url = store_url or f"sqlite:///{tmp_path / 'openkms.db'}"
+    store = Store.open(url)
+    account, now = "611111111111", datetime.now(UTC)
+    secret = Secret("s-9", account, "us-east-1", "app/pw", f"arn:aws:secretsmanager:us-east-1:{account}:secret:"
+                    "app/pw-QwErTy", None, None, now, now, rotation_enabled=True, next_rotation=now)
+    with store.begin() as tx:
+        tx.accounts.insert(Account(account, "a", now))
+        tx.secrets.insert(secret)
+        tx.conn.execute(text("DROP TABLE rotation_functions"))
+        tx.conn.execute(text("ALTER TABLE secrets DROP COLUMN rotation_token"))
+        tx.conn.execute(text("ALTER TABLE secrets DROP COLUMN rotation_started"))
+        tx.conn.execute(text("UPDATE openkms_meta SET value = :v WHERE name = 'schema_version'"), {"v": b"8"})
+    store.close()
+
+    store = Store.open(url)
+    try:
+        with store.begin() as tx:
+            assert tx.secrets.begin_rotation("s-9", "ab" * 32, now, now - timedelta(hours=1))
+            assert not tx.secrets.begin_rotation("s-9", "cd" * 32, now, now - timedelta(hours=1))
+            tx.rotation_functions.insert(account, "rand", "random-password", "{}", b"sealed", now.timestamp())
+        with store.begin() as tx:
+            assert tx.secrets.rotation_token("s-9") == "ab" * 32
+            assert [r.name for r in tx.rotation_functions.for_account(account)] == ["rand"]
+            assert tx.secrets.claim_rotation("s-9", now + timedelta(seconds=1), now + timedelta(days=1))
+            assert not tx.secrets.claim_rotation("s-9", now + timedelta(seconds=1), now + timedelta(days=1))
+            version = tx.meta.get("schema_version")
         assert version == str(SCHEMA_VERSION).encode()
     finally:
         store.close()

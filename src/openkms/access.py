@@ -30,6 +30,7 @@ from .policy import (
     RequestContext,
     default_key_policy,
     evaluate,
+    evaluate_resource,
     parse_identity_policy,
     parse_key_policy,
     root_arn,
@@ -70,6 +71,7 @@ class AccessControl:
         self._store = store
         store.on_commit(self._committed)
         self._compiled: dict[str, tuple[Policy, frozenset[str]]] = {}
+        self._resource_policies: dict[str, Policy] = {}
         self._identity: TTLCache[str, tuple[Policy, ...]] = TTLCache(cache_ttl, MAX_CACHED)
         self._grants: TTLCache[str, tuple[Grant, ...]] = TTLCache(cache_ttl, MAX_CACHED)
         self._lookups: TTLCache[tuple[str, str], Any] = TTLCache(cache_ttl, MAX_CACHED)
@@ -150,6 +152,8 @@ class AccessControl:
         context: dict[str, Any] = {"aws:CurrentTime": datetime.now(UTC).replace(microsecond=0)}
         if caller.source_ip:
             context["aws:SourceIp"] = caller.source_ip
+        if caller.via_service:
+            context["kms:ViaService"] = caller.via_service
         if extra:
             context.update(extra)
         return context
@@ -217,4 +221,24 @@ class AccessControl:
         request = RequestContext(principal_arn(caller), caller.account_id, "kms:" + action, "*", caller.account_id,
                                  self._base_context(caller, extra))
         decision = evaluate(request, None, self.identity_policies(caller.principal.principal_id))
+        decision.raise_if_denied()
+
+    def resource_policy(self, text: str) -> Policy:
+        """A resource policy of another service (a secret's), compiled once per text."""
+        policy = self._resource_policies.get(text)
+        if policy is None:
+            if len(self._resource_policies) >= MAX_CACHED:
+                self._resource_policies.clear()
+            policy = self._resource_policies[text] = parse_key_policy(text)
+        return policy
+
+    def authorize_resource(self, caller: Caller, action: str, resource_arn: str, resource_account: str,
+                           policy_text: str | None = None, extra: Mapping[str, Any] | None = None) -> None:
+        """Raise AccessDeniedException unless `caller` may do `action` (a full IAM action such as
+        secretsmanager:GetSecretValue) on a resource of another service, by IAM's rules
+        (policy.evaluate_resource): its resource policy and the caller's identity policies."""
+        request = RequestContext(principal_arn(caller), caller.account_id, action, resource_arn, resource_account,
+                                 self._base_context(caller, extra))
+        policy = self.resource_policy(policy_text) if policy_text else None
+        decision = evaluate_resource(request, policy, self.identity_policies(caller.principal.principal_id))
         decision.raise_if_denied()

@@ -165,6 +165,15 @@ class Accounts:
                 raise DeleteConflictException(
                     f"Account {account_id} still holds {keys} key(s) that are not deleted: schedule their "
                     "deletion and wait for it to complete first.")
+            secrets = len(tx.secrets.for_account(account_id))
+            if secrets:
+                raise DeleteConflictException(
+                    f"Account {account_id} still holds {secrets} secret(s): delete them (ForceDeleteWithoutRecovery, "
+                    "or wait for their recovery window to end) first.")
+            for key_id in tx.accounts.managed_key_ids(account_id):  # aws/secretsmanager: nobody else deletes it
+                tx.keys.delete(key_id)
+            for function in tx.rotation_functions.for_account(account_id):
+                tx.rotation_functions.delete(account_id, function.name)
             users = tx.accounts.principals(account_id)
             tx.accounts.delete(account_id)
         return users

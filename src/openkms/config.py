@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, fields
@@ -56,12 +57,23 @@ class Settings:
     xks_health_interval: float = 60.0  # seconds between health checks of each connected proxy
     # Threads for calls that wait on an HSM or an XKS proxy (off the event loop).
     blocking_threads: int = 64
+    # Secrets Manager's webhook rotation functions: the receiver's certificate is checked against
+    # rotation_ca_bundle (PEM; empty: the system's CAs); http:// URLs only with rotation_allow_http.
+    rotation_ca_bundle: str = ""
+    rotation_allow_http: bool = False
+    # Networks (CIDRs, comma-separated) a webhook may be on besides public addresses: e.g. a
+    # receiver in the operator's own network. Loopback and private networks are refused otherwise.
+    rotation_allowed_networks: str = ""
 
     def __repr__(self) -> str:  # the passphrase and the PIN must never reach a log
         secret = ("root_passphrase", "root_pkcs11_pin")
         shown = {f.name: ("***" if getattr(self, f.name) else "") if f.name in secret else getattr(self, f.name)
                  for f in fields(self)}
         return f"Settings({shown})"
+
+    def rotation_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in self.rotation_allowed_networks.split(",") if part.strip())
 
     @property
     def database_url(self) -> str:
@@ -125,10 +137,15 @@ class Settings:
             raise ConfigurationError(f"bad blocking-threads {self.blocking_threads}: from 1 to 1024")
         if self.xks_rate_limit <= 0:
             raise ConfigurationError(f"bad xks-rate-limit {self.xks_rate_limit:g}: calls per second, above 0")
-        for name in ("xks_ca_bundle", "xks_client_cert", "xks_client_key"):
+        for name in ("xks_ca_bundle", "xks_client_cert", "xks_client_key", "rotation_ca_bundle"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise ConfigurationError(f"OPENKMS_{name.upper()} {path}: no such file")
+        try:
+            self.rotation_networks()
+        except ValueError:
+            raise ConfigurationError(f"bad rotation-allowed-networks {self.rotation_allowed_networks!r}: give "
+                                     "networks such as 10.0.0.0/8,192.0.2.7/32, comma-separated") from None
         if bool(self.xks_client_cert) != bool(self.xks_client_key):
             raise ConfigurationError("OPENKMS_XKS_CLIENT_CERT and OPENKMS_XKS_CLIENT_KEY go together")
 

@@ -22,8 +22,12 @@ them without a lookup table::
      |    CustomKeyStoreInvalidStateException, CustomKeyStoreHasCMKsException,
      |    CloudHsmClusterNotFoundException, CloudHsmClusterInUseException,
      |    CloudHsmClusterNotRelatedException, IncorrectTrustAnchorException
+     |    XksProxy*Exception, XksKey*Exception (external key stores), ThrottlingException
+     |    Secrets Manager: ResourceNotFoundException, ResourceExistsException,
+     |    InvalidRequestException, InvalidParameterException, InvalidNextTokenException,
+     |    EncryptionFailure, DecryptionFailure, PreconditionNotMetException, PublicPolicyException
      +-- server errors
-          KMSInternalException (500), DependencyTimeoutException (503)
+          KMSInternalException (500), DependencyTimeoutException (503), InternalServiceError (500)
 
 Messages are written for the caller and never carry key material, plaintext or secrets.
 Errors of libraries are translated into this tree where those libraries are called.
@@ -272,6 +276,48 @@ class ThrottlingException(KMSError):
     """A request rate above a quota (an external key store's): clients back off and retry."""
 
     code = "ThrottlingException"
+
+
+# -- Secrets Manager (AWS's codes; every client error is HTTP 400) -------------------------------------
+class ResourceNotFoundException(KMSError):
+    code = "ResourceNotFoundException"
+
+
+class ResourceExistsException(KMSError):
+    code = "ResourceExistsException"
+
+
+class InvalidRequestException(KMSError):
+    code = "InvalidRequestException"
+
+
+class InvalidParameterException(KMSError):
+    code = "InvalidParameterException"
+
+
+class InvalidNextTokenException(KMSError):
+    code = "InvalidNextTokenException"
+
+
+class EncryptionFailure(KMSError):
+    code = "EncryptionFailure"
+
+
+class DecryptionFailure(KMSError):
+    code = "DecryptionFailure"
+
+
+class PreconditionNotMetException(KMSError):
+    code = "PreconditionNotMetException"
+
+
+class PublicPolicyException(KMSError):
+    code = "PublicPolicyException"
+
+
+class InternalServiceError(KMSError):
+    code = "InternalServiceError"
+    status = 500
 
 
 class KeyStoreUnavailable(KMSInvalidStateException):

@@ -190,6 +190,7 @@ class Key:
     policy: str | None = None  # the key policy's JSON; None: the default key policy
     custom_key_store_id: str | None = None  # the custom key store that holds the material, if any
     xks_key_id: str | None = None  # in an external key store: the external key's id at its proxy
+    key_manager: str = "CUSTOMER"  # AWS: an AWS managed key (alias/aws/<service>), made for a service
     # Not stored: set by the key lookup while the key's custom key store is not connected.
     store_unavailable: bool = False
 
@@ -295,13 +296,20 @@ class Caller:
     source_ip: str = ""
     operation: str = ""  # the KMS operation being called: the action key policies are asked about
     grant_tokens: tuple[str, ...] = ()
+    # Set when another service calls KMS on the caller's behalf (kms:ViaService), e.g.
+    # "secretsmanager.us-east-1.amazonaws.com" for the data keys of the caller's secrets.
+    via_service: str | None = None
 
     @property
     def account_id(self) -> str:
         return self.principal.account_id
 
     def for_operation(self, operation: str, grant_tokens: tuple[str, ...]) -> Caller:
-        return Caller(self.principal, self.access_key_id, self.source_ip, operation, grant_tokens)
+        return Caller(self.principal, self.access_key_id, self.source_ip, operation, grant_tokens, self.via_service)
+
+    def via(self, service: str, operation: str) -> Caller:
+        """The caller as another service presents it to KMS when it calls `operation` for it."""
+        return Caller(self.principal, self.access_key_id, self.source_ip, operation, (), service)
 
 
 KEY_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -316,3 +324,44 @@ def key_arn(region: str, account_id: str, key_id: str) -> str:
 
 def alias_arn(region: str, account_id: str, alias_name: str) -> str:
     return f"arn:aws:kms:{region}:{account_id}:{alias_name}"
+
+
+# -- secrets ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret of the Secrets Manager API: its metadata. Its values are in its versions, sealed."""
+
+    secret_id: str  # internal
+    account_id: str
+    region: str
+    name: str
+    arn: str  # arn:aws:secretsmanager:<region>:<account>:secret:<name>-<6 random characters>
+    description: str | None
+    kms_key_id: str | None  # as the caller gave it; None: the account's aws/secretsmanager key
+    created: datetime
+    last_changed: datetime
+    last_accessed: datetime | None = None
+    deletion_date: datetime | None = None  # marked for deletion: when it is deleted for good
+    rotation_lambda_arn: str | None = None
+    rotation_rules: str | None = None  # JSON: AutomaticallyAfterDays, Duration, ScheduleExpression
+    rotation_enabled: bool = False
+    last_rotated: datetime | None = None
+    next_rotation: datetime | None = None
+    policy: str | None = None  # the resource policy (JSON text)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretVersion:
+    """One version of a secret's value, sealed under a data key only KMS can open."""
+
+    secret_id: str
+    version_id: str
+    created: datetime
+    last_accessed: datetime | None
+    kind: str | None  # "string" or "binary"; None: no value yet (a rotation's AWSPENDING)
+    key_arn: str | None  # the KMS key that protects the data key
+    encrypted_data_key: bytes | None
+    sealed_value: bytes | None
+
+    def __repr__(self) -> str:
+        return f"SecretVersion({self.secret_id!r}, {self.version_id!r}, {self.kind}, key={self.key_arn})"

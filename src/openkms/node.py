@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .api.admin import AdminAPI
     from .audit.log import AuditLog
     from .audit.usage import UsageTracker
+    from .secrets.rotation import Rotation
 
 META_REGION = "region"
 LOCK_FILE = "serve.lock"
@@ -63,8 +64,11 @@ class Node:
     usage: UsageTracker | None = None
     audit: AuditLog | None = None
     admin: AdminAPI | None = None
+    rotation: Rotation | None = None  # Secrets Manager's rotations
 
     def close(self) -> None:
+        if self.rotation is not None:
+            self.rotation.close()
         if self.audit is not None:
             self.audit.close()  # flushes pending records and signs a final digest
         self.store.close()
@@ -100,6 +104,9 @@ def open_node(settings: Settings, keystore: KeyStore | None = None) -> Node:
     service = Context(store=store, region=settings.region,
                       keys=KeyLookup(store, access, keystores, settings.region, settings.cache_ttl),
                       keystores=keystores, access=access)
+    from .secrets.cache import SecretCache  # the service package knows nothing of secrets
+
+    service.secrets_cache = SecretCache(store, settings.cache_ttl)
     return Node(settings, store, root, accounts, service)
 
 
@@ -114,6 +121,8 @@ def serving_node(settings: Settings) -> Node:
     from .api.admin import AdminAPI
     from .audit.log import AuditLog
     from .audit.usage import UsageTracker
+    from .secrets.functions import RotationFunctions
+    from .secrets.rotation import Rotation
 
     node = open_node(settings)
     try:
@@ -123,7 +132,13 @@ def serving_node(settings: Settings) -> Node:
                               settings.data_dir / "audit-digests" / f"{chain}.jsonl")
         root_token = (settings.root_pkcs11_module, settings.root_pkcs11_token_label or "") \
             if settings.root_pkcs11_module else None
-        node.admin = AdminAPI(node.accounts, node.store, node.audit, root_token)
+        functions = RotationFunctions(node.store, node.root, settings.region, settings.rotation_allow_http)
+        node.admin = AdminAPI(node.accounts, node.store, node.audit, root_token, functions)
+        here = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        here = f"[{here}]" if ":" in here else here
+        node.rotation = node.service.secrets_rotation = Rotation(
+            node.service, functions, f"http://{here}:{settings.port}", settings.rotation_ca_bundle,
+            settings.rotation_networks())
     except BaseException:
         node.close()
         raise

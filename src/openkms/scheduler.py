@@ -8,12 +8,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
+from .audit.log import AuditLog
 from .audit.verify import archive as archive_audit
 from .node import Node
+from .secrets import purge_deleted_secrets
 from .service import run_scheduled_work
 
 log = logging.getLogger("openkms.scheduler")
+
+
+def _submit(audit: AuditLog, event: dict[str, Any]) -> None:
+    audit.submit(event).add_done_callback(_written)
+
+
+def _written(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("an audit record of a rotation could not be written")
 
 
 class Scheduler:
@@ -22,6 +35,13 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        rotation, audit = self.node.rotation, self.node.audit
+        if rotation is not None and audit is not None:
+            # Rotations run on their own threads; their audit records are appended on the loop.
+            def sink(event: dict[str, Any]) -> None:
+                loop.call_soon_threadsafe(_submit, audit, event)
+
+            rotation.audit_sink = sink
         if not self._tasks:
             self._tasks = [loop.create_task(self._run_scheduled_work()), loop.create_task(self._run_audit_ticks()),
                            loop.create_task(self._poll_xks_health())]
@@ -32,20 +52,31 @@ class Scheduler:
         self._tasks = []
 
     async def _run_scheduled_work(self) -> None:
-        settings = self.node.settings
+        settings, service, rotation = self.node.settings, self.node.service, self.node.rotation
+        # Each kind of work on its own: one that fails does not hold up the others.
+        works: list[tuple[str, Callable[[], dict[str, list[str]]]]] = [
+            ("keys", lambda: run_scheduled_work(service)),
+            ("secrets", lambda: {"deleted": purge_deleted_secrets(service)})]
+        if rotation is not None:
+            works.append(("secrets", lambda: {"started rotating": rotation.run_due()}))
         while True:
+            loop = asyncio.get_running_loop()
+            for kind, work in works:
+                try:
+                    done = await loop.run_in_executor(None, work)
+                except Exception:
+                    log.exception("scheduler run failed (%s); will retry", kind)
+                    continue
+                for what, ids in done.items():
+                    if ids:
+                        log.info("scheduler: %s %d %s", what, len(ids), "key(s)" if kind == "keys" else "secret(s)")
             try:
-                loop = asyncio.get_running_loop()
-                done = await loop.run_in_executor(None, run_scheduled_work, self.node.service)
-                for what, key_ids in done.items():
-                    if key_ids:
-                        log.info("scheduler: %s %d key(s)", what, len(key_ids))
                 if settings.audit_retention_days > 0:
                     moved = await asyncio.get_running_loop().run_in_executor(None, self._archive_audit)
                     if moved:
                         log.info("scheduler: archived %d audit record(s)", moved)
             except Exception:
-                log.exception("scheduler run failed; will retry")
+                log.exception("scheduler run failed (archiving audit records); will retry")
             await asyncio.sleep(settings.scheduler_interval)
 
     def _archive_audit(self) -> int:

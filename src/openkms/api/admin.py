@@ -45,6 +45,7 @@ from ..errors import (
 from ..keystore.pkcs11 import ConnectError, check_token
 from ..model import Caller, HsmCluster, Principal
 from ..policy import root_arn
+from ..secrets.functions import OPERATOR_KINDS, RotationFunctions
 from ..storage import Store
 
 TARGET_PREFIX = "OpenKMSAdmin."
@@ -104,6 +105,17 @@ OPERATIONS: dict[str, AdminOperation] = {
     "ListHsmClusters": AdminOperation({}, Scope.OPERATOR),
     "DescribeHsmCluster": AdminOperation({"ClusterId": (str, True)}, Scope.OPERATOR),
     "DeleteHsmCluster": AdminOperation({"ClusterId": (str, True)}, Scope.OPERATOR),
+    # Rotation functions of Secrets Manager (secrets/functions.py): an account's own; a command
+    # runs on the server's machine, so only an operator registers one (checked in the handler).
+    "CreateRotationFunction": AdminOperation({"AccountId": (str, True), "FunctionName": (str, True),
+                                              "Kind": (str, True), "Url": (str, False), "Command": (list, False),
+                                              "Environment": (dict, False), "TimeoutSeconds": (int, False),
+                                              "PasswordLength": (int, False), "ExcludeCharacters": (str, False),
+                                              "AllowedHosts": (list, False), "MasterSecretArn": (str, False)},
+                                             Scope.ACCOUNT, "account"),
+    "ListRotationFunctions": AdminOperation({"AccountId": (str, True)}, Scope.ACCOUNT, "account"),
+    "DeleteRotationFunction": AdminOperation({"AccountId": (str, True), "FunctionName": (str, True)},
+                                             Scope.ACCOUNT, "account"),
 }
 MAX_AUDIT_PAGE = 1000
 CLUSTER_ID_CHARS = "abcdefghijklmnopqrstuvwxyz234567"  # AWS's pattern: cluster-[2-7a-zA-Z]{11,16}
@@ -138,8 +150,10 @@ def user_view(u: Principal) -> dict[str, Any]:
 
 class AdminAPI:
     def __init__(self, accounts: Accounts, store: Store, audit: AuditLog,
-                 root_token: tuple[str, str] | None = None) -> None:
+                 root_token: tuple[str, str] | None = None,
+                 rotation_functions: RotationFunctions | None = None) -> None:
         self.accounts = accounts
+        self.rotation_functions = rotation_functions
         self.store = store
         self.audit = audit
         self.root_token = root_token  # (module, token label) of the root key's token, never a cluster
@@ -166,6 +180,9 @@ class AdminAPI:
             "ListHsmClusters": self._list_hsm_clusters,
             "DescribeHsmCluster": self._describe_hsm_cluster,
             "DeleteHsmCluster": self._delete_hsm_cluster,
+            "CreateRotationFunction": self._create_rotation_function,
+            "ListRotationFunctions": self._list_rotation_functions,
+            "DeleteRotationFunction": self._delete_rotation_function,
         }
         assert set(self._handlers) == set(OPERATIONS)
 
@@ -217,7 +234,11 @@ class AdminAPI:
 
     @staticmethod
     def redact_input(op: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in body.items() if op in OPERATIONS and k in OPERATIONS[op].schema}
+        kept = {k: v for k, v in body.items() if op in OPERATIONS and k in OPERATIONS[op].schema}
+        if "Environment" in kept:  # a command's variables may hold credentials, whatever was sent
+            names = kept["Environment"] if isinstance(kept["Environment"], dict) else {}
+            kept["Environment"] = {str(k): "HIDDEN_DUE_TO_SECURITY_REASONS" for k in names}
+        return kept
 
     @staticmethod
     def redact_output(op: str, result: dict[str, Any]) -> dict[str, Any] | None:
@@ -225,6 +246,8 @@ class AdminAPI:
             key = dict(result["AccessKey"])
             key.pop("SecretAccessKey", None)
             return {"AccessKey": key}
+        if op == "CreateRotationFunction":
+            return {k: v for k, v in result.items() if k != "SigningSecret"}
         if op in ("QueryAuditEvents", "GetAuditPublicKey"):
             return None  # records of records would only grow the log
         return result
@@ -387,4 +410,32 @@ class AdminAPI:
                 raise CloudHsmClusterInUseException(
                     f"HSM cluster {p['ClusterId']} is used by custom key store {users[0].custom_key_store_id}.")
             tx.clusters.delete(p["ClusterId"])
+        return {}
+
+    # -- rotation functions ------------------------------------------------------------------------
+    def _need_rotation(self) -> RotationFunctions:
+        if self.rotation_functions is None:
+            raise ValidationException("Rotation functions are not available on this server.")
+        return self.rotation_functions
+
+    def _create_rotation_function(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        if p["Kind"] in OPERATOR_KINDS and not caller.principal.is_operator:
+            raise _denied(caller.principal, "CreateRotationFunction", root_arn(p["AccountId"]),
+                          f"only an operator may register a {p['Kind']} function (it runs on, or connects from, "
+                          "the server's machine)")
+        self.accounts.account(p["AccountId"])  # NotFoundException for an account that does not exist
+        registry = self._need_rotation()
+        fn, signing = registry.create(p["AccountId"], p["FunctionName"], p["Kind"], p,
+                                      datetime.now(UTC))
+        out: dict[str, Any] = {"RotationFunction": fn.view(registry.region)}
+        if signing is not None:
+            out["SigningSecret"] = signing  # shown this once
+        return out
+
+    def _list_rotation_functions(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        registry = self._need_rotation()
+        return {"RotationFunctions": [fn.view(registry.region) for fn in registry.list(p["AccountId"])]}
+
+    def _delete_rotation_function(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        self._need_rotation().delete(p["AccountId"], p["FunctionName"])
         return {}

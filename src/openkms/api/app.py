@@ -27,6 +27,7 @@ from ..audit import context as audit_context
 from ..audit.record import build_event, new_id
 from ..config import Settings
 from ..errors import (
+    InternalServiceError,
     KMSError,
     KMSInternalException,
     RequestEntityTooLarge,
@@ -38,7 +39,7 @@ from ..node import Node, serving_node
 from ..scheduler import Scheduler
 from ..storage import Tx, before_commit
 from . import sts
-from .dispatch import READ_ONLY_PREFIXES, AdminJsonApi, Dispatcher, JsonApi, KmsApi
+from .dispatch import READ_ONLY_PREFIXES, AdminJsonApi, Dispatcher, JsonApi, KmsApi, SecretsManagerApi
 from .sigv4 import SigV4Verifier
 
 log = logging.getLogger("openkms.api")
@@ -72,7 +73,7 @@ class App:
             log.warning("OPENKMS_AUDIT=off: API calls are NOT recorded in the audit log")
         self.verifier = SigV4Verifier(node.settings.region, "kms", node.accounts.credentials)
         self.kms_api = KmsApi(node.service)
-        self.dispatch = Dispatcher([self.kms_api, AdminJsonApi(node.admin)])
+        self.dispatch = Dispatcher([self.kms_api, SecretsManagerApi(node.service), AdminJsonApi(node.admin)])
         self.scheduler = Scheduler(node)
 
     # -- the protocol-independent core ------------------------------------------------------------
@@ -125,8 +126,9 @@ class App:
                 raise UnknownOperationException(f"No operation at {method} {path}.")
             if len(body) > MAX_BODY_BYTES:
                 raise RequestEntityTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
-            principal, access_key_id = self.verifier.verify(method, path, query, headers, body,
-                                                            service="sts" if is_sts else "kms")
+            principal, access_key_id = self.verifier.verify(
+                method, path, query, headers, body,
+                service="sts" if is_sts else api.signing_service if api is not None else "kms")
             caller = Caller(principal, access_key_id, source_ip)
             audit_context.current_request.set(audit_context.RequestInfo(request_id, name, principal.arn))
             if is_sts:
@@ -143,7 +145,8 @@ class App:
             status, data = exc.status, (sts.error_document(exc, request_id) if is_sts else _error_body(exc))
         except Exception:
             log.exception("internal error in %s (request %s)", target or "-", request_id)
-            error = KMSInternalException("An internal error occurred.")
+            error = InternalServiceError("An internal error occurred.") if api is not None and \
+                api.signing_service == "secretsmanager" else KMSInternalException("An internal error occurred.")
             status, data = error.status, (sts.error_document(error, request_id) if is_sts else _error_body(error))
         finally:
             resources = audit_context.touched.get() or []

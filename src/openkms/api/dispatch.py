@@ -1,8 +1,9 @@
 """Which API a JSON 1.1 request is for, by the prefix of its X-Amz-Target; each API knows its own
 operations. A new API is one class here and one entry in `Dispatcher`'s list.
 
-    TrentService.<Operation>   KMS: validated against botocore's model, served by the service's table
-    OpenKMSAdmin.<Operation>   the admin API (accounts, users, access keys, audit queries)
+    TrentService.<Operation>    KMS: validated against botocore's model, served by the service's table
+    secretsmanager.<Operation>  Secrets Manager: botocore's model, the secrets package's table
+    OpenKMSAdmin.<Operation>    the admin API (accounts, users, access keys, audit queries)
 
 (STS on the same endpoint speaks the Query protocol, not JSON 1.1: see sts.py.)
 """
@@ -12,24 +13,36 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import orjson
 
-from ..errors import UnknownOperationException, UnsupportedOperationException
+from ..errors import (
+    AlreadyExistsException,
+    DependencyTimeoutException,
+    InternalServiceError,
+    KMSInternalException,
+    ResourceExistsException,
+    UnknownOperationException,
+    UnsupportedOperationException,
+)
 from ..model import Caller
-from ..service import OPERATIONS, Context
+from ..secrets import OPERATIONS as SECRETS_OPERATIONS
+from ..service import OPERATIONS, Context, Op
 from . import shapes
 from .admin import TARGET_PREFIX as ADMIN_PREFIX
 from .admin import AdminAPI
 
 KMS_PREFIX = "TrentService."
+SECRETS_PREFIX = "secretsmanager."
 READ_ONLY_PREFIXES = ("Describe", "List", "Get")  # for operations no table describes
 
 
 class JsonApi(Protocol):
     prefix: str
     event_source: str | None  # None: kms.amazonaws.com
+    signing_service: str  # the SigV4 service name its requests are signed for
 
     def known(self, name: str) -> bool: ...
 
@@ -51,6 +64,7 @@ class JsonApi(Protocol):
 class KmsApi:
     prefix: str = KMS_PREFIX
     event_source: str | None = None
+    signing_service: str = "kms"
 
     def __init__(self, service: Context) -> None:
         self._service = service
@@ -94,22 +108,13 @@ class KmsApi:
 
     def call(self, caller: Caller, name: str, payload: dict[str, Any],
              noted: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        model = self._model.get(name)
-        if model is None:
-            raise UnknownOperationException(f"Unknown operation {KMS_PREFIX}{name}.")
-        op = OPERATIONS.get(name)
-        if op is None:
-            raise UnsupportedOperationException(f"{name} is not supported by this server yet.")
-        params = model.parse(payload)
-        noted["params"] = model.redact_input(params) if model.redact_input else None
-        caller = caller.for_operation(name, tuple(params.get("GrantTokens") or ()))
-        result = op.handler(self._service, caller, params)
-        return model.render(result), model.redact_output(result) if model.redact_output else None
+        return _call(self._service, self._model, OPERATIONS, KMS_PREFIX, caller, name, payload, noted)
 
 
 class AdminJsonApi:
     prefix: str = ADMIN_PREFIX
     event_source: str | None = "openkms.admin"
+    signing_service: str = "kms"
 
     def __init__(self, admin: AdminAPI) -> None:
         self._admin = admin
@@ -143,6 +148,59 @@ def _blob_key_id(ciphertext_b64: str) -> str | None:
     except (binascii.Error, ValueError):
         return None
     return str(uuid.UUID(bytes=head[1:17])) if len(head) >= 17 and head[0] in (1, 2) else None
+
+
+def _call(service: Context, models: dict[str, Any], table: Mapping[str, Op], prefix: str, caller: Caller, name: str,
+          payload: dict[str, Any], noted: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """An operation of a botocore-modelled API: validated and parsed by its model, served by its
+    table, rendered (and redacted for the audit record) by its model."""
+    model = models.get(name)
+    if model is None:
+        raise UnknownOperationException(f"Unknown operation {prefix}{name}.")
+    op = table.get(name)
+    if op is None:
+        raise UnsupportedOperationException(f"{name} is not supported by this server yet.")
+    params = model.parse(payload)
+    noted["params"] = model.redact_input(params) if model.redact_input else None
+    result = op.handler(service, caller.for_operation(name, tuple(params.get("GrantTokens") or ())), params)
+    return model.render(result), model.redact_output(result) if model.redact_output else None
+
+
+class SecretsManagerApi:
+    """AWS Secrets Manager (JSON 1.1, X-Amz-Target secretsmanager.<Operation>, signed for the
+    service secretsmanager), validated against botocore's model, served by secrets.OPERATIONS."""
+
+    prefix: str = SECRETS_PREFIX
+    event_source: str | None = "secretsmanager.amazonaws.com"
+    signing_service: str = "secretsmanager"
+
+    def __init__(self, service: Context) -> None:
+        self._service = service
+        self._model = shapes.operations("secretsmanager")
+
+    def known(self, name: str) -> bool:
+        return name in self._model
+
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool:
+        # A value is sealed by a KMS key, which may be in a custom key store (an HSM, a proxy).
+        return name in SECRETS_OPERATIONS and self._service.keystores.any_custom_key_stores()
+
+    def tracked(self, name: str) -> bool:
+        return False
+
+    def read_only(self, name: str) -> bool:
+        op = SECRETS_OPERATIONS.get(name)
+        return op.read_only if op is not None else name.startswith(READ_ONLY_PREFIXES)
+
+    def call(self, caller: Caller, name: str, payload: dict[str, Any],
+             noted: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        try:
+            return _call(self._service, self._model, SECRETS_OPERATIONS, SECRETS_PREFIX, caller, name, payload,
+                         noted)
+        except (KMSInternalException, DependencyTimeoutException) as exc:
+            raise InternalServiceError(exc.message) from None  # Secrets Manager's own codes, not KMS's
+        except AlreadyExistsException as exc:
+            raise ResourceExistsException(exc.message) from None
 
 
 class Dispatcher:

@@ -338,8 +338,16 @@ class Operation:
         return self.render_output(result)  # type: ignore[no-any-return]
 
 
-def operations() -> dict[str, Operation]:
-    model = kms_model()
+@lru_cache(maxsize=4)
+def service_model(service: str) -> dict[str, Any]:
+    """botocore's model of an AWS service openkms serves (kms with openkms's overrides)."""
+    if service == "kms":
+        return kms_model()
+    return botocore.loaders.Loader().load_service_model(service, "service-2")  # type: ignore[no-any-return]
+
+
+def operations(service: str = "kms") -> dict[str, Operation]:
+    model = service_model(service)
     compiler = ModelCompiler(model)
     ops: dict[str, Operation] = {}
     for name, op in model["operations"].items():

@@ -141,6 +141,18 @@ def _document(value: str) -> str:
     return value
 
 
+def _command(value: str) -> list[str]:
+    """--command: a JSON list of strings, or a single program path."""
+    if value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError("not a JSON list of strings") from None
+        if not isinstance(parsed, list) or not all(isinstance(p, str) for p in parsed):
+            raise argparse.ArgumentTypeError("not a JSON list of strings")
+        return parsed
+    return [value]
+
 ADMIN_COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "create-account": ("CreateAccount", [("--name", {"required": True, "dest": "Name"}),
                                          ("--account-id", {"dest": "AccountId"})]),
@@ -184,7 +196,30 @@ ADMIN_COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "list-hsm-clusters": ("ListHsmClusters", []),
     "describe-hsm-cluster": ("DescribeHsmCluster", [("--cluster-id", {"required": True, "dest": "ClusterId"})]),
     "delete-hsm-cluster": ("DeleteHsmCluster", [("--cluster-id", {"required": True, "dest": "ClusterId"})]),
+    "create-rotation-function": ("CreateRotationFunction", [
+        ("--account-id", {"required": True, "dest": "AccountId"}),
+        ("--function-name", {"required": True, "dest": "FunctionName"}),
+        ("--kind", {"required": True, "dest": "Kind", "choices": ["webhook", "command", "random-password",
+                                                                   "postgresql-single-user",
+                                                                   "postgresql-alternating-users"]}),
+        ("--url", {"dest": "Url", "help": "webhook: the https:// URL each step is POSTed to"}),
+        ("--command", {"dest": "Command", "type": _command,
+                       "help": 'command: a JSON list, e.g. \'["/usr/local/bin/rotate", "--verbose"]\', or one path'}),
+        ("--env", {"dest": "Environment", "action": "append", "metavar": "NAME=VALUE",
+                   "help": "command: a variable to set (repeatable); kept sealed"}),
+        ("--timeout-seconds", {"dest": "TimeoutSeconds", "type": int}),
+        ("--password-length", {"dest": "PasswordLength", "type": int}),
+        ("--exclude-characters", {"dest": "ExcludeCharacters"}),
+        ("--allowed-hosts", {"dest": "AllowedHosts", "nargs": "+", "metavar": "HOST[:PORT]",
+                             "help": "PostgreSQL: the databases its secrets may name (port 5432 if left out)"}),
+        ("--master-secret-arn", {"dest": "MasterSecretArn",
+                                 "help": "alternating users: the secret of the user who creates and changes them"})]),
+    "list-rotation-functions": ("ListRotationFunctions", [("--account-id", {"required": True, "dest": "AccountId"})]),
+    "delete-rotation-function": ("DeleteRotationFunction", [
+        ("--account-id", {"required": True, "dest": "AccountId"}),
+        ("--function-name", {"required": True, "dest": "FunctionName"})]),
 }
+
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -195,6 +230,12 @@ def _admin(args: argparse.Namespace) -> int:
     for flag in ("Admin", "Operator"):
         if params.get(flag) is False:
             params.pop(flag)
+    if params.get("Environment") is not None:
+        pairs = [item.partition("=") for item in params["Environment"]]
+        if any(not name or not sep for name, sep, _ in pairs):
+            print("openkms admin: --env takes NAME=VALUE", file=sys.stderr)
+            return 2
+        params["Environment"] = {name: value for name, _, value in pairs}
     client = _admin_client(args)
     try:
         result = client.call(operation, **params)

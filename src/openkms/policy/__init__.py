@@ -29,7 +29,7 @@ from .document import (
     parse_key_policy,
     parse_policy,
 )
-from .evaluate import Basis, Decision, default_key_policy, evaluate, would_lock_out
+from .evaluate import Basis, Decision, default_key_policy, evaluate, evaluate_resource, would_lock_out
 from .grants import GRANT_OPERATIONS, Grant, grant_allows, is_narrower_grant
 from .request import ContextValue, RequestContext, root_arn
 
@@ -51,6 +51,7 @@ __all__ = [
     "Statement",
     "default_key_policy",
     "evaluate",
+    "evaluate_resource",
     "grant_allows",
     "is_narrower_grant",
     "parse_identity_policy",

@@ -357,3 +357,39 @@ def default_key_policy(account_id: str, partition: str = "aws") -> str:
     GetKeyPolicy returns it: the account principal may do ``kms:*``, i.e. the account's root user
     directly and its other principals through their identity policies."""
     return _DEFAULT_KEY_POLICY % root_arn(account_id, partition)
+
+
+def evaluate_resource(
+    request: RequestContext, resource_policy: Policy | None, identity_policies: Iterable[Policy] = ()
+) -> Decision:
+    """Decide a request on a resource of a service other than KMS (a secret), by IAM's rules: an
+    explicit Deny anywhere denies; in the resource's account an Allow in either the resource policy
+    (naming the caller) or an identity policy allows; across accounts both must allow (the resource
+    policy naming the caller or its account). The root user needs no identity policy in its own
+    account. Unlike KMS's key policies, a resource that has no policy leaves it to identity policies."""
+    identities = tuple(identity_policies)
+    _check_kinds(resource_policy, identities)
+    denied = _explicit_deny(request, identities if resource_policy is None else (resource_policy, *identities))
+    if denied is not None:
+        return denied
+    level, statement = (PrincipalMatch.NONE, None) if resource_policy is None else _allow_level(resource_policy,
+                                                                                               request)
+    identity = _IdentityAllow(request, identities)
+    same_account = request.principal_account == request.resource_account
+    if same_account:
+        if level is PrincipalMatch.DIRECT:
+            assert statement is not None
+            return Decision(True, "allowed by the resource-based policy", Basis.KEY_POLICY, statement.sid)
+        if identity.allows():
+            sid = identity.statement.sid if identity.statement is not None else None
+            return Decision(True, "allowed by an identity-based policy", Basis.IDENTITY_POLICY, sid)
+        return _no_identity_allow(request)
+    if level is PrincipalMatch.NONE:
+        return _denied(
+            request, f"because no resource-based policy allows the {request.action} action", Basis.NO_RESOURCE_ALLOW
+        )
+    if identity.allows():
+        sid = identity.statement.sid if identity.statement is not None else None
+        return Decision(True, "allowed by the resource-based policy and an identity-based policy",
+                        Basis.KEY_AND_IDENTITY_POLICY, sid)
+    return _no_identity_allow(request)

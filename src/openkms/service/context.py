@@ -34,6 +34,12 @@ class Context:
     keystores: KeyStores
     access: AccessControl
     usage: UsageTracker | None = None  # GetKeyLastUsage; None in contexts that record no uses
+    # The secrets package's rotation runner (secrets.rotation.Rotation) on a serving node; None
+    # elsewhere (RotateSecret then answers that rotation is not available).
+    secrets_rotation: Any = None
+    # The secrets package's cache of what GetSecretValue reads (secrets.cache.SecretCache); None:
+    # every read goes to the store.
+    secrets_cache: Any = None
     clock: Callable[[], datetime] = field(default=_utc_now)
 
     def now(self) -> datetime:

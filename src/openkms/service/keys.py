@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from ..audit.context import note_key
 from ..errors import (
+    AlreadyExistsException,
     CustomKeyStoreInvalidStateException,
     KMSInvalidStateException,
     TagException,
@@ -17,7 +18,7 @@ from ..errors import (
     XksKeyAlreadyInUseException,
 )
 from ..keystore.base import KeyStore, StoredVersion
-from ..model import KEY_SPECS, Caller, ConnectionState, Key, KeyState, KeyUsage, KeyVersion, Origin
+from ..model import KEY_SPECS, Alias, Caller, ConnectionState, Key, KeyState, KeyUsage, KeyVersion, Origin
 from .context import Context, Params, Result
 from .keystores import connected_store_of
 from .paging import decode_marker, limit_of, page
@@ -48,7 +49,7 @@ def key_metadata(ctx: Context, key: Key) -> Result:
         "KeyUsage": key.key_usage.value,
         "KeyState": key.effective_state.value,
         "Origin": key.origin.value,
-        "KeyManager": "CUSTOMER",
+        "KeyManager": key.key_manager,
         "CustomerMasterKeySpec": key.key_spec,
         "KeySpec": key.key_spec,
         "MultiRegion": False,
@@ -224,3 +225,34 @@ def get_key_last_usage(ctx: Context, caller: Caller, p: Params) -> Result:
     last = ctx.usage.last(key.key_id) if ctx.usage is not None else None
     return {"KeyId": key.key_id, "KeyLastUsage": last or {}, "TrackingStartDate": key.created,
             "KeyCreationDate": key.created}
+
+
+def aws_managed_key(ctx: Context, account_id: str, alias: str, description: str, policy: str) -> Key:
+    """The account's AWS managed key of a service (alias/aws/<service>), made on first use: a
+    SYMMETRIC_DEFAULT key with KeyManager AWS, whose key policy (the service's, as AWS writes it)
+    lets principals of the account use it only through that service, and nobody manage it."""
+    with ctx.store.begin() as tx:
+        existing = tx.aliases.get(account_id, alias)
+        key = tx.keys.get(existing.target_key_id) if existing is not None else None
+    if key is not None:
+        return key
+    now = ctx.now()
+    key = Key(key_id=str(uuid.uuid4()), account_id=account_id, region=ctx.region, description=description,
+              key_spec="SYMMETRIC_DEFAULT", key_usage=KeyUsage.ENCRYPT_DECRYPT, origin=Origin.AWS_KMS,
+              state=KeyState.ENABLED, created=now, current_version=1, policy=policy, key_manager="AWS")
+    keystore = ctx.keystores.for_new_key(key.spec, key.origin)
+    stored = keystore.create_version(key, 1)
+    try:
+        with ctx.store.begin() as tx:
+            tx.keys.insert(key)
+            tx.versions.insert(KeyVersion(key.key_id, 1, now, stored.material_id, True), stored.locator)
+            tx.aliases.insert(Alias(account_id, alias, key.key_id, now, now))
+            note_key(key.arn, key.account_id)
+    except AlreadyExistsException:  # another call made it first: use that one
+        with ctx.store.begin() as tx:
+            existing = tx.aliases.get(account_id, alias)
+            made = tx.keys.get(existing.target_key_id) if existing is not None else None
+        if made is None:
+            raise
+        return made
+    return key

@@ -61,10 +61,11 @@ class Changes:
     grants: set[str] = field(default_factory=set)                       # key ids
     identities: set[str] = field(default_factory=set)                   # principal ids (identity policies)
     access_keys: set[str] = field(default_factory=set)                  # access key ids
+    secrets: set[str] = field(default_factory=set)                      # secret ids (Secrets Manager)
 
     def __bool__(self) -> bool:
         return any((self.keys, self.versions, self.aliases, self.alias_keys, self.tags, self.grants,
-                    self.identities, self.access_keys, self.key_stores))
+                    self.identities, self.access_keys, self.key_stores, self.secrets))
 
 
 class MetaRepo:
@@ -168,9 +169,16 @@ class AccountRepo:
         return key_ids
 
     def key_count(self, account_id: str) -> int:
-        """Keys of the account that are not deleted yet (pending deletion included)."""
-        return int(self.conn.execute(select(func.count()).select_from(t.keys)
-                                     .where(t.keys.c.account_id == account_id)).scalar_one())
+        """Customer keys of the account that are not deleted yet (pending deletion included); AWS
+        managed keys (made for a service, deletable by nobody) go with their account."""
+        c = t.keys.c
+        return int(self.conn.execute(select(func.count()).select_from(t.keys).where(and_(
+            c.account_id == account_id, (c.key_manager.is_(None)) | (c.key_manager != "AWS")))).scalar_one())
+
+    def managed_key_ids(self, account_id: str) -> list[str]:
+        c = t.keys.c
+        return [str(r[0]) for r in self.conn.execute(select(c.key_id).where(and_(
+            c.account_id == account_id, c.key_manager == "AWS")))]
 
     def delete(self, account_id: str) -> list[str]:
         """Delete an account that holds no keys, with its users; returns their access key ids."""
@@ -196,7 +204,7 @@ class KeyRepo:
             current_version=row.current_version, rotation_period_days=row.rotation_period_days,
             next_rotation=from_ts(row.next_rotation), valid_to=from_ts(row.valid_to),
             expiration_model=row.expiration_model, policy=row.policy, custom_key_store_id=row.custom_key_store_id,
-            xks_key_id=row.xks_key_id)
+            xks_key_id=row.xks_key_id, key_manager=row.key_manager or "CUSTOMER")
 
     @staticmethod
     def _mutable(key: Key) -> dict[str, Any]:
@@ -209,7 +217,8 @@ class KeyRepo:
         self.conn.execute(insert(t.keys).values(
             key_id=key.key_id, account_id=key.account_id, region=key.region, key_spec=key.key_spec,
             key_usage=key.key_usage.value, origin=key.origin.value, created=_now_ts(key.created),
-            custom_key_store_id=key.custom_key_store_id, xks_key_id=key.xks_key_id, **self._mutable(key)))
+            custom_key_store_id=key.custom_key_store_id, xks_key_id=key.xks_key_id,
+            key_manager=None if key.key_manager == "CUSTOMER" else key.key_manager, **self._mutable(key)))
         self.changes.keys.add(key.key_id)
 
     def get(self, key_id: str, for_update: bool = False) -> Key | None:

@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 9
 
 # Statements that bring a store of an older schema version up to date, by target version. New
 # tables need none: create_all adds them.
@@ -50,6 +50,11 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE kms_keys ADD COLUMN xks_key_id VARCHAR(128)",
         # "EXTERNAL_KEY_STORE" is longer than the 16 characters origin had (SQLite ignores lengths).
         "postgresql: ALTER TABLE kms_keys ALTER COLUMN origin TYPE VARCHAR(32)"],
+    # Secrets (new tables) and AWS managed keys (the default key of Secrets Manager).
+    8: ["ALTER TABLE kms_keys ADD COLUMN key_manager VARCHAR(16)"],
+    # Rotation of secrets: the token of the rotation in progress (rotation_functions is new).
+    9: ["ALTER TABLE secrets ADD COLUMN rotation_token VARCHAR(64)",
+        "ALTER TABLE secrets ADD COLUMN rotation_started FLOAT"],
 }
 # A statement "postgresql: <sql>" runs on PostgreSQL only.
 
@@ -116,6 +121,7 @@ keys = Table(
     # that the v5 migration can add it with ALTER TABLE on SQLite; the service keeps it valid.
     Column("custom_key_store_id", String(64), nullable=True),
     Column("xks_key_id", String(128), nullable=True),  # the external key (external key stores)
+    Column("key_manager", String(16), nullable=True),  # AWS for an AWS managed key; NULL: CUSTOMER
     Index("ix_kms_keys_account", "account_id", "key_id"),
     Index("ix_kms_keys_deletion", "state", "deletion_date"),
     Index("ix_kms_keys_rotation", "next_rotation"),
@@ -280,4 +286,74 @@ grants = Table(
     Column("created", Float, nullable=False),
     Index("ix_grants_key", "key_id"),
     Index("ix_grants_token", "token_hash"),
+)
+
+# -- secrets (the Secrets Manager API) --------------------------------------------------------------
+# A secret's values are in its versions, each sealed with AES-256-GCM under a data key of its own
+# that only KMS can open (the KMS ciphertext of the data key is kept, never the data key).
+secrets = Table(
+    "secrets", metadata,
+    Column("secret_id", String(36), primary_key=True),  # internal
+    Column("account_id", String(12), ForeignKey("accounts.account_id"), nullable=False),
+    Column("region", String(32), nullable=False),
+    Column("name", String(512), nullable=False),
+    Column("arn", String(700), nullable=False),  # ...:secret:<name>-<6 random characters>
+    Column("description", Text, nullable=True),
+    Column("kms_key_id", String(2048), nullable=True),  # as the caller gave it; NULL: aws/secretsmanager
+    Column("created", Float, nullable=False),
+    Column("last_changed", Float, nullable=False),
+    Column("last_accessed", Float, nullable=True),
+    Column("deletion_date", Float, nullable=True),  # marked for deletion: when it goes
+    Column("rotation_lambda_arn", String(2048), nullable=True),
+    Column("rotation_rules", Text, nullable=True),  # JSON (AutomaticallyAfterDays, Duration, ScheduleExpression)
+    Column("rotation_enabled", Boolean, nullable=False, default=False),
+    Column("last_rotated", Float, nullable=True),
+    Column("next_rotation", Float, nullable=True),
+    Column("policy", Text, nullable=True),  # the resource policy, if any
+    # SHA-256 (hex) of the RotationToken of the rotation in progress: what a rotation function's
+    # PutSecretValue must show, if it passes one.
+    Column("rotation_token", String(64), nullable=True),
+    Column("rotation_started", Float, nullable=True),  # when that rotation began (on whichever node)
+    Index("ux_secrets_name", "account_id", "name", unique=True),
+    Index("ux_secrets_arn", "arn", unique=True),
+    Index("ix_secrets_deletion", "deletion_date"),
+    Index("ix_secrets_rotation", "next_rotation"),
+)
+
+secret_versions = Table(
+    "secret_versions", metadata,
+    Column("secret_id", String(36), ForeignKey("secrets.secret_id", ondelete="CASCADE"), primary_key=True),
+    Column("version_id", String(64), primary_key=True),
+    Column("created", Float, nullable=False),
+    Column("last_accessed", Float, nullable=True),
+    Column("kind", String(8), nullable=True),  # string or binary; NULL: no value (a pending rotation)
+    Column("key_arn", String(2048), nullable=True),  # the KMS key of the data key
+    Column("encrypted_data_key", LargeBinary, nullable=True),
+    Column("sealed_value", LargeBinary, nullable=True),  # nonce || AES-256-GCM ciphertext || tag
+)
+
+secret_stages = Table(
+    "secret_stages", metadata,
+    Column("secret_id", String(36), ForeignKey("secrets.secret_id", ondelete="CASCADE"), primary_key=True),
+    Column("stage", String(256), primary_key=True),
+    Column("version_id", String(64), nullable=False),
+)
+
+secret_tags = Table(
+    "secret_tags", metadata,
+    Column("secret_id", String(36), ForeignKey("secrets.secret_id", ondelete="CASCADE"), primary_key=True),
+    Column("tag_key", String(128), primary_key=True),
+    Column("tag_value", String(256), nullable=False),
+)
+
+# Rotation functions (secrets/functions.py): what a secret's RotationLambdaARN names. The signing
+# secret of a webhook and the environment of a command are sealed under the root key.
+rotation_functions = Table(
+    "rotation_functions", metadata,
+    Column("account_id", String(12), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("config", Text, nullable=False),  # JSON: url, command, timeout_s, password options (nothing secret)
+    Column("sealed", LargeBinary, nullable=False),
+    Column("created", Float, nullable=False),
 )

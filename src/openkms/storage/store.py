@@ -53,6 +53,7 @@ from .repos import (
     TagRepo,
     VersionRepo,
 )
+from .secrets import RotationFunctionRepo, SecretRepo
 
 # Called with the Tx of each transaction that wrote, just before it commits; set per request.
 before_commit: ContextVar[Callable[[Tx], None] | None] = ContextVar("openkms_before_commit", default=None)
@@ -193,3 +194,5 @@ class Tx:
         self.tags = TagRepo(conn, changes)
         self.clusters = ClusterRepo(conn, changes)
         self.key_stores = KeyStoreRepo(conn, changes)
+        self.secrets = SecretRepo(conn, changes)
+        self.rotation_functions = RotationFunctionRepo(conn, changes)
