@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,7 +28,12 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, data_dir: Path, storage_url: str | None = None, env: dict[str, str] | None = None,
-                 port: int | None = None, extra_args: list[str] | None = None) -> None:
+                 port: int | None = None, extra_args: list[str] | None = None, ca_bundle: str | None = None,
+                 client_cert: tuple[str, str] | None = None) -> None:
+        """`ca_bundle`: the server serves HTTPS (its --tls-* flags in `extra_args`) with a
+        certificate from this CA; `client_cert` (cert, key): what the test's clients present."""
+        self.ca_bundle = ca_bundle
+        self.client_cert = client_cert
         self.data_dir = Path(data_dir)
         self.storage_url = storage_url
         self.env = dict(env or {})
@@ -38,7 +44,15 @@ class ServerProcess:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca_bundle else 'http'}://127.0.0.1:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.ca_bundle:
+            return None
+        context = ssl.create_default_context(cafile=self.ca_bundle)
+        if self.client_cert:
+            context.load_cert_chain(*self.client_cert)
+        return context
 
     @property
     def access_key_id(self) -> str:
@@ -76,7 +90,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"openkms exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
+                with urllib.request.urlopen(self.endpoint + "/health", timeout=1, context=self.ssl_context()) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -112,4 +126,6 @@ class ServerProcess:
             service, endpoint_url=self.endpoint, region_name=REGION,
             aws_access_key_id=access_key_id or self.access_key_id,
             aws_secret_access_key=secret or self.secret_access_key,
-            config=Config(retries=retries, parameter_validation=validate))  # type: ignore[arg-type]
+            verify=self.ca_bundle if self.ca_bundle else None,
+            config=Config(retries=retries, parameter_validation=validate,  # type: ignore[arg-type]
+                          client_cert=self.client_cert))

@@ -312,3 +312,45 @@ def test_region_from_the_environment_is_checked_too(tmp_path: Path) -> None:
     server.stop()
     line = refuse(ServerProcess(data, env={"OPENKMS_REGION": "ap-south-1"}))
     assert line.startswith(f"{PREFIX}this store serves region us-east-1, not ap-south-1: ")
+
+
+def test_sighup_under_load_is_ignored_and_loses_nothing(tmp_path: Path) -> None:
+    """SIGHUP must not start a second worker of the same node (two writers of one audit chain would
+    refuse calls): it is ignored, said so, and every call under load goes on being answered."""
+    import threading
+
+    server = ServerProcess(tmp_path / "data", env=bootstrap_env())
+    server.start()
+    try:
+        assert server.proc is not None
+        key = server.client().create_key()["KeyMetadata"]["KeyId"]
+        failures: list[str] = []
+        answered = [0]
+        done = threading.Event()
+
+        def load() -> None:
+            kms = server.client(retry=False)
+            while not done.is_set():
+                try:
+                    kms.encrypt(KeyId=key, Plaintext=b"x")
+                    answered[0] += 1
+                except Exception as exc:  # every failure is the finding
+                    failures.append(repr(exc)[:200])
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        for _ in range(3):
+            os.kill(server.proc.pid, signal.SIGHUP)
+            time.sleep(0.5)
+        time.sleep(1.0)
+        done.set()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:3]
+        assert answered[0] > 0
+        assert "SIGHUP ignored" in server.output() and "IntegrityError" not in server.output()
+        assert server.proc.poll() is None
+    finally:
+        server.stop()

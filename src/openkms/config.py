@@ -44,6 +44,12 @@ class Settings:
     # Share the listening port with other processes (SO_REUSEPORT): only for running several
     # servers of one deployment behind one port on purpose. Off, a port in use refuses the start.
     reuse_port: bool = False
+    # TLS on the API listener (PEM files); with tls_client_ca every client must present a
+    # certificate that chains to it (mTLS). Listening beyond loopback without TLS needs insecure_http.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure_http: bool = False
     # External key stores: how this node reaches XKS proxies. The proxy's certificate is checked
     # against xks_ca_bundle (PEM; empty: the system's CAs); xks_client_cert/_key are presented to
     # proxies that require mTLS; http:// endpoints only with xks_allow_http. Each proxy call has
@@ -74,6 +80,22 @@ class Settings:
     def rotation_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(part.strip(), strict=False)
                      for part in self.rotation_allowed_networks.split(",") if part.strip())
+
+    def check_exposure(self) -> str | None:
+        """ConfigurationError for plain HTTP beyond loopback, unless insecure_http; then the warning
+        to give at every start (None: nothing to warn about)."""
+        if self.tls_cert or _is_loopback(self.host):
+            return None
+        if not self.insecure_http:
+            raise ConfigurationError(
+                f"refusing to listen on {self.host} without TLS: data keys and secrets would cross the network in "
+                "the clear. Give --tls-cert and --tls-key, or --insecure-http if something else encrypts the traffic")
+        return (f"WARNING: serving plain HTTP on {self.host} (--insecure-http): data keys, secrets and access keys "
+                "cross the network in the clear unless something else encrypts the traffic")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
     @property
     def database_url(self) -> str:
@@ -137,7 +159,8 @@ class Settings:
             raise ConfigurationError(f"bad blocking-threads {self.blocking_threads}: from 1 to 1024")
         if self.xks_rate_limit <= 0:
             raise ConfigurationError(f"bad xks-rate-limit {self.xks_rate_limit:g}: calls per second, above 0")
-        for name in ("xks_ca_bundle", "xks_client_cert", "xks_client_key", "rotation_ca_bundle"):
+        for name in ("xks_ca_bundle", "xks_client_cert", "xks_client_key", "rotation_ca_bundle", "tls_cert", "tls_key",
+                     "tls_client_ca"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise ConfigurationError(f"OPENKMS_{name.upper()} {path}: no such file")
@@ -146,8 +169,21 @@ class Settings:
         except ValueError:
             raise ConfigurationError(f"bad rotation-allowed-networks {self.rotation_allowed_networks!r}: give "
                                      "networks such as 10.0.0.0/8,192.0.2.7/32, comma-separated") from None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigurationError("--tls-cert and --tls-key go together (OPENKMS_TLS_CERT, OPENKMS_TLS_KEY)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigurationError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
         if bool(self.xks_client_cert) != bool(self.xks_client_key):
             raise ConfigurationError("OPENKMS_XKS_CLIENT_CERT and OPENKMS_XKS_CLIENT_KEY go together")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _flag(value: str) -> bool:

@@ -1,4 +1,5 @@
-"""The HTTP application: AWS JSON 1.1 on `POST /`, `GET /health`, served over RSGI or ASGI.
+"""The HTTP application: AWS JSON 1.1 on `POST /`, `GET /health` (liveness), `GET /ready` (readiness),
+served over RSGI or ASGI.
 
 `App.handle` is one synchronous function from (method, path, headers, body) to a response, so
 the protocol adapters below stay a few lines each and tests can call it without a socket. Every
@@ -220,6 +221,8 @@ class App:
                             ) -> Response | None:
         """The response to send; or None when it has been sent already through `send`, which an
         audited call uses to answer the moment its record is durable."""
+        if method == "GET" and path == "/ready":  # it writes to the store and asks HSMs: off the loop
+            return await asyncio.get_running_loop().run_in_executor(None, self.readiness)
         if self._blocking(headers, body):
             response, event, intent = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, method, path, query, headers, body, client)
@@ -245,6 +248,37 @@ class App:
         if not outcome:  # the audit log failed without calling back
             return _refusal(response)
         return None if send is not None else outcome[0]
+
+    def readiness(self) -> Response:
+        """GET /ready: 200 when this node can serve calls, else 503; each check, and what failed.
+        The store must take a write, the root key seal and open, the audit writer be running and
+        committing (unless OPENKMS_AUDIT=off), and every connected custom key store's backend answer."""
+        checks: dict[str, str] = {}
+        try:
+            with self.node.store.begin() as tx:
+                tx.meta.put("ready_probe", str(time.time()).encode())
+            checks["store"] = "ok"
+        except Exception as exc:
+            checks["store"] = f"the store refused a write ({type(exc).__name__})"
+        try:
+            root = self.node.root
+            checks["root_key"] = "ok" if root.unseal(root.seal(b"ready", b"openkms ready"), b"openkms ready") == \
+                b"ready" else "the root key did not open what it sealed"
+        except Exception as exc:
+            checks["root_key"] = f"the root key cannot be used ({type(exc).__name__})"
+        problem = self.audit.problem() if self.audit_enabled else None
+        checks["audit"] = problem or ("ok" if self.audit_enabled else "off (OPENKMS_AUDIT=off)")
+        try:
+            failing = self.node.service.keystores.check_backends()
+            checks["custom_key_stores"] = "ok" if not failing else "; ".join(
+                f"{cks_id}: {why}" for cks_id, why in sorted(failing.items()))
+        except Exception as exc:
+            checks["custom_key_stores"] = f"cannot be checked ({type(exc).__name__})"
+        ready = all(v == "ok" or v.startswith("off ") for v in checks.values())
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": checks}
+        if not ready:
+            body["failed"] = sorted(k for k, v in checks.items() if v != "ok" and not v.startswith("off "))
+        return 200 if ready else 503, [("content-type", "application/json")], orjson.dumps(body)
 
     def _blocking(self, headers: dict[str, str], body: bytes) -> bool:
         """Whether the request runs off the event loop. Deciding may read the store (the caller's

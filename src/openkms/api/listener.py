@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -48,6 +49,35 @@ def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def tls_options(settings: Any) -> dict[str, Any]:
+    """granian's TLS options for the settings (none for plain HTTP): TLS 1.2 at least; with a
+    client CA, a certificate chained to it is required of every client (mTLS). The files are
+    loaded here first, so that a wrong file, a key that does not match or a bad CA stops the start
+    with one line."""
+    if not settings.tls_cert:
+        return {}
+    import ssl
+    from pathlib import Path
+
+    from granian.constants import SSLProtocols
+
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca:
+            context.load_verify_locations(settings.tls_client_ca)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise ConfigurationError(f"TLS: cannot use --tls-cert {settings.tls_cert} / --tls-key {settings.tls_key}"
+                                 + (f" / --tls-client-ca {settings.tls_client_ca}" if settings.tls_client_ca else "")
+                                 + f": {reason}") from None
+    options: dict[str, Any] = {"ssl_cert": Path(settings.tls_cert), "ssl_key": Path(settings.tls_key),
+                               "ssl_protocol_min": SSLProtocols.tls12}
+    if settings.tls_client_ca:
+        options.update(ssl_ca=Path(settings.tls_client_ca), ssl_client_verify=True)
+    return options
+
+
 def serve(target: str, sock: socket.socket, **options: Any) -> None:
     """Run granian (RSGI, one worker) on the socket `bind` made; returns when the server stops."""
     from granian._granian import SocketHolder
@@ -64,6 +94,13 @@ def serve(target: str, sock: socket.socket, **options: Any) -> None:
 
         def _drop_shared_socket(self) -> None:
             pass
+
+        # granian answers SIGHUP by starting a new worker before it stops the old one: two
+        # processes of one node would write its audit chain at once (refused writes, refused
+        # calls). openkms takes new settings and certificates at a restart instead.
+        def signal_handler_reload(self, *args: Any, **kwargs: Any) -> None:
+            print("openkms: SIGHUP ignored: restart the server to take new settings or certificates",
+                  file=sys.stderr, flush=True)
 
     host, port = sock.getsockname()[:2]
     BoundServer(target, address=host, port=port, backlog=BACKLOG, **options).serve()

@@ -110,6 +110,8 @@ class AuditLog:
         self._flush_scheduled = False
         self._polled_at = 0.0
         self._inflight: dict[int, list[Waiter]] = {}
+        self._sent_at: dict[int, float] = {}  # batch -> time.monotonic() it went to the writer
+        self._failed_batches = 0  # batches in a row the writer could not commit
         self._batch = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._reading: asyncio.AbstractEventLoop | None = None
@@ -192,6 +194,7 @@ class AuditLog:
         self._stop_writer(kill=True)
         failed = [f for futures in self._inflight.values() for f in futures] + self._outbox_futures
         self._inflight.clear()
+        self._sent_at.clear()
         self._outbox, self._outbox_futures, self._outbox_intents = [], [], []
         _settle(failed, True)
         self._respawn_after = time.monotonic() + 1.0
@@ -199,11 +202,26 @@ class AuditLog:
     def _on_frame(self, frame: list[Any], settle: bool = True) -> None:
         if frame[0] == "ack":  # ["ack", batch, ok, seq, hash]: the durable head after that batch
             self._confirmed = (frame[3], frame[4])
+            self._sent_at.pop(frame[1], None)
+            self._failed_batches = 0 if frame[2] else self._failed_batches + 1
             futures = self._inflight.pop(frame[1], None)
             if futures is not None and settle:
                 _settle(futures, not frame[2])
         elif frame[0] == "head":  # ["head", seq, hash]: the writer's first answer
             self._confirmed = (frame[1], frame[2])
+
+    def problem(self, stuck_after: float = 5.0) -> str | None:
+        """Why the audit log cannot take calls now (for /ready), or None: closed, no writer
+        running, its last batch not committed, or a batch waiting longer than `stuck_after` s."""
+        if self._closed:
+            return "the audit log is closed"
+        if self._proc is None or self._proc.poll() is not None:
+            return "the audit writer is not running"
+        if self._failed_batches:
+            return "the audit writer could not commit its last batch"
+        if self._sent_at and time.monotonic() - min(self._sent_at.values()) > stuck_after:
+            return f"an audit batch has waited more than {stuck_after:g} s for its commit"
+        return None
 
     def _on_readable(self) -> None:
         try:
@@ -276,6 +294,7 @@ class AuditLog:
         self._outbox, self._outbox_futures, self._outbox_intents = [], [], []
         self._batch += 1
         self._inflight[self._batch] = futures
+        self._sent_at[self._batch] = time.monotonic()
         try:
             writer.write_all(self._wfd, writer.encode(["events", self._batch, rows, intents]))
         except OSError:

@@ -36,10 +36,14 @@ def _serve(args: argparse.Namespace) -> int:
                                      reuse_port=True if args.reuse_port else None,
                                      root_pkcs11_module=args.root_pkcs11_module,
                                      root_pkcs11_token_label=args.root_pkcs11_token_label,
-                                     root_pkcs11_key_label=args.root_pkcs11_key_label)
+                                     root_pkcs11_key_label=args.root_pkcs11_key_label,
+                                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                                     insecure_http=True if args.insecure_http else None)
         # First the port, so that a server that cannot listen writes nothing at all; then what
         # must not be shared: the data dir, and on a shared store the node id.
         sock = listener.bind(settings.host, settings.port, settings.reuse_port)
+        exposed = settings.check_exposure()
+        tls = listener.tls_options(settings)  # the files are read now: a bad one stops the start here
         held: list[DataDirLock | NodeClaim] = [DataDirLock(settings.data_dir)]
         claim = claim_node_id(settings, node_id(settings.data_dir))
         if claim is not None:
@@ -69,9 +73,12 @@ def _serve(args: argparse.Namespace) -> int:
         return cannot_start(f"{exc.strerror}: {exc.filename}")
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    endpoint = f"http://{host}:{settings.port}"
+    endpoint = f"{settings.scheme}://{host}:{settings.port}"
     storage = "sqlite (embedded)" if settings.is_embedded else "postgresql"
-    print(f"openkms serving on {endpoint}", flush=True)
+    print(f"openkms serving on {endpoint}" + (", client certificates required" if settings.tls_client_ca else ""),
+          flush=True)
+    if exposed is not None:
+        print(exposed, file=sys.stderr, flush=True)
     print(f"  region:      {settings.region}")
     print(f"  storage:     {storage}")
     if issued is not None:
@@ -103,6 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
             factory=True,
             workers=1,
             log_level=LogLevels.warning,
+            **tls,
         )
     finally:
         for hold in reversed(held):
@@ -409,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reuse-port", action="store_true",
                        help="share the port with other processes (SO_REUSEPORT) [OPENKMS_REUSE_PORT]")
     _add_root_pkcs11_options(serve, "root-pkcs11", "OPENKMS_ROOT_PKCS11")
+    serve.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM, chain included) [OPENKMS_TLS_CERT]")
+    serve.add_argument("--tls-key", help="the certificate's private key (PEM) [OPENKMS_TLS_KEY]")
+    serve.add_argument("--tls-client-ca", help="require client certificates that chain to this CA (PEM): mTLS "
+                       "[OPENKMS_TLS_CLIENT_CA]")
+    serve.add_argument("--insecure-http", action="store_true",
+                       help="allow plain HTTP on an address beyond loopback (warned about at every start) "
+                       "[OPENKMS_INSECURE_HTTP]")
     serve.set_defaults(func=_serve)
 
     root = sub.add_parser("root", help="the root key: move it to another source, with the server stopped")

@@ -500,3 +500,23 @@ class Pkcs11KeyStore:
     def random(self, nbytes: int) -> bytes:
         """Random bytes from the token's generator (GenerateRandom with a CustomKeyStoreId)."""
         return bytes(self._call(lambda session: session.generate_random(nbytes * 8)))
+
+    def probe(self) -> None:
+        """That the token is there and answers (for /ready): the module still lists it, and a
+        search for a key runs in its session. (GenerateRandom alone can be answered by a module
+        whose token has gone.) KeyStoreUnavailable if not."""
+        p11 = _p11()
+        session = self._session
+        try:
+            module = session.module
+            with module.locked():
+                module.token(session.token_label)
+        except (ConnectError, p11.exceptions.PKCS11Error):
+            # As when a key's object is gone: open afresh, which looks for the token again (and
+            # re-initialises a module that may hold a stale view), or says it is away.
+            session.reset()
+
+        def search(s: Any) -> None:
+            next(iter(s.get_objects({p11.Attribute.CLASS: p11.ObjectClass.SECRET_KEY})), None)
+
+        self._call(search)

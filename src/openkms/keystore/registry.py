@@ -20,6 +20,7 @@ from ..crypto.root import RootKey
 from ..errors import (
     InvalidCiphertextException,
     KeyStoreUnavailable,
+    KMSError,
     KMSInternalException,
     UnsupportedOperationException,
 )
@@ -190,6 +191,30 @@ class KeyStores:
             if isinstance(store, XksKeyStore):
                 store.check_health()
         return len(connected)
+
+    def check_backends(self) -> dict[str, str]:
+        """Each connected custom key store whose backend does not answer now, with why (for
+        /ready): an HSM token that does not answer a search for its keys, an XKS proxy UNAVAILABLE."""
+        if self._store is None or not self.any_custom_key_stores():
+            return {}
+        with self._store.begin() as tx:
+            connected = [s.custom_key_store_id for kind in (EXTERNAL, CLOUDHSM)
+                         for s in tx.key_stores.connected_of_type(kind)]
+        failing: dict[str, str] = {}
+        for cks_id in connected:
+            try:
+                store = self.for_custom_key_store(cks_id)
+                if isinstance(store, XksKeyStore):
+                    health = store.check_health()
+                    if health.status == "UNAVAILABLE":
+                        failing[cks_id] = f"the XKS proxy is UNAVAILABLE: {health.detail}"
+                else:
+                    store.probe()
+            except KMSError as exc:
+                failing[cks_id] = f"{exc.code}: {exc.message}"
+            except Exception as exc:  # a backend's own failure: said, never raised
+                failing[cks_id] = type(exc).__name__
+        return failing
 
     def xks_health(self, cks_id: str) -> XksHealth | None:
         """What this node last learnt of an external key store's proxy health, if anything."""
