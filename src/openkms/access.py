@@ -72,9 +72,9 @@ class AccessControl:
         store.on_commit(self._committed)
         self._compiled: dict[str, tuple[Policy, frozenset[str]]] = {}
         self._resource_policies: dict[str, Policy] = {}
-        self._identity: TTLCache[str, tuple[Policy, ...]] = TTLCache(cache_ttl, MAX_CACHED)
-        self._grants: TTLCache[str, tuple[Grant, ...]] = TTLCache(cache_ttl, MAX_CACHED)
-        self._lookups: TTLCache[tuple[str, str], Any] = TTLCache(cache_ttl, MAX_CACHED)
+        self._identity: TTLCache[str, tuple[Policy, ...]] = TTLCache(cache_ttl, MAX_CACHED, "identity_policies")
+        self._grants: TTLCache[str, tuple[Grant, ...]] = TTLCache(cache_ttl, MAX_CACHED, "grants")
+        self._lookups: TTLCache[tuple[str, str], Any] = TTLCache(cache_ttl, MAX_CACHED, "key_policies")
         self._decisions: dict[tuple[Any, ...], tuple[Policy, tuple[Policy, ...], tuple[Grant, ...], Any]] = {}
 
     # -- compiled policies ----------------------------------------------------------------------

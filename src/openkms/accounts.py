@@ -64,7 +64,8 @@ class Accounts:
     def __init__(self, store: Store, root: RootKey, cache_ttl: float = 5.0) -> None:
         self._store = store
         self._root = root
-        self._cache: TTLCache[str, tuple[SecretStr, Principal] | None] = TTLCache(cache_ttl, max_entries=10_000)
+        self._cache: TTLCache[str, tuple[SecretStr, Principal] | None] = TTLCache(cache_ttl, max_entries=10_000,
+                                                                                  name="access_keys")
         store.on_commit(self._committed)
 
     def _committed(self, changes: Changes) -> None:

@@ -7,25 +7,36 @@ within that time; a node that makes a change itself updates or drops the entry a
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
 class TTLCache(Generic[K, V]):
-    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
+    # Every named cache of the process, for the metrics (hits and misses by name).
+    named: ClassVar[weakref.WeakSet[TTLCache[Hashable, object]]] = weakref.WeakSet()
+
+    def __init__(self, ttl: float, max_entries: int = 100_000, name: str = "") -> None:
         self._ttl = ttl
         self._max = max_entries
         self._entries: dict[K, tuple[float, V]] = {}
+        self.name = name
+        self.hits = 0
+        self.misses = 0
+        if name:
+            TTLCache.named.add(self)  # type: ignore[arg-type]
 
     def get(self, key: K, load: Callable[[], V]) -> V:
         """The cached value, or `load()`'s (cached for the next `ttl` seconds)."""
         now = time.monotonic()
         hit = self._entries.get(key)
         if hit is not None and hit[0] > now:
+            self.hits += 1
             return hit[1]
+        self.misses += 1
         value = load()
         self.put(key, value, now)
         return value

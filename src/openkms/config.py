@@ -50,6 +50,10 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     insecure_http: bool = False
+    # Metrics (Prometheus text format): on a port of their own (HOST:PORT, no authentication)
+    # and/or as GET /metrics on the API listener behind `Authorization: Bearer <metrics_token>`.
+    metrics_listen: str = ""
+    metrics_token: str = ""
     # External key stores: how this node reaches XKS proxies. The proxy's certificate is checked
     # against xks_ca_bundle (PEM; empty: the system's CAs); xks_client_cert/_key are presented to
     # proxies that require mTLS; http:// endpoints only with xks_allow_http. Each proxy call has
@@ -72,7 +76,7 @@ class Settings:
     rotation_allowed_networks: str = ""
 
     def __repr__(self) -> str:  # the passphrase and the PIN must never reach a log
-        secret = ("root_passphrase", "root_pkcs11_pin")
+        secret = ("root_passphrase", "root_pkcs11_pin", "metrics_token")
         shown = {f.name: ("***" if getattr(self, f.name) else "") if f.name in secret else getattr(self, f.name)
                  for f in fields(self)}
         return f"Settings({shown})"
@@ -92,6 +96,12 @@ class Settings:
                 "the clear. Give --tls-cert and --tls-key, or --insecure-http if something else encrypts the traffic")
         return (f"WARNING: serving plain HTTP on {self.host} (--insecure-http): data keys, secrets and access keys "
                 "cross the network in the clear unless something else encrypts the traffic")
+
+    def metrics_address(self) -> tuple[str, int]:
+        host, _, port = self.metrics_listen.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigurationError(f"bad metrics-listen {self.metrics_listen!r}: give HOST:PORT, e.g. 127.0.0.1:9464")
+        return host.strip("[]"), int(port)
 
     @property
     def scheme(self) -> str:
@@ -169,6 +179,10 @@ class Settings:
         except ValueError:
             raise ConfigurationError(f"bad rotation-allowed-networks {self.rotation_allowed_networks!r}: give "
                                      "networks such as 10.0.0.0/8,192.0.2.7/32, comma-separated") from None
+        if self.metrics_listen:
+            self.metrics_address()
+        if self.metrics_token and len(self.metrics_token) < 16:
+            raise ConfigurationError("OPENKMS_METRICS_TOKEN must be at least 16 characters")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together (OPENKMS_TLS_CERT, OPENKMS_TLS_KEY)")
         if self.tls_client_ca and not self.tls_cert:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hmac
 import logging
 import re
 import time
@@ -35,6 +36,8 @@ from ..errors import (
     SerializationException,
     UnknownOperationException,
 )
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..metrics import Metrics
 from ..model import Caller
 from ..node import Node, serving_node
 from ..scheduler import Scheduler
@@ -61,6 +64,9 @@ def _refusal(response: Response) -> Response:
     return exc.status, response[1], _error_body(exc)
 
 
+API_LABELS = {"TrentService.": "kms", "secretsmanager.": "secretsmanager", "OpenKMSAdmin.": "admin"}
+
+
 class App:
     def __init__(self, node: Node) -> None:
         if node.audit is None or node.admin is None or node.usage is None:
@@ -76,6 +82,11 @@ class App:
         self.kms_api = KmsApi(node.service)
         self.dispatch = Dispatcher([self.kms_api, SecretsManagerApi(node.service), AdminJsonApi(node.admin)])
         self.scheduler = Scheduler(node)
+        self.metrics = Metrics(node)
+        node.audit.on_batch = self.metrics.audit_batch.observe
+        node.audit.on_commit = self.metrics.audit_commit.observe
+        self._metrics_token = node.settings.metrics_token.encode()
+        self._metrics_server: Any = None
 
     # -- the protocol-independent core ------------------------------------------------------------
     def handle(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
@@ -85,6 +96,13 @@ class App:
         if method == "GET" and path == "/health":
             return (200, [("content-type", "application/json")],
                     orjson.dumps({"status": "ok", "region": self.settings.region})), None, False
+        if method == "GET" and path == "/metrics" and self._metrics_token:
+            given = headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+            if not hmac.compare_digest(given, self._metrics_token):
+                return (401, [("content-type", "application/json"), ("www-authenticate", "Bearer")],
+                        orjson.dumps({"message": "GET /metrics needs Authorization: Bearer <OPENKMS_METRICS_TOKEN>"}
+                                     )), None, False
+            return (200, [("content-type", METRICS_CONTENT_TYPE)], self.metrics.render()), None, False
         request_id = new_id()
         event_id = new_id()
         out_headers = [("content-type", JSON_HEADERS), ("x-amzn-requestid", request_id)]
@@ -160,6 +178,11 @@ class App:
         if is_sts:
             out_headers[0] = ("content-type", sts.CONTENT_TYPE)
         event = event_of(result, error, resources, access_key_id)
+        # Labels from closed sets only: an API's own operation names, never what a caller sent.
+        known = api.known(name) if api is not None else is_sts and name == "GetCallerIdentity"
+        self.metrics.observe(API_LABELS.get(api.prefix, "other") if api is not None else ("sts" if is_sts else "none"),
+                             name if known else "unknown", error.code if error else "ok",
+                             time.perf_counter() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %d %.1fms %s", request_id, target or path, status,
                       (time.perf_counter() - started) * 1000, source_ip)
@@ -184,9 +207,20 @@ class App:
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.blocking_threads, thread_name_prefix="openkms-blocking"))
         self.scheduler.start(loop)
+        if self.settings.metrics_listen and self._metrics_server is None:
+            from prometheus_client import start_http_server
+
+            host, port = self.settings.metrics_address()
+            try:
+                self._metrics_server = start_http_server(port, host, registry=self.metrics.registry)[0]
+            except OSError as exc:
+                log.error("cannot serve metrics on %s: %s", self.settings.metrics_listen, exc.strerror)
 
     def stop_background(self) -> None:
         self.scheduler.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
 
     # -- RSGI (granian) -------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -111,6 +111,9 @@ class AuditLog:
         self._polled_at = 0.0
         self._inflight: dict[int, list[Waiter]] = {}
         self._sent_at: dict[int, float] = {}  # batch -> time.monotonic() it went to the writer
+        # For the metrics: called with each batch's size when it goes, and its commit's latency.
+        self.on_batch: Callable[[int], None] | None = None
+        self.on_commit: Callable[[float], None] | None = None
         self._failed_batches = 0  # batches in a row the writer could not commit
         self._batch = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -202,7 +205,9 @@ class AuditLog:
     def _on_frame(self, frame: list[Any], settle: bool = True) -> None:
         if frame[0] == "ack":  # ["ack", batch, ok, seq, hash]: the durable head after that batch
             self._confirmed = (frame[3], frame[4])
-            self._sent_at.pop(frame[1], None)
+            sent = self._sent_at.pop(frame[1], None)
+            if sent is not None and self.on_commit is not None and frame[2]:
+                self.on_commit(time.monotonic() - sent)
             self._failed_batches = 0 if frame[2] else self._failed_batches + 1
             futures = self._inflight.pop(frame[1], None)
             if futures is not None and settle:
@@ -295,6 +300,8 @@ class AuditLog:
         self._batch += 1
         self._inflight[self._batch] = futures
         self._sent_at[self._batch] = time.monotonic()
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
         try:
             writer.write_all(self._wfd, writer.encode(["events", self._batch, rows, intents]))
         except OSError:

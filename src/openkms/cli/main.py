@@ -38,11 +38,14 @@ def _serve(args: argparse.Namespace) -> int:
                                      root_pkcs11_token_label=args.root_pkcs11_token_label,
                                      root_pkcs11_key_label=args.root_pkcs11_key_label,
                                      tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                                     insecure_http=True if args.insecure_http else None)
+                                     insecure_http=True if args.insecure_http else None,
+                                     metrics_listen=args.metrics_listen)
         # First the port, so that a server that cannot listen writes nothing at all; then what
         # must not be shared: the data dir, and on a shared store the node id.
         sock = listener.bind(settings.host, settings.port, settings.reuse_port)
         exposed = settings.check_exposure()
+        if settings.metrics_listen:  # taken by the worker; a port in use stops the start here
+            listener.bind(*settings.metrics_address()).close()
         tls = listener.tls_options(settings)  # the files are read now: a bad one stops the start here
         held: list[DataDirLock | NodeClaim] = [DataDirLock(settings.data_dir)]
         claim = claim_node_id(settings, node_id(settings.data_dir))
@@ -96,7 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
                         ("STORAGE_URL", settings.storage_url), ("REGION", settings.region),
                         ("ROOT_PKCS11_MODULE", settings.root_pkcs11_module),
                         ("ROOT_PKCS11_TOKEN_LABEL", settings.root_pkcs11_token_label),
-                        ("ROOT_PKCS11_KEY_LABEL", settings.root_pkcs11_key_label)):
+                        ("ROOT_PKCS11_KEY_LABEL", settings.root_pkcs11_key_label),
+                        ("METRICS_LISTEN", settings.metrics_listen)):
         os.environ[f"OPENKMS_{name}"] = str(value)
 
     from granian.constants import Interfaces, Loops
@@ -421,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="the certificate's private key (PEM) [OPENKMS_TLS_KEY]")
     serve.add_argument("--tls-client-ca", help="require client certificates that chain to this CA (PEM): mTLS "
                        "[OPENKMS_TLS_CLIENT_CA]")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics on this address (no authentication) [OPENKMS_METRICS_LISTEN]")
     serve.add_argument("--insecure-http", action="store_true",
                        help="allow plain HTTP on an address beyond loopback (warned about at every start) "
                        "[OPENKMS_INSECURE_HTTP]")

@@ -216,6 +216,12 @@ class KeyStores:
                 failing[cks_id] = type(exc).__name__
         return failing
 
+    def xks_health_statuses(self) -> list[str]:
+        """The last known proxy health of each external key store this node has opened."""
+        with self._lock:
+            opened = [entry[1] for entry in self._custom.values()]
+        return [store.health.status for store in opened if isinstance(store, XksKeyStore) and store.health is not None]
+
     def xks_health(self, cks_id: str) -> XksHealth | None:
         """What this node last learnt of an external key store's proxy health, if anything."""
         with self._lock:

@@ -34,8 +34,8 @@ class KeyLookup:
         self._access = access
         self._keystores = keystores
         self._region = region
-        self._keys: TTLCache[str, Key | None] = TTLCache(cache_ttl)
-        self._aliases: TTLCache[tuple[str, str], str | None] = TTLCache(cache_ttl)
+        self._keys: TTLCache[str, Key | None] = TTLCache(cache_ttl, name="keys")
+        self._aliases: TTLCache[tuple[str, str], str | None] = TTLCache(cache_ttl, name="aliases")
         store.on_commit(self._committed)
 
     def _committed(self, changes: Changes) -> None:

@@ -567,6 +567,13 @@ class KeyStoreRepo:
             t.custom_key_stores.c.connection_state == ConnectionState.CONNECTED.value)))
         return [self._store(r) for r in rows]
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(store type, connection state) -> how many stores (for the metrics)."""
+        c = t.custom_key_stores.c
+        rows = self.conn.execute(select(c.store_type, c.connection_state, func.count())
+                                 .group_by(c.store_type, c.connection_state))
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
     def on_cluster(self, cluster_id: str) -> list[CustomKeyStore]:
         rows = self.conn.execute(select(t.custom_key_stores).where(t.custom_key_stores.c.cluster_id == cluster_id))
         return [self._store(r) for r in rows]
