@@ -354,3 +354,40 @@ def test_sighup_under_load_is_ignored_and_loses_nothing(tmp_path: Path) -> None:
         assert server.proc.poll() is None
     finally:
         server.stop()
+
+
+def test_sigterm_under_load_leaves_a_record_for_every_answer(tmp_path: Path) -> None:
+    """A graceful stop: SIGTERM while clients are busy; the server exits 0, and every call that was
+    answered has its audit record in the store (the writer is flushed before the process ends)."""
+    import threading
+
+    server = ServerProcess(tmp_path / "data", env=bootstrap_env())
+    server.start()
+    assert server.proc is not None
+    key = server.client().create_key()["KeyMetadata"]["KeyId"]
+    answered: list[str] = []
+    done = threading.Event()
+
+    def load() -> None:
+        kms = server.client(retry=False)
+        while not done.is_set():
+            try:
+                answered.append(kms.encrypt(KeyId=key, Plaintext=b"x")["ResponseMetadata"]["RequestId"])
+            except Exception:  # refused or closed once the server stops: not answered, not counted
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(server.proc.pid, signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0
+    done.set()
+    for t in threads:
+        t.join()
+    server.stop()
+    assert len(answered) > 20
+    with sqlite3.connect(tmp_path / "data" / "openkms.db") as db:
+        recorded = {json.loads(text)["event"]["requestID"] for (text,) in db.execute("SELECT record FROM audit_events")}
+    missing = [request_id for request_id in answered if request_id not in recorded]
+    assert not missing, f"{len(missing)} of {len(answered)} answered calls have no audit record"

@@ -36,6 +36,11 @@ class Settings:
     # same PostgreSQL store are seen within this many seconds.
     cache_ttl: float = 5.0
     log_level: str = "info"
+    # "text" (a line per record) or "json" (one JSON object per line, for log collectors).
+    log_format: str = "text"
+    # A line per API call in the log "openkms.access": operation, status, latency, request id,
+    # principal, source address; never parameters or data.
+    access_log: bool = True
     # Audit: how often the writer signs a digest of its chain, and how many days records stay in
     # the store before they are archived to files under <data_dir>/audit-archive (0: never).
     audit: str = "on"  # "off" records nothing: for measuring what auditing costs, not for production
@@ -179,6 +184,8 @@ class Settings:
         except ValueError:
             raise ConfigurationError(f"bad rotation-allowed-networks {self.rotation_allowed_networks!r}: give "
                                      "networks such as 10.0.0.0/8,192.0.2.7/32, comma-separated") from None
+        if self.log_format not in ("text", "json"):
+            raise ConfigurationError(f"bad log-format {self.log_format!r}: text or json (OPENKMS_LOG_FORMAT)")
         if self.metrics_listen:
             self.metrics_address()
         if self.metrics_token and len(self.metrics_token) < 16:

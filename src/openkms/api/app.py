@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -47,6 +48,7 @@ from .dispatch import READ_ONLY_PREFIXES, AdminJsonApi, Dispatcher, JsonApi, Kms
 from .sigv4 import SigV4Verifier
 
 log = logging.getLogger("openkms.api")
+access = logging.getLogger("openkms.access")
 
 MAX_BODY_BYTES = 256 * 1024
 JSON_HEADERS = "application/x-amz-json-1.1"
@@ -87,6 +89,7 @@ class App:
         node.audit.on_commit = self.metrics.audit_commit.observe
         self._metrics_token = node.settings.metrics_token.encode()
         self._metrics_server: Any = None
+        self.access_log = node.settings.access_log and access.isEnabledFor(logging.INFO)
 
     # -- the protocol-independent core ------------------------------------------------------------
     def handle(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
@@ -180,12 +183,18 @@ class App:
         event = event_of(result, error, resources, access_key_id)
         # Labels from closed sets only: an API's own operation names, never what a caller sent.
         known = api.known(name) if api is not None else is_sts and name == "GetCallerIdentity"
-        self.metrics.observe(API_LABELS.get(api.prefix, "other") if api is not None else ("sts" if is_sts else "none"),
-                             name if known else "unknown", error.code if error else "ok",
+        label = API_LABELS.get(api.prefix, "other") if api is not None else ("sts" if is_sts else "none")
+        self.metrics.observe(label, name if known else "unknown", error.code if error else "ok",
                              time.perf_counter() - started)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %d %.1fms %s", request_id, target or path, status,
-                      (time.perf_counter() - started) * 1000, source_ip)
+        if self.access_log:
+            access.info("%s %s %s %d %.1fms %s %s", request_id, label, name if known else "unknown", status,
+                        (time.perf_counter() - started) * 1000, principal.arn if principal is not None else "-",
+                        source_ip or "-", extra={"access": {
+                            "requestId": request_id, "api": label, "operation": name if known else "unknown",
+                            "status": status, "errorCode": error.code if error else None,
+                            "ms": round((time.perf_counter() - started) * 1000, 2),
+                            "principal": principal.arn if principal is not None else None,
+                            "sourceIp": source_ip or None}})
         return (status, out_headers, data), event, bool(intents)
 
     @staticmethod
@@ -396,6 +405,26 @@ async def _read_limited_rsgi(proto: Any) -> bytes:
 
 def create_app(settings: Settings | None = None) -> App:
     """Factory used by the server process (`openkms serve`), by tests and by other ASGI servers."""
-    logging.basicConfig(level=(settings or Settings.from_env()).log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return App(serving_node(settings or Settings.from_env()))
+    settings = settings or Settings.from_env()
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
+    return App(serving_node(settings))
+
+
+class JsonFormatter(logging.Formatter):
+    """OPENKMS_LOG_FORMAT=json: one JSON object per line (an access line's fields as members)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        out: dict[str, Any] = {"time": moment.replace("+00:00", "Z"), "level": record.levelname,
+                               "logger": record.name}
+        fields = getattr(record, "access", None)
+        if isinstance(fields, dict):
+            out.update({k: v for k, v in fields.items() if v is not None})
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out).decode()
