@@ -290,7 +290,8 @@ def test_secrets_never_reach_the_server_log(server: ServerProcess, admin: AdminC
 
 @pytest.fixture
 def debug_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "data", env=dict(bootstrap_env(), OPENKMS_LOG_LEVEL="debug"))
+    proc = ServerProcess(tmp_path / "data", env=dict(bootstrap_env(), OPENKMS_LOG_LEVEL="debug",
+                                                     OPENKMS_ACCESS_LOG="on"))
     proc.start()
     yield proc
     proc.stop()

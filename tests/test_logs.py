@@ -1,6 +1,6 @@
-"""The access log: a line per API call (operation, status, latency, request id, principal, source
-address), never parameters or data; OPENKMS_LOG_FORMAT=json gives one JSON object per line;
-OPENKMS_ACCESS_LOG=off leaves the calls out."""
+"""The access log (OPENKMS_ACCESS_LOG=on): a line per API call (operation, status, latency,
+request id, principal, source address), never parameters or data; OPENKMS_LOG_FORMAT=json gives
+one JSON object per line; off by default."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def run_calls(server: ServerProcess) -> list[str]:
 
 
 def test_a_text_line_per_call(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "data", env=bootstrap_env())
+    server = ServerProcess(tmp_path / "data", env=dict(bootstrap_env(), OPENKMS_ACCESS_LOG="on"))
     server.start()
     try:
         ids = run_calls(server)
@@ -47,7 +47,8 @@ def test_a_text_line_per_call(tmp_path: Path) -> None:
 
 
 def test_json_lines(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "data", env=dict(bootstrap_env(), OPENKMS_LOG_FORMAT="json"))
+    server = ServerProcess(tmp_path / "data", env=dict(bootstrap_env(), OPENKMS_LOG_FORMAT="json",
+                                                       OPENKMS_ACCESS_LOG="on"))
     server.start()
     try:
         ids = run_calls(server)
@@ -63,8 +64,8 @@ def test_json_lines(tmp_path: Path) -> None:
     assert PLAINTEXT.decode() not in server.output()
 
 
-def test_access_log_off(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "data", env=dict(bootstrap_env(), OPENKMS_ACCESS_LOG="off"))
+def test_access_log_off_by_default(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", env=bootstrap_env())
     server.start()
     try:
         run_calls(server)
