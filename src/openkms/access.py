@@ -123,7 +123,10 @@ class AccessControl:
         return self._lookups.get((kind, key_id), load)
 
     def _committed(self, changes: Changes) -> None:
-        """Drop what a committed transaction changed (on this node; other nodes within the TTL)."""
+        """Drop what a committed transaction changed (of this node, or another node's as heard)."""
+        if changes.everything:
+            for cache in (self._identity, self._grants, self._lookups):
+                cache.clear()
         for principal_id in changes.identities:
             self._identity.pop(principal_id)
         for key_id in changes.grants:

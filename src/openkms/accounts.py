@@ -69,7 +69,9 @@ class Accounts:
         store.on_commit(self._committed)
 
     def _committed(self, changes: Changes) -> None:
-        # A key made, switched off or deleted through this node takes effect at once here.
+        # A key made, switched off or deleted through this node (or another) takes effect at once.
+        if changes.everything:
+            self._cache.clear()
         for access_key_id in changes.access_keys:
             self._cache.pop(access_key_id)
 

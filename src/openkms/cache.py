@@ -1,7 +1,9 @@
 """A small time-bounded cache: what a node may believe about shared state without asking the store.
 
 Entries expire after `ttl` seconds, so a change made by another node sharing the store is seen
-within that time; a node that makes a change itself updates or drops the entry at once.
+within that time even if its notification is lost; a node drops the entry at once when it makes a
+change itself or hears of one (storage/notify.py). A value loaded while some entry was dropped is
+returned but not kept: its load may have read the store before the change committed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class TTLCache(Generic[K, V]):
         self.name = name
         self.hits = 0
         self.misses = 0
+        self._drops = 0  # how many pops and clears so far
         if name:
             TTLCache.named.add(self)  # type: ignore[arg-type]
 
@@ -37,8 +40,10 @@ class TTLCache(Generic[K, V]):
             self.hits += 1
             return hit[1]
         self.misses += 1
+        drops = self._drops
         value = load()
-        self.put(key, value, now)
+        if self._drops == drops:
+            self.put(key, value, now)
         return value
 
     def put(self, key: K, value: V, now: float | None = None) -> None:
@@ -47,7 +52,9 @@ class TTLCache(Generic[K, V]):
         self._entries[key] = ((time.monotonic() if now is None else now) + self._ttl, value)
 
     def pop(self, key: K) -> None:
+        self._drops += 1
         self._entries.pop(key, None)
 
     def clear(self) -> None:
+        self._drops += 1
         self._entries.clear()

@@ -126,6 +126,7 @@ def serving_node(settings: Settings) -> Node:
 
     node = open_node(settings)
     try:
+        node.store.listen_to_other_nodes()  # PostgreSQL: other nodes' changes reach the caches at once
         node.usage = node.service.usage = UsageTracker(node.store)
         chain = node_id(settings.data_dir)
         node.audit = AuditLog(node.store, node.root, chain, settings.audit_digest_interval, node.usage,

@@ -74,9 +74,14 @@ class KeyStores:
             store.on_commit(self._committed)
 
     def _committed(self, changes: Changes) -> None:
-        if changes.key_stores:
+        changed = set(changes.key_stores)
+        if changes.everything:
+            self._rows.clear()
+            with self._lock:
+                changed.update(self._custom)  # each is closed, and opened again on its next use
+        if changed:
             self._any.clear()
-        for cks_id in changes.key_stores:
+        for cks_id in changed:
             self._rows.pop(cks_id)
             self._drop(cks_id)
         if changes.versions:

@@ -51,6 +51,8 @@ class SoftwareKeyStore:
         store.on_commit(self._committed)
 
     def _committed(self, changes: Changes) -> None:
+        if changes.everything:
+            self._handles.clear()
         for key_id, version in changes.versions:
             self.evict(key_id, version)
 

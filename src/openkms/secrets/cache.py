@@ -4,9 +4,10 @@ A read of a secret is three or four queries; a hot secret (a service reading its
 on every connection) would pay them on every call. A node keeps each secret it has read as one
 `Snapshot`, found by the SecretId it was asked for (name, ARN or partial ARN, in the caller's
 account) and dropped the moment a transaction of this node that changed the secret commits (the
-store's commit listener). Another node's change is seen within `ttl` seconds (OPENKMS_CACHE_TTL),
-as for keys. Nothing is decrypted here: values stay sealed, and every read still asks KMS to
-open the version's data key, so a disabled key is refused as before.
+store's commit listener), or the moment this node hears of another node's change (on PostgreSQL:
+storage/notify.py), with `ttl` seconds (OPENKMS_CACHE_TTL) as the backstop, as for keys.
+Nothing is decrypted here: values stay sealed, and every read still asks KMS to open the version's
+data key, so a disabled key is refused as before.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class SecretCache:
         self._entries: dict[tuple[str, str], tuple[float, Snapshot]] = {}  # (account, SecretId) -> (expiry, it)
         self._dropped_at: dict[str, float] = {}  # secret id -> when a commit of this node last changed it
         self._keys_of: dict[str, set[tuple[str, str]]] = {}  # secret id -> its entries' keys
+        self._dropped_all_at = 0.0  # when everything was last dropped
         self._lock = threading.Lock()
         store.on_commit(self._committed)
 
@@ -49,7 +51,7 @@ class SecretCache:
         """Keep `snapshot`, read at `read_at` (time.monotonic() before its transaction began): one
         that a commit of this node has overtaken since is not kept."""
         with self._lock:
-            if read_at < self._dropped_at.get(snapshot.secret.secret_id, 0.0):
+            if read_at < max(self._dropped_at.get(snapshot.secret.secret_id, 0.0), self._dropped_all_at):
                 return
             if len(self._entries) >= MAX_ENTRIES:  # the oldest tenth goes, not every tenant's entries
                 for key in list(self._entries)[:MAX_ENTRIES // 10]:
@@ -59,9 +61,15 @@ class SecretCache:
             self._keys_of.setdefault(snapshot.secret.secret_id, set()).add((account_id, secret_id))
 
     def _committed(self, changes: Changes) -> None:
+        now = time.monotonic()
+        if changes.everything:
+            with self._lock:
+                self._entries.clear()
+                self._keys_of.clear()
+                self._dropped_all_at = now
+            return
         if not changes.secrets:
             return
-        now = time.monotonic()
         with self._lock:
             for secret_id in changes.secrets:
                 self._dropped_at[secret_id] = now

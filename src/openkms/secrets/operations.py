@@ -86,7 +86,7 @@ def _authorize(ctx: Context, caller: Caller, action: str, secret: Secret | None,
 def _load(ctx: Context, account_id: str, secret_id: str, cached: bool = False) -> Snapshot | None:
     """The secret `secret_id` names for a caller of `account_id`, with its tags, labels and
     versions, read in one transaction; with `cached` (reads only) maybe from this node's cache
-    (secrets/cache.py), which another node's write reaches within OPENKMS_CACHE_TTL."""
+    (secrets/cache.py), which another node's write reaches at once on PostgreSQL (storage/notify.py)."""
     cache = ctx.secrets_cache if cached else None
     if cache is not None:
         hit = cache.get(account_id, secret_id)

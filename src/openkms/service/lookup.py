@@ -39,6 +39,9 @@ class KeyLookup:
         store.on_commit(self._committed)
 
     def _committed(self, changes: Changes) -> None:
+        if changes.everything:
+            self._keys.clear()
+            self._aliases.clear()
         for key_id in changes.keys:
             self._keys.pop(key_id)
         for account_and_name in changes.aliases:

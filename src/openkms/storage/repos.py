@@ -62,9 +62,11 @@ class Changes:
     identities: set[str] = field(default_factory=set)                   # principal ids (identity policies)
     access_keys: set[str] = field(default_factory=set)                  # access key ids
     secrets: set[str] = field(default_factory=set)                      # secret ids (Secrets Manager)
+    # Anything may have changed (changes from other nodes were lost): drop every cached entry.
+    everything: bool = False
 
     def __bool__(self) -> bool:
-        return any((self.keys, self.versions, self.aliases, self.alias_keys, self.tags, self.grants,
+        return self.everything or any((self.keys, self.versions, self.aliases, self.alias_keys, self.tags, self.grants,
                     self.identities, self.access_keys, self.key_stores, self.secrets))
 
 

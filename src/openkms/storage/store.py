@@ -15,7 +15,9 @@ change and its intent commit together (`AuditRepo.insert_pending`).
 Caches subscribe to what commits (`Store.on_commit`): the repositories note in `tx.changes` which
 keys, versions, aliases, tags, grants, identity policies and access keys a transaction wrote, and
 once it has committed every subscriber hears of it, so that no code path that changes something can
-forget to invalidate a cached copy of it on this node.
+forget to invalidate a cached copy of it on this node. On PostgreSQL the same changes reach the
+other nodes' listeners at once (notify.py: sent inside the transaction, heard once it commits), for a
+serving node that calls `listen_to_other_nodes()`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..errors import (
     KMSInternalException,
     ValidationException,
 )
+from . import notify
 from . import schema as t
 from .audit import AuditAppender, AuditRepo
 from .repos import (
@@ -104,6 +107,18 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._listeners: list[Callable[[Changes], None]] = []
+        self._sender = notify.origin()
+        self._shared = engine.dialect.name == "postgresql"  # other nodes may share it
+        self.change_listener: notify.ChangeListener | None = None
+
+    def listen_to_other_nodes(self) -> None:
+        """Hear what other nodes commit (PostgreSQL; a SQLite store has one server)."""
+        if self._shared and self.change_listener is None:
+            self.change_listener = notify.ChangeListener(self.engine, self._sender, self._deliver)
+
+    def _deliver(self, changes: Changes) -> None:
+        for listener in self._listeners:
+            listener(changes)
 
     def on_commit(self, listener: Callable[[Changes], None]) -> None:
         """Call `listener(changes)` after every transaction of this store that committed changes."""
@@ -141,6 +156,8 @@ class Store:
         return cls(engine)
 
     def close(self) -> None:
+        if self.change_listener is not None:
+            self.change_listener.close()
         self.engine.dispose()
 
     def audit_appender(self) -> AuditAppender:
@@ -156,6 +173,8 @@ class Store:
                 hook = before_commit.get()
                 if hook is not None and conn.info[_WROTE]:
                     hook(tx)
+                if self._shared and tx.changes:
+                    notify.publish(conn, self._sender, tx.changes)
         except IntegrityError as exc:
             raise _integrity_error(exc) from None
         except DataError:
@@ -165,8 +184,7 @@ class Store:
         except OperationalError:
             raise DependencyTimeoutException("The key store is not available right now; try again.") from None
         if tx.changes:
-            for listener in self._listeners:
-                listener(tx.changes)
+            self._deliver(tx.changes)
 
 
 def _integrity_error(exc: IntegrityError) -> Exception:
