@@ -32,7 +32,7 @@ from botocore.config import Config
 
 from tests.server import ServerProcess  # the repository root is on sys.path, or `bench` would not import
 
-from ._load import REGION, BenchError, log_tail, progress
+from ._load import REGION, BenchError, lift_quotas, log_tail, progress
 
 EMPTY_DB_HINT = " (with --storage-url the database must be empty: the benchmark bootstraps openkms into it)"
 
@@ -158,6 +158,7 @@ def running_servers(workdir: Path, *, storage_url: str | None = None,
         # A failed start says why itself, its log included.
         try:
             openkms.start()
+            lift_quotas(openkms)
         except RuntimeError as exc:
             raise BenchError(str(exc).rstrip() + openkms_hint(storage_url)) from exc
         servers: list[tuple[str, KmsServer]] = [("openkms", openkms)]

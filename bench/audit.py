@@ -40,6 +40,7 @@ from bench._load import (
     check_replay,
     create_key,
     format_ratio,
+    lift_quotas,
     log_tail,
     median_stats,
     met_text,
@@ -113,6 +114,7 @@ def running_servers(workdir: Path, args: argparse.Namespace) -> Iterator[list[tu
         for server in (audited, unaudited):
             try:
                 server.start()
+                lift_quotas(server)
             except RuntimeError as exc:
                 raise BenchError(str(exc).rstrip() + (EMPTY_DB_HINT if args.storage_url else "")) from exc
         servers: list[tuple[str, KmsServer]] = [(ON, audited), (OFF, unaudited)]

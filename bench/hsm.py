@@ -31,6 +31,7 @@ from bench._load import (
     REGION,
     BenchError,
     LoadOptions,
+    lift_quotas,
     measure_alternating,
     parse_load_args,
     progress,
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
         for server in (with_hsm, baseline):
             try:
                 server.start()
+                lift_quotas(server)
             except RuntimeError as exc:
                 raise BenchError(str(exc)) from exc
         admin = AdminClient(with_hsm.endpoint, with_hsm.access_key_id, with_hsm.secret_access_key, REGION)

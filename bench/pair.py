@@ -30,7 +30,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._load import REGION, BenchError, SignedRequest, check_replay, create_key, run_wrk, signed_request
+from bench._load import (
+    REGION,
+    BenchError,
+    SignedRequest,
+    check_replay,
+    create_key,
+    lift_quotas,
+    run_wrk,
+    signed_request,
+)
 from bench._moto import bootstrap_env
 from tests.server import ServerProcess
 
@@ -71,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for server in servers.values():
                 server.start()
+                lift_quotas(server)
             requests = {name: encrypt_request(server) for name, server in servers.items()}
             keys = {name: str(json.loads(request.body)["KeyId"]) for name, request in requests.items()}
             for request in requests.values():

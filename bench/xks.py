@@ -33,6 +33,7 @@ from bench._beside import Target, print_table, summarize
 from bench._load import (
     BenchError,
     LoadOptions,
+    lift_quotas,
     measure_alternating,
     parse_load_args,
     progress,
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
         for server in (with_xks, baseline):
             try:
                 server.start()
+                lift_quotas(server)
             except RuntimeError as exc:
                 raise BenchError(str(exc)) from exc
         kms = with_xks.client()

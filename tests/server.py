@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import boto3
 from botocore.config import Config
@@ -27,6 +27,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    # Settings every server gets unless its own `env` says otherwise (tests/conftest.py sets the
+    # suite's; a benchmark keeps the shipping defaults).
+    defaults: ClassVar[dict[str, str]] = {}
+
     def __init__(self, data_dir: Path, storage_url: str | None = None, env: dict[str, str] | None = None,
                  port: int | None = None, extra_args: list[str] | None = None, ca_bundle: str | None = None,
                  client_cert: tuple[str, str] | None = None) -> None:
@@ -78,6 +82,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0, expect_failure: bool = False) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPENKMS_")}
+        env.update(ServerProcess.defaults)
         env.update(self.env)
         self.log = open(self.log_path, "ab")  # noqa: SIM115 -- closed in stop(), after the process
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env,

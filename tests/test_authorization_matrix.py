@@ -476,7 +476,16 @@ ADMIN_ROWS: dict[str, AdminRow] = {
                                                   "Kind": "random-password"}),
     "ListRotationFunctions": AdminRow(lambda w: {"AccountId": w.a}),
     "DeleteRotationFunction": AdminRow(lambda w: new_rotation_function(w)),
+    # Request quotas: an operator sets them; an account administrator reads its own account's.
+    "PutRequestQuota": AdminRow(lambda w: {"AccountId": w.a, "QuotaName": "kms:CreateKey", "Value": 20.0}),
+    "DeleteRequestQuota": AdminRow(lambda w: new_request_quota(w)),
+    "ListRequestQuotas": AdminRow(lambda w: {"AccountId": w.a}),
 }
+
+
+def new_request_quota(w: World) -> dict[str, Any]:
+    w.operator.admin.call("PutRequestQuota", AccountId=w.a, QuotaName="kms:ListKeys", Value=200.0)
+    return {"AccountId": w.a, "QuotaName": "kms:ListKeys"}
 
 
 def new_rotation_function(w: World) -> dict[str, Any]:

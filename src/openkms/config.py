@@ -32,9 +32,11 @@ class Settings:
     # How often the background scheduler looks for keys whose deletion window has ended.
     scheduler_interval: float = 60.0
     # How long a node trusts its cached view of a key or access key before reading the store again.
-    # Changes made through this node are seen at once; changes made by another node sharing the
-    # same PostgreSQL store are seen within this many seconds.
+    # Changes made through this node, or heard of from another node sharing the same PostgreSQL
+    # store (storage/notify.py), are seen at once; this bounds a change whose notification was lost.
     cache_ttl: float = 5.0
+    # AWS's per-account request quotas (quotas.py), counted per node; False admits every call.
+    quotas: bool = True
     log_level: str = "info"
     # "text" (a line per record) or "json" (one JSON object per line, for log collectors).
     log_format: str = "text"

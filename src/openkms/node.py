@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .api.admin import AdminAPI
     from .audit.log import AuditLog
     from .audit.usage import UsageTracker
+    from .quotas import RequestQuotas
     from .secrets.rotation import Rotation
 
 META_REGION = "region"
@@ -65,6 +66,7 @@ class Node:
     audit: AuditLog | None = None
     admin: AdminAPI | None = None
     rotation: Rotation | None = None  # Secrets Manager's rotations
+    quotas: RequestQuotas | None = None  # the request quotas of this node
 
     def close(self) -> None:
         if self.rotation is not None:
@@ -121,6 +123,7 @@ def serving_node(settings: Settings) -> Node:
     from .api.admin import AdminAPI
     from .audit.log import AuditLog
     from .audit.usage import UsageTracker
+    from .quotas import RequestQuotas
     from .secrets.functions import RotationFunctions
     from .secrets.rotation import Rotation
 
@@ -134,7 +137,8 @@ def serving_node(settings: Settings) -> Node:
         root_token = (settings.root_pkcs11_module, settings.root_pkcs11_token_label or "") \
             if settings.root_pkcs11_module else None
         functions = RotationFunctions(node.store, node.root, settings.region, settings.rotation_allow_http)
-        node.admin = AdminAPI(node.accounts, node.store, node.audit, root_token, functions)
+        node.quotas = RequestQuotas(node.store, settings.cache_ttl, settings.quotas)
+        node.admin = AdminAPI(node.accounts, node.store, node.audit, root_token, functions, node.quotas)
         here = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         here = f"[{here}]" if ":" in here else here
         node.rotation = node.service.secrets_rotation = Rotation(

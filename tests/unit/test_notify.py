@@ -21,7 +21,8 @@ def changes(draw: st.DrawFn) -> Changes:
         aliases=draw(st.sets(st.tuples(ids, ids), max_size=30)), alias_keys=draw(st.sets(ids, max_size=10)),
         tags=draw(st.sets(ids, max_size=10)), key_stores=draw(st.sets(ids, max_size=10)),
         grants=draw(st.sets(ids, max_size=10)), identities=draw(st.sets(ids, max_size=10)),
-        access_keys=draw(st.sets(ids, max_size=10)), secrets=draw(st.sets(ids, max_size=10)))
+        access_keys=draw(st.sets(ids, max_size=10)), secrets=draw(st.sets(ids, max_size=10)),
+        quotas=draw(st.sets(ids, max_size=5)))
 
 
 def merged(parts: list[Changes]) -> Changes:

@@ -45,6 +45,7 @@ from ..errors import (
 from ..keystore.pkcs11 import ConnectError, check_token
 from ..model import Caller, HsmCluster, Principal
 from ..policy import root_arn
+from ..quotas import EVERY_ACCOUNT, QUOTAS, RequestQuotas
 from ..secrets.functions import OPERATOR_KINDS, RotationFunctions
 from ..storage import Store
 
@@ -114,6 +115,11 @@ OPERATIONS: dict[str, AdminOperation] = {
                                               "AllowedHosts": (list, False), "MasterSecretArn": (str, False)},
                                              Scope.ACCOUNT, "account"),
     "ListRotationFunctions": AdminOperation({"AccountId": (str, True)}, Scope.ACCOUNT, "account"),
+    # request quotas (quotas.py): an operator sets them; an account administrator reads its own
+    "PutRequestQuota": AdminOperation({"AccountId": (str, True), "QuotaName": (str, True), "Value": (float, True)},
+                                      Scope.OPERATOR),
+    "DeleteRequestQuota": AdminOperation({"AccountId": (str, True), "QuotaName": (str, True)}, Scope.OPERATOR),
+    "ListRequestQuotas": AdminOperation({"AccountId": (str, True)}, Scope.ACCOUNT, "account"),
     "DeleteRotationFunction": AdminOperation({"AccountId": (str, True), "FunctionName": (str, True)},
                                              Scope.ACCOUNT, "account"),
 }
@@ -151,8 +157,10 @@ def user_view(u: Principal) -> dict[str, Any]:
 class AdminAPI:
     def __init__(self, accounts: Accounts, store: Store, audit: AuditLog,
                  root_token: tuple[str, str] | None = None,
-                 rotation_functions: RotationFunctions | None = None) -> None:
+                 rotation_functions: RotationFunctions | None = None,
+                 quotas: RequestQuotas | None = None) -> None:
         self.accounts = accounts
+        self.quotas = quotas
         self.rotation_functions = rotation_functions
         self.store = store
         self.audit = audit
@@ -183,6 +191,9 @@ class AdminAPI:
             "CreateRotationFunction": self._create_rotation_function,
             "ListRotationFunctions": self._list_rotation_functions,
             "DeleteRotationFunction": self._delete_rotation_function,
+            "PutRequestQuota": self._put_request_quota,
+            "DeleteRequestQuota": self._delete_request_quota,
+            "ListRequestQuotas": self._list_request_quotas,
         }
         assert set(self._handlers) == set(OPERATIONS)
 
@@ -439,3 +450,51 @@ class AdminAPI:
     def _delete_rotation_function(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
         self._need_rotation().delete(p["AccountId"], p["FunctionName"])
         return {}
+
+    # -- request quotas ----------------------------------------------------------------------------
+    MAX_QUOTA = 1_000_000.0
+
+    def _quota_target(self, p: dict[str, Any]) -> tuple[str, str]:
+        account_id, name = p["AccountId"], p["QuotaName"]
+        if account_id != EVERY_ACCOUNT:
+            self.accounts.account(account_id)  # NotFoundException for an account that does not exist
+        if name not in QUOTAS:
+            raise ValidationException(f"There is no request quota {name!r}: ListRequestQuotas names them all.")
+        return account_id, name
+
+    def _put_request_quota(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        account_id, name = self._quota_target(p)
+        value = p["Value"]
+        if not 0 < value <= self.MAX_QUOTA:
+            raise ValidationException(f"Value must be more than 0 and at most {self.MAX_QUOTA:,.0f} requests per "
+                                      "second.")
+        with self.store.begin() as tx:
+            tx.quotas.put(account_id, name, value, datetime.now(UTC))
+        return {"Quota": self._quota_view(account_id, name)}
+
+    def _delete_request_quota(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        account_id, name = self._quota_target(p)
+        with self.store.begin() as tx:
+            if not tx.quotas.delete(account_id, name):
+                raise NotFoundException(f"Account {account_id} has no request quota {name} of its own.")
+        return {"Quota": self._quota_view(account_id, name)}
+
+    def _list_request_quotas(self, caller: Caller, p: dict[str, Any]) -> dict[str, Any]:
+        account_id = p["AccountId"]
+        if account_id != EVERY_ACCOUNT:
+            self.accounts.account(account_id)
+        return {"Quotas": [self._quota_view(account_id, name) for name in QUOTAS],
+                "Enforced": self.quotas is not None and self.quotas.enabled}
+
+    def _quota_view(self, account_id: str, name: str) -> dict[str, Any]:
+        quota = QUOTAS[name]
+        value, source = quota.rate, "default"
+        if self.quotas is not None:
+            whose = (account_id,) if account_id == EVERY_ACCOUNT else (account_id, EVERY_ACCOUNT)
+            for owner in whose:
+                rate = self.quotas.overrides(owner).get(name)
+                if rate is not None:
+                    value, source = rate, "account" if owner == account_id else "every-account"
+                    break
+        return {"QuotaName": name, "Title": quota.title, "Value": value, "DefaultValue": quota.rate,
+                "Source": source, "Operations": list(quota.operations), "AwsFigure": not quota.ours}

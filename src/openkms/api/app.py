@@ -35,6 +35,7 @@ from ..errors import (
     KMSInternalException,
     RequestEntityTooLarge,
     SerializationException,
+    ThrottlingException,
     UnknownOperationException,
 )
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -82,6 +83,9 @@ class App:
         if not self.audit_enabled:
             log.warning("OPENKMS_AUDIT=off: API calls are NOT recorded in the audit log")
         self.verifier = SigV4Verifier(node.settings.region, "kms", node.accounts.credentials)
+        if node.quotas is None:
+            raise ValueError("App needs a serving node (node.serving_node)")
+        self.quotas = node.quotas
         self.kms_api = KmsApi(node.service)
         self.dispatch = Dispatcher([self.kms_api, SecretsManagerApi(node.service), AdminJsonApi(node.admin)])
         self.scheduler = Scheduler(node)
@@ -162,6 +166,10 @@ class App:
                 payload = self._parse_json(body)
                 if api is None:
                     raise UnknownOperationException(f"Unknown operation {target or '(no X-Amz-Target)'}.")
+                if self.quotas.enabled and isinstance(payload, dict):
+                    quota = api.quota(name, principal.account_id, payload)
+                    if quota is not None and not self.quotas.take(principal.account_id, quota):
+                        raise ThrottlingException(api.throttled)
                 rendered, result = api.call(caller, name, payload, noted)
                 status, data = 200, orjson.dumps(rendered)
         except KMSError as exc:

@@ -28,6 +28,7 @@ from ..errors import (
     UnsupportedOperationException,
 )
 from ..model import Caller
+from ..quotas import CRYPTOGRAPHIC, KMS_SINGLE, PAIR_OPERATIONS, SECRETS_OF, SYMMETRIC, key_quota, pair_quota
 from ..secrets import OPERATIONS as SECRETS_OPERATIONS
 from ..service import OPERATIONS, Context, Op
 from . import shapes
@@ -54,6 +55,12 @@ class JsonApi(Protocol):
 
     def read_only(self, name: str) -> bool: ...
 
+    throttled: str  # the message of its ThrottlingException
+
+    def quota(self, name: str, caller_account: str, payload: dict[str, Any]) -> str | None:
+        """The request quota (quotas.py) a call counts against, None for none."""
+        ...
+
     def call(self, caller: Caller, name: str, payload: dict[str, Any],
              noted: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(rendered response, redacted response elements). The redacted request goes in
@@ -65,6 +72,7 @@ class KmsApi:
     prefix: str = KMS_PREFIX
     event_source: str | None = None
     signing_service: str = "kms"
+    throttled: str = "You have exceeded the rate at which you may call KMS. Reduce the frequency of your calls."
 
     def __init__(self, service: Context) -> None:
         self._service = service
@@ -102,6 +110,22 @@ class KmsApi:
         op = OPERATIONS.get(name)
         return op is not None and op.tracked
 
+    def quota(self, name: str, caller_account: str, payload: dict[str, Any]) -> str | None:
+        single = KMS_SINGLE.get(name)
+        if single is not None:
+            return single
+        if name == "GenerateRandom":
+            return SYMMETRIC
+        if name in PAIR_OPERATIONS:
+            return pair_quota(payload.get("KeyPairSpec"))
+        if name not in CRYPTOGRAPHIC:
+            return None
+        # Shared by the type of the key the call uses (ReEncrypt: the key it encrypts under).
+        ref = payload.get("DestinationKeyId" if name == "ReEncrypt" else "KeyId")
+        if not isinstance(ref, str) and name == "Decrypt" and isinstance(payload.get("CiphertextBlob"), str):
+            ref = _blob_key_id(payload["CiphertextBlob"])
+        return key_quota(self._service.keys.peek(caller_account, ref) if isinstance(ref, str) else None)
+
     def read_only(self, name: str) -> bool:
         op = OPERATIONS.get(name)
         return op.read_only if op is not None else name.startswith(READ_ONLY_PREFIXES)
@@ -115,6 +139,7 @@ class AdminJsonApi:
     prefix: str = ADMIN_PREFIX
     event_source: str | None = "openkms.admin"
     signing_service: str = "kms"
+    throttled: str = "Rate exceeded"
 
     def __init__(self, admin: AdminAPI) -> None:
         self._admin = admin
@@ -128,6 +153,9 @@ class AdminJsonApi:
 
     def tracked(self, name: str) -> bool:
         return False
+
+    def quota(self, name: str, caller_account: str, payload: dict[str, Any]) -> str | None:
+        return None  # the operators' own API
 
     def read_only(self, name: str) -> bool:
         return name.startswith(READ_ONLY_PREFIXES)
@@ -173,6 +201,7 @@ class SecretsManagerApi:
     prefix: str = SECRETS_PREFIX
     event_source: str | None = "secretsmanager.amazonaws.com"
     signing_service: str = "secretsmanager"
+    throttled: str = "Rate exceeded"
 
     def __init__(self, service: Context) -> None:
         self._service = service
@@ -187,6 +216,9 @@ class SecretsManagerApi:
 
     def tracked(self, name: str) -> bool:
         return False
+
+    def quota(self, name: str, caller_account: str, payload: dict[str, Any]) -> str | None:
+        return SECRETS_OF.get(name)
 
     def read_only(self, name: str) -> bool:
         op = SECRETS_OPERATIONS.get(name)

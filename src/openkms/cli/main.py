@@ -230,6 +230,15 @@ ADMIN_COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "delete-rotation-function": ("DeleteRotationFunction", [
         ("--account-id", {"required": True, "dest": "AccountId"}),
         ("--function-name", {"required": True, "dest": "FunctionName"})]),
+    "put-request-quota": ("PutRequestQuota", [
+        ("--account-id", {"required": True, "dest": "AccountId", "help": "an account id, or '*' for every account"}),
+        ("--quota-name", {"required": True, "dest": "QuotaName", "help": "e.g. kms:symmetric, kms:CreateKey"}),
+        ("--value", {"required": True, "dest": "Value", "type": float, "help": "requests per second, per node"})]),
+    "delete-request-quota": ("DeleteRequestQuota", [
+        ("--account-id", {"required": True, "dest": "AccountId"}),
+        ("--quota-name", {"required": True, "dest": "QuotaName"})]),
+    "list-request-quotas": ("ListRequestQuotas", [
+        ("--account-id", {"required": True, "dest": "AccountId", "help": "an account id, or '*'"})]),
 }
 
 

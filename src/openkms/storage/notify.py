@@ -34,7 +34,7 @@ APPLICATION_NAME = "openkms change listener"  # how pg_stat_activity shows the l
 MAX_PAYLOAD = 7_900  # PostgreSQL refuses a payload of 8,000 bytes or more
 _PAIRS = frozenset({"versions", "aliases"})  # fields whose items are tuples
 _FIELDS = ("keys", "versions", "aliases", "alias_keys", "tags", "key_stores", "grants", "identities",
-           "access_keys", "secrets")
+           "access_keys", "secrets", "quotas")
 
 log = logging.getLogger("openkms.notify")
 

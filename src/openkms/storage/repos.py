@@ -62,12 +62,13 @@ class Changes:
     identities: set[str] = field(default_factory=set)                   # principal ids (identity policies)
     access_keys: set[str] = field(default_factory=set)                  # access key ids
     secrets: set[str] = field(default_factory=set)                      # secret ids (Secrets Manager)
+    quotas: set[str] = field(default_factory=set)                       # account ids ("*": all) of quotas
     # Anything may have changed (changes from other nodes were lost): drop every cached entry.
     everything: bool = False
 
     def __bool__(self) -> bool:
         return self.everything or any((self.keys, self.versions, self.aliases, self.alias_keys, self.tags, self.grants,
-                    self.identities, self.access_keys, self.key_stores, self.secrets))
+                    self.identities, self.access_keys, self.key_stores, self.secrets, self.quotas))
 
 
 class MetaRepo:
@@ -188,6 +189,8 @@ class AccountRepo:
         for p in self.principals(account_id):
             key_ids += self.delete_principal(p.principal_id)
         self.conn.execute(delete(t.accounts).where(t.accounts.c.account_id == account_id))
+        if self.conn.execute(delete(t.request_quotas).where(t.request_quotas.c.account_id == account_id)).rowcount:
+            self.changes.quotas.add(account_id)
         return key_ids
 
 
@@ -623,3 +626,32 @@ class KeyStoreRepo:
     def key_count(self, custom_key_store_id: str) -> int:
         return int(self.conn.execute(select(func.count()).select_from(t.keys).where(
             t.keys.c.custom_key_store_id == custom_key_store_id)).scalar_one())
+
+
+class QuotaRepo:
+    """Request quotas an operator set (quotas.py), by account id or "*" (every account)."""
+
+    def __init__(self, conn: Connection, changes: Changes) -> None:
+        self.conn = conn
+        self.changes = changes
+
+    def for_account(self, account_id: str) -> dict[str, float]:
+        q = t.request_quotas
+        rows = self.conn.execute(select(q.c.quota_name, q.c.rate).where(q.c.account_id == account_id))
+        return {row.quota_name: float(row.rate) for row in rows}
+
+    def put(self, account_id: str, quota_name: str, rate: float, now: datetime) -> None:
+        q = t.request_quotas
+        where = and_(q.c.account_id == account_id, q.c.quota_name == quota_name)
+        if self.conn.execute(update(q).where(where).values(rate=rate, updated=_now_ts(now))).rowcount == 0:
+            self.conn.execute(insert(q).values(account_id=account_id, quota_name=quota_name, rate=rate,
+                                               updated=_now_ts(now)))
+        self.changes.quotas.add(account_id)
+
+    def delete(self, account_id: str, quota_name: str) -> bool:
+        q = t.request_quotas
+        gone = self.conn.execute(delete(q).where(and_(q.c.account_id == account_id,
+                                                      q.c.quota_name == quota_name))).rowcount > 0
+        if gone:
+            self.changes.quotas.add(account_id)
+        return gone

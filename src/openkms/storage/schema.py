@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # Statements that bring a store of an older schema version up to date, by target version. New
 # tables need none: create_all adds them.
@@ -55,6 +55,7 @@ MIGRATIONS: dict[int, list[str]] = {
     # Rotation of secrets: the token of the rotation in progress (rotation_functions is new).
     9: ["ALTER TABLE secrets ADD COLUMN rotation_token VARCHAR(64)",
         "ALTER TABLE secrets ADD COLUMN rotation_started FLOAT"],
+    10: [],  # request_quotas: a new table, which create_all makes
 }
 # A statement "postgresql: <sql>" runs on PostgreSQL only.
 
@@ -356,4 +357,14 @@ rotation_functions = Table(
     Column("config", Text, nullable=False),  # JSON: url, command, timeout_s, password options (nothing secret)
     Column("sealed", LargeBinary, nullable=False),
     Column("created", Float, nullable=False),
+)
+
+# Request quotas an operator set (quotas.py): per account, or for every account ("*"); a quota
+# with no row here runs at AWS's default rate.
+request_quotas = Table(
+    "request_quotas", metadata,
+    Column("account_id", String(12), primary_key=True),  # an account id, or "*"
+    Column("quota_name", String(64), primary_key=True),
+    Column("rate", Float, nullable=False),  # requests per second, per node
+    Column("updated", Float, nullable=False),
 )

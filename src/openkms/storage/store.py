@@ -53,6 +53,7 @@ from .repos import (
     KeyStoreRepo,
     MetaRepo,
     PolicyRepo,
+    QuotaRepo,
     TagRepo,
     VersionRepo,
 )
@@ -214,3 +215,4 @@ class Tx:
         self.key_stores = KeyStoreRepo(conn, changes)
         self.secrets = SecretRepo(conn, changes)
         self.rotation_functions = RotationFunctionRepo(conn, changes)
+        self.quotas = QuotaRepo(conn, changes)
