@@ -506,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..xksproxy.cli import add_parser as add_xks_proxy  # argparse only; the proxy loads when it runs
 
     add_xks_proxy(sub)
+    from .backup import add_parser as add_backup  # backup and restore: argparse only, like xks-proxy
+    add_backup(sub)
     return parser
 
 
