@@ -312,9 +312,11 @@ def _parse_manifest(raw: bytes, where: str) -> Manifest:
 
 def _members(path: Path) -> Iterator[tuple[tarfile.TarInfo, IO[bytes]]]:
     """The tar file's members in order, each with its data; one-line errors for a damaged file."""
+    started = False
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
+                started = True
                 if not info.isreg():
                     raise _fail(f"{path}: unexpected entry {info.name!r} (not a regular file)")
                 data = tar.extractfile(info)
@@ -329,6 +331,9 @@ def _members(path: Path) -> Iterator[tuple[tarfile.TarInfo, IO[bytes]]]:
     except PermissionError:
         raise _fail(f"{path}: permission denied") from None
     except (tarfile.TarError, EOFError, OSError, UnicodeError) as exc:
+        if not started:
+            raise _fail(f"{path} is not an openkms backup (not a tar file: {str(exc) or type(exc).__name__})"
+                        ) from None
         raise _fail(f"{path} is not a complete openkms backup (truncated or damaged: {str(exc) or type(exc).__name__})"
                     ) from None
 
