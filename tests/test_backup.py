@@ -527,3 +527,53 @@ def test_postgresql_store_restores_from_pg_dump(tmp_path: Path, pg_dsn: str, pg_
     finally:
         drop_pg_database(pg_admin, source)
         drop_pg_database(pg_admin, target)
+
+
+# -- the other root key sources: a passphrase, an HSM token ------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["passphrase", "pkcs11"])
+def test_restore_with_a_passphrase_or_hsm_root(source: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Neither a passphrase nor a PIN is ever written to a backup or printed; the restored store
+    opens only once the same source is given again."""
+    from tests.test_root_hsm import PIN, pkcs11_flags
+
+    secret = f"passphrase-{uuid.uuid4().hex}" if source == "passphrase" else PIN
+    if source == "passphrase":
+        root_env, args = {"OPENKMS_ROOT_PASSPHRASE": secret}, []
+    else:
+        hsm = request.getfixturevalue("softhsm")
+        root_env, args = {"OPENKMS_ROOT_PKCS11_PIN": PIN}, pkcs11_flags(hsm, hsm.init_token(pin=PIN))
+    env = {**bootstrap_env(), **root_env}
+    server = ServerProcess(tmp_path / "data", env=env, extra_args=args)
+    server.start()
+    try:
+        kms = server.client()
+        key = kms.create_key()["KeyMetadata"]["KeyId"]
+        blob = kms.encrypt(KeyId=key, Plaintext=b"sealed under the " + source.encode())["CiphertextBlob"]
+        out = tmp_path / "b.tar"
+        made = run("backup", "--data-dir", str(server.data_dir), "--out", str(out))
+    finally:
+        server.stop()
+    assert made.returncode == 0 and "root key is NOT in it" in made.stdout, made.stdout + made.stderr
+    assert not (server.data_dir / "root.key").exists()
+    assert check_backup(out).root_source == source
+    data = tmp_path / "restored"
+    done = run("restore", str(out), "--data-dir", str(data))
+    assert done.returncode == 0, done.stderr
+    assert ("OPENKMS_ROOT_PASSPHRASE" if source == "passphrase" else "OPENKMS_ROOT_PKCS11_PIN") in done.stdout
+    for text in (made.stdout + made.stderr, done.stdout + done.stderr):
+        assert secret not in text
+    assert secret.encode() not in out.read_bytes()
+    without = ServerProcess(data, env=bootstrap_env(), extra_args=args)
+    without.start(expect_failure=True)  # no passphrase, no PIN: the store stays shut
+    assert without.proc is not None and without.proc.returncode == 2, without.output()
+    without.stop()
+    again = ServerProcess(data, env=env, extra_args=args)
+    again.start()
+    try:
+        assert again.client().decrypt(CiphertextBlob=blob)["Plaintext"] == b"sealed under the " + source.encode()
+    finally:
+        again.stop()
+    proc = verify_log(data, None)
+    assert proc.returncode == 0 and proc.stdout.startswith("2 chain(s)"), proc.stdout
