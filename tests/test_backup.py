@@ -162,7 +162,9 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Original]:
                    "--credentials-file", str(server.data_dir / "credentials"))
         assert proc.returncode == 0, proc.stderr
         public_key.write_text(proc.stdout)
-        time.sleep(1.5)  # a signed digest (every second) and its exported copy
+        deadline = time.monotonic() + 20  # a signed digest (every second) and its exported copy
+        while not list((server.data_dir / "audit-digests").glob("*.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.2)
         before = state(server)
 
         # A call that committed its change but not yet its record: its intent is in the store.

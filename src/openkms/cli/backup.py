@@ -32,9 +32,9 @@ example (onto a fresh data dir; then put the root key back and start the server)
 def add_parser(sub: Any) -> None:
     """The `backup` and `restore` commands, on the `openkms` parser's subparsers."""
     backup = sub.add_parser("backup", help="copy the SQLite store and its audit files to one file, online",
-                            description="Make a consistent copy of a node's SQLite store (SQLite's online backup "
-                                        "API) with its exported audit digests and archives, in one tar file "
-                                        "(mode 0600). Key material and secrets in it stay sealed under the root "
+                            description="Make a consistent copy of a node's SQLite store (SQLite's online backup\n"
+                                        "API) with its exported audit digests and archives, in one tar file\n"
+                                        "(mode 0600). Key material and secrets in it stay sealed under the root\n"
                                         "key, which is not in it.",
                             epilog=BACKUP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     backup.add_argument("--out", required=True, metavar="FILE", help="the backup file to write (atomically)")
@@ -43,9 +43,9 @@ def add_parser(sub: Any) -> None:
     backup.set_defaults(func=_backup)
 
     restore = sub.add_parser("restore", help="restore a backup onto a fresh data dir (the server stopped)",
-                             description="Check a backup made by `openkms backup` (its manifest and every "
-                                         "member's SHA-256) and restore it into a fresh data dir. Put the root "
-                                         "key back (root.key, the passphrase or the HSM settings) before "
+                             description="Check a backup made by `openkms backup` (its manifest and every\n"
+                                         "member's SHA-256) and restore it into a fresh data dir. Put the root\n"
+                                         "key back (root.key, the passphrase or the HSM settings) before\n"
                                          "`openkms serve`.",
                              epilog=RESTORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     restore.add_argument("file", metavar="FILE", help="the backup file")
