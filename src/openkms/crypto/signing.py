@@ -42,3 +42,16 @@ def verify(public_key: bytes, signature: bytes, data: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def fingerprint(public_key: bytes) -> str:
+    """SHA-256 (hex) of a DER or PEM public key's SubjectPublicKeyInfo DER: one value for both
+    encodings of one key. ValueError if it is not a public key."""
+    import hashlib
+
+    if public_key.lstrip().startswith(b"-----BEGIN"):
+        key = serialization.load_pem_public_key(public_key)
+    else:
+        key = serialization.load_der_public_key(public_key)
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
