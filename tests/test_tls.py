@@ -202,3 +202,19 @@ def test_bad_tls_files_refuse_the_start(pki: Pki, tmp_path: Path, case: str) -> 
     line = refuse(ServerProcess(tmp_path / "data", env=bootstrap_env(), extra_args=args))
     assert "tls" in line.lower(), line
     assert not (tmp_path / "data").exists()
+
+
+def test_openkms_admin_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
+    """`openkms admin` checks the server's certificate against AWS_CA_BUNDLE or --ca-bundle, as the AWS CLI does."""
+    from tests.test_cli import clean_env, one_line_failure, openkms
+
+    env = clean_env(OPENKMS_ENDPOINT_URL=tls_server.endpoint, OPENKMS_DATA_DIR=str(tls_server.data_dir))
+    line = one_line_failure(openkms("admin", "get-user", env=env))
+    assert "does not verify" in line and "--ca-bundle" in line, line
+    for how, extra_env in ((["--ca-bundle", str(pki.ca)], {}), ([], {"AWS_CA_BUNDLE": str(pki.ca)}),
+                           (["--no-verify-ssl"], {})):
+        proc = openkms("admin", "get-user", *how, "--query", "User.Level", "--output", "text",
+                       env={**env, **extra_env})
+        assert (proc.returncode, proc.stdout) == (0, "operator\n"), (how, extra_env, proc.stderr)
+    other = one_line_failure(openkms("admin", "get-user", "--ca-bundle", str(pki.client_cert), env=env))
+    assert "does not verify" in other, other
