@@ -670,7 +670,9 @@ ENVIRONMENT_SETTINGS: dict[str, str] = {
     "root_passphrase": "root key from this passphrase (scrypt) instead of <data-dir>/root.key",
     "root_pkcs11_pin": "the PIN of the root key's PKCS#11 token",
     "scheduler_interval": "seconds between looks for keys whose deletion or rotation is due",
-    "cache_ttl": "seconds a node trusts its cached view of keys and access keys (another node's changes)",
+    "cache_ttl": "seconds a node trusts its cached view of keys and access keys, should it miss another node's "
+                 "change notification",
+    "quotas": "off: no request quotas (AWS's per-account rates, per node; on by default)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json (one object a line)",
     "access_log": "on: a line per API call in the log openkms.access (costs throughput)",
