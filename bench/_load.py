@@ -81,6 +81,7 @@ class SignedRequest:
     url: str
     headers: dict[str, str]
     body: bytes
+    ca_bundle: str | None = None  # https: the CA the check's urllib trusts (wrk verifies no certificate)
 
     @property
     def target(self) -> str:
@@ -88,7 +89,8 @@ class SignedRequest:
 
 
 def signed_request(endpoint: str, target: str, payload: Mapping[str, Any], access_key_id: str,
-                   secret_access_key: str, *, region: str = REGION, service: str = "kms") -> SignedRequest:
+                   secret_access_key: str, *, region: str = REGION, service: str = "kms",
+                   ca_bundle: str | None = None) -> SignedRequest:
     """An AWS JSON 1.1 `POST /` for `target` (e.g. "TrentService.Encrypt"), signed with SigV4 now."""
     url = endpoint.rstrip("/") + "/"
     body = json.dumps(payload, separators=(",", ":")).encode()
@@ -97,15 +99,20 @@ def signed_request(endpoint: str, target: str, payload: Mapping[str, Any], acces
         "Host": urlsplit(url).netloc, "Content-Type": AMZ_JSON, "X-Amz-Target": target})
     SigV4Auth(Credentials(access_key_id, secret_access_key), service, region).add_auth(request)
     headers = {name: str(value) for name, value in request.headers.items()}
-    return SignedRequest("POST", url, headers, body)
+    return SignedRequest("POST", url, headers, body, ca_bundle)
 
 
 def replay_once(request: SignedRequest, timeout: float = 10.0) -> tuple[int, bytes]:
     """Send the request once; returns (HTTP status, body), error statuses included."""
     req = urllib.request.Request(request.url, data=request.body, headers=request.headers,
                                  method=request.method)
+    context = None
+    if request.ca_bundle:
+        import ssl
+
+        context = ssl.create_default_context(cafile=request.ca_bundle)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
@@ -374,7 +381,8 @@ def lift_quotas(server: Any) -> None:
     """Raise the shared request quotas of every account of an openkms `server` (tests.server.ServerProcess)."""
     from openkms.client.admin import AdminClient
 
-    admin = AdminClient(server.endpoint, server.access_key_id, server.secret_access_key, REGION)
+    admin = AdminClient(server.endpoint, server.access_key_id, server.secret_access_key, REGION,
+                        ssl_context=server.ssl_context())
     for name in LIFTED_QUOTAS:
         admin.call("PutRequestQuota", AccountId="*", QuotaName=name, Value=1_000_000.0)
 

@@ -1,6 +1,6 @@
 """What auditing costs: Encrypt on openkms with the audit log on, with OPENKMS_AUDIT=off, and on moto_server.
 
-    python bench/audit.py [--duration 10] [--connections 64] [--repeat 3] [--skip-moto] [--json]
+    python bench/audit.py [--duration 10] [--connections 64] [--repeat 3] [--skip-moto] [--tls] [--json]
 
 Starts, in one run, two real `openkms serve` processes (each freshly bootstrapped, embedded SQLite
 unless --storage-url/--storage-url-off): one as deployed, recording every call in its hash-chained
@@ -11,8 +11,11 @@ audit off, moto; the next round off first) so that the on/off pair sees the same
 req/s, p50 and p99 per server, the audit cost (1 - on/off req/s, from the medians and per round),
 the openkms/moto ratios, and whether the issue's targets are met. Afterwards it counts the Encrypt
 records each openkms store holds, to show the audited server really recorded every call and the
-other none. It prints; it asserts nothing about timing. Exit status: 0 measured, 1 a run failed (a
-server, a non-200 answer), 2 a tool is missing.
+other none. With --tls a third openkms (audit on) serves HTTPS with a certificate made by the
+`openssl` binary for the run, measured in the same rounds as the plain one: the TLS cost is
+1 - tls/plain req/s (wrk keeps its connections open, so this is the cost of encrypting each call,
+not of handshakes). It prints; it asserts nothing about timing. Exit status: 0 measured, 1 a run
+failed (a server, a non-200 answer), 2 a tool is missing.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ PLAINTEXT_BYTES = 32
 # at least 5,000 audited Encrypt/s.
 TARGET_MAX_COST = 0.20
 TARGET_AUDITED_REQ_PER_SEC = 5000.0
-ON, OFF, MOTO = "audit on", "audit off", "moto"
+ON, OFF, MOTO, TLS = "audit on", "audit off", "moto", "audit on, TLS"
 
 
 @dataclass
@@ -78,7 +81,8 @@ class Target:
         plaintext = base64.b64encode(os.urandom(PLAINTEXT_BYTES)).decode()
         return signed_request(self.server.endpoint, "TrentService.Encrypt",
                               {"KeyId": self.key_id, "Plaintext": plaintext},
-                              self.server.access_key_id, self.server.secret_access_key, region=REGION)
+                              self.server.access_key_id, self.server.secret_access_key, region=REGION,
+                              ca_bundle=getattr(self.server, "ca_bundle", None))
 
     def load(self, load: LoadOptions, duration: int) -> WrkStats:
         request = self.encrypt_request()
@@ -93,6 +97,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_load_arguments(parser)
     parser.add_argument("--storage-url-off", default=None,
                         help="with --storage-url: the OPENKMS_AUDIT=off server's store (another EMPTY database)")
+    parser.add_argument("--tls", action="store_true",
+                        help="also measure an audited openkms serving HTTPS (embedded SQLite), beside the plain one")
     args = parser.parse_args(argv)
     check_load_arguments(parser, args)
     if bool(args.storage_url) != bool(args.storage_url_off):
@@ -109,15 +115,24 @@ def running_servers(workdir: Path, args: argparse.Namespace) -> Iterator[list[tu
                               env=bootstrap_env() | {"OPENKMS_AUDIT": "off"})
     peer = None if args.skip_moto else MotoServer(workdir / "moto.log")
     logs: list[tuple[str, Any]] = [("openkms (audit on)", audited), ("openkms (audit off)", unaudited)]
+    ours = [audited, unaudited]
+    if args.tls:
+        cert, key, ca = server_certificate(workdir / "pki")
+        secure = ServerProcess(workdir / "tls", env=bootstrap_env(), ca_bundle=str(ca),
+                               extra_args=["--tls-cert", str(cert), "--tls-key", str(key)])
+        ours.append(secure)
+        logs.append(("openkms (audit on, TLS)", secure))
     progress("starting openkms (audit on), openkms (OPENKMS_AUDIT=off)" + (" and moto_server" if peer else ""))
     try:
-        for server in (audited, unaudited):
+        for server in ours:
             try:
                 server.start()
                 lift_quotas(server)
             except RuntimeError as exc:
                 raise BenchError(str(exc).rstrip() + (EMPTY_DB_HINT if args.storage_url else "")) from exc
         servers: list[tuple[str, KmsServer]] = [(ON, audited), (OFF, unaudited)]
+        if args.tls:
+            servers.append((TLS, ours[2]))
         if peer is not None:
             peer.start()
             servers.append((MOTO, peer))
@@ -129,10 +144,30 @@ def running_servers(workdir: Path, args: argparse.Namespace) -> Iterator[list[tu
                             for name, server in logs if server.output().strip())
             raise BenchError(f"{exc}{shown}") from exc
     finally:
-        audited.stop()
-        unaudited.stop()
+        for server in ours:
+            server.stop()
         if peer is not None:
             peer.stop()
+
+
+def server_certificate(pki: Path) -> tuple[Path, Path, Path]:
+    """A CA and a certificate for 127.0.0.1 signed by it, made with the openssl binary: (cert, key, CA)."""
+    import subprocess
+
+    pki.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*command: str) -> None:
+        try:
+            subprocess.run(["openssl", *command], cwd=pki, check=True, capture_output=True, timeout=60)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise BenchError(f"--tls needs the openssl binary: {exc}") from None
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (pki / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+    return pki / "server.pem", pki / "server.key", pki / "ca.pem"
 
 
 def encrypt_records(server: ServerProcess) -> int:
@@ -161,14 +196,14 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Target], dict[str
         for target in targets:
             progress(f"{target.name}: warm-up {load.warmup} s")
             target.load(load, load.warmup)
-        openkms_pair = [t for t in targets if t.name != MOTO]
+        openkms_pair = [t for t in targets if t.name != MOTO]  # with --tls, three
         peers = [t for t in targets if t.name == MOTO]
         for i in range(load.repeat):
             # Alternate which openkms goes first, so neither always runs on a warmer (or busier) box.
             for target in (openkms_pair if i % 2 == 0 else openkms_pair[::-1]) + peers:
                 progress(f"{target.name}: measuring {load.duration} s ({i + 1}/{load.repeat})")
                 target.runs.append(target.load(load, load.duration))
-        records = {t.name: encrypt_records(t.server) for t in openkms_pair  # type: ignore[arg-type]
+        records = {t.name: encrypt_records(t.server) for t in targets  # type: ignore[arg-type]
                    if isinstance(t.server, ServerProcess)}
     return targets, records
 
@@ -197,6 +232,9 @@ def summarize(targets: list[Target], records: dict[str, int], args: argparse.Nam
         "results": {t.name: {"median": medians[t.name], "runs": t.runs} for t in targets},
         "audit_cost": audit_cost,
         "audit_cost_per_round": round_costs,
+        **({"tls_cost": cost(medians[TLS], on),
+            "tls_cost_per_round": [cost(a, b) for a, b in zip(by_name[TLS].runs, by_name[ON].runs, strict=True)]}
+           if TLS in medians else {}),
         "ratio_req_per_sec": {ON: ratio(on, moto), OFF: ratio(off, moto)},
         "audit_records": {name: {"encrypt_records": n, "encrypts_answered": by_name[name].answered}
                           for name, n in records.items()},
@@ -228,6 +266,11 @@ def print_table(summary: dict[str, Any]) -> None:
     off_p99 = summary["results"][OFF]["median"]["latency_ms"]["99"]
     print(f"audit cost (1 - on/off req/s): {summary['audit_cost']:.1%} (per round: {rounds}); "
           f"p99 {on_p99:.2f} ms on vs {off_p99:.2f} ms off")
+    if "tls_cost" in summary:
+        tls_rounds = ", ".join(f"{c:.1%}" for c in summary["tls_cost_per_round"])
+        tls_p99 = summary["results"][TLS]["median"]["latency_ms"]["99"]
+        print(f"TLS cost (1 - tls/plain req/s, both audited): {summary['tls_cost']:.1%} (per round: {tls_rounds}); "
+              f"p99 {tls_p99:.2f} ms over TLS vs {on_p99:.2f} ms plain")
     ratios = summary["ratio_req_per_sec"]
     print(f"openkms/moto req/s: {format_ratio(ratios[ON])} with auditing, {format_ratio(ratios[OFF])} without")
     for name, counts in summary["audit_records"].items():

@@ -218,3 +218,90 @@ def test_openkms_admin_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
         assert (proc.returncode, proc.stdout) == (0, "operator\n"), (how, extra_env, proc.stderr)
     other = one_line_failure(openkms("admin", "get-user", "--ca-bundle", str(pki.client_cert), env=env))
     assert "does not verify" in other, other
+
+
+def peer_serial(port: int, ca: Path) -> int:
+    """The serial number of the certificate the server presents on a new connection."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_sighup_reloads_the_certificate_under_load_and_loses_no_call(pki: Pki, tmp_path: Path) -> None:
+    """A renewed certificate, taken on SIGHUP while clients are busy: every call is answered (boto3
+    as it ships, retrying a connection the old worker closed), new connections get the new
+    certificate, a broken pair of files changes nothing, and the audit chain verifies."""
+    import os
+    import shutil
+    import signal
+    import sys
+    import threading
+    import time
+
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "server.pem", live / "server.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    server = ServerProcess(tmp_path / "data", env=bootstrap_env(), ca_bundle=str(pki.ca),
+                           extra_args=["--tls-cert", str(cert), "--tls-key", str(key)])
+    server.start()
+    try:
+        assert server.proc is not None
+        first = peer_serial(server.port, pki.ca)
+        key_id = server.client().create_key()["KeyMetadata"]["KeyId"]
+        failures: list[str] = []
+        answered = [0]
+        done = threading.Event()
+
+        def load() -> None:
+            kms = server.client()  # one retry, as tests/server.py configures boto3
+            while not done.is_set():
+                try:
+                    kms.encrypt(KeyId=key_id, Plaintext=b"x")
+                    answered[0] += 1
+                except Exception as exc:  # every failure is the finding
+                    failures.append(repr(exc)[:200])
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        # A renewed certificate (same CA, same name, a new serial), written over the old files.
+        _issue(pki.ca.parent, "renewed", "ca", "/CN=localhost",
+               "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        shutil.copy(pki.ca.parent / "renewed.pem", cert)
+        shutil.copy(pki.ca.parent / "renewed.key", key)
+        before = answered[0]
+        os.kill(server.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while peer_serial(server.port, pki.ca) == first:
+            assert time.monotonic() < deadline, "the new certificate was not served within 30 s"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        # A key that does not match the certificate: logged, and the server keeps what it has.
+        shutil.copy(pki.client_key, key)
+        os.kill(server.proc.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        done.set()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:3]
+        assert answered[0] > before
+        renewed = peer_serial(server.port, pki.ca)
+        assert renewed != first
+        assert "still serving the certificate loaded before" in server.output()
+        assert server.proc.poll() is None
+        assert server.client().decrypt(
+            CiphertextBlob=server.client().encrypt(KeyId=key_id, Plaintext=b"y")["CiphertextBlob"])["Plaintext"] == b"y"
+    finally:
+        server.stop()
+    verify = subprocess.run([sys.executable, "-m", "openkms.cli.main", "audit", "verify", "--data-dir",
+                             str(server.data_dir)], capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.splitlines()[0].endswith(": OK")

@@ -52,3 +52,23 @@ def test_routing_falls_back_to_off_the_loop(app: App, monkeypatch: pytest.Monkey
     monkeypatch.setattr(app.kms_api, "blocking", broken)
     assert app._blocking({"x-amz-target": "TrentService.Encrypt"}, b"{}") is True
     assert app._blocking({"x-amz-target": "NoSuchService.Encrypt"}, b"{}") is False
+
+
+def test_ready_fails_when_the_root_key_cannot_be_used(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root key check of GET /ready (the other checks fail for real in tests/test_ready.py;
+    a root key, once opened, lives in the node's memory, so here it is replaced by one that fails)."""
+    status, _, body = app.readiness()
+    assert status == 200 and orjson.loads(body)["checks"]["root_key"] == "ok"
+
+    class BrokenRoot:
+        def seal(self, data: bytes, aad: bytes) -> bytes:
+            raise OSError("the token went away")
+
+        def unseal(self, data: bytes, aad: bytes) -> bytes:
+            raise OSError("the token went away")
+
+    monkeypatch.setattr(app.node, "root", BrokenRoot())
+    status, _, body = app.readiness()
+    answer = orjson.loads(body)
+    assert status == 503 and answer["failed"] == ["root_key"], answer
+    assert answer["checks"]["root_key"] == "the root key cannot be used (OSError)"

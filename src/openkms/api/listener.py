@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -78,8 +79,16 @@ def tls_options(settings: Any) -> dict[str, Any]:
     return options
 
 
-def serve(target: str, sock: socket.socket, **options: Any) -> None:
-    """Run granian (RSGI, one worker) on the socket `bind` made; returns when the server stops."""
+def serve(target: str, sock: socket.socket, tls_check: Callable[[], object] | None = None, **options: Any) -> None:
+    """Run granian (RSGI, one worker) on the socket `bind` made; returns when the server stops.
+
+    SIGHUP, when serving TLS, takes the certificate and key files anew: `tls_check()` reads them
+    first (ConfigurationError: the server goes on with what it has); then the worker stops as on
+    SIGTERM (its calls in flight answered, the audit writer flushed, its final digest signed) and a
+    new worker starts, reading the files. Connections that arrive meanwhile wait in the listening
+    socket's backlog, which this process holds open throughout: none is refused. (granian's own
+    reload starts the new worker before it stops the old one: two processes of one node would write
+    its audit chain at once.) Without TLS there is nothing to reload, and SIGHUP is ignored."""
     from granian._granian import SocketHolder
     from granian.server import Server
 
@@ -95,12 +104,27 @@ def serve(target: str, sock: socket.socket, **options: Any) -> None:
         def _drop_shared_socket(self) -> None:
             pass
 
-        # granian answers SIGHUP by starting a new worker before it stops the old one: two
-        # processes of one node would write its audit chain at once (refused writes, refused
-        # calls). openkms takes new settings and certificates at a restart instead.
         def signal_handler_reload(self, *args: Any, **kwargs: Any) -> None:
-            print("openkms: SIGHUP ignored: restart the server to take new settings or certificates",
-                  file=sys.stderr, flush=True)
+            if tls_check is None:
+                print("openkms: SIGHUP ignored: no TLS certificate to reload; restart the server to take new "
+                      "settings", file=sys.stderr, flush=True)
+                return
+            super().signal_handler_reload(*args, **kwargs)  # the serving loop calls _reload
+
+        def _reload(self, spawn_target: Any, target_loader: Any) -> None:
+            self.reload_signal = False
+            self.main_loop_interrupt.clear()
+            assert tls_check is not None
+            try:
+                tls_check()
+            except ConfigurationError as exc:
+                print(f"openkms: SIGHUP: {exc}; still serving the certificate loaded before", file=sys.stderr,
+                      flush=True)
+                return
+            print("openkms: SIGHUP: reloading the TLS certificate: the worker answers its calls in flight, "
+                  "then a new one starts", file=sys.stderr, flush=True)
+            self._stop_workers()
+            self._spawn_workers(spawn_target, target_loader)
 
     host, port = sock.getsockname()[:2]
     BoundServer(target, address=host, port=port, backlog=BACKLOG, **options).serve()

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..config import DEFAULT_DATA_DIR
+from .progress import Progress
 
 BACKUP_EPILOG = """\
 example (online: the server may go on running):
@@ -96,7 +97,8 @@ def _backup(args: argparse.Namespace) -> int:
             return _fail("backup", f"a PostgreSQL store is backed up with pg_dump, not openkms backup: "
                                    f"pg_dump --format=custom --file={args.out} '{url}' (the password from "
                                    "PGPASSWORD or ~/.pgpass; restore with pg_restore, see the README)")
-        manifest = backup(settings.data_dir, Path(args.out))
+        with Progress("copying the store and its audit files"):
+            manifest = backup(settings.data_dir, Path(args.out))
     except ConfigurationError as exc:
         return _fail("backup", str(exc))
     except Exception as exc:  # one line, never a traceback
@@ -123,7 +125,8 @@ def _restore(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir)
     try:
-        done = restore(Path(args.file), data_dir)
+        with Progress("checking the backup and restoring it"):
+            done = restore(Path(args.file), data_dir)
     except ConfigurationError as exc:
         return _fail("restore", str(exc))
     except Exception as exc:  # one line, never a traceback

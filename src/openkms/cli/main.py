@@ -30,6 +30,7 @@ from ..files import write_file
 from ..wrapping import WRAPPING_ALGORITHMS
 from .common import CliError, add_client_options, admin_client, path_value, text_value
 from .output import apply_query, output_format, write
+from .progress import Progress
 
 EXIT_USAGE = 2
 EXIT_SERVER_ERROR = 254  # the AWS CLI v2's status for an error answered by the service
@@ -131,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
             factory=True,
             workers=1,
             log_level=LogLevels.warning,
+            tls_check=(lambda: listener.tls_options(settings)) if tls else None,
             **tls,
         )
     finally:
@@ -459,7 +461,7 @@ def _audit(args: argparse.Namespace) -> int:
                 out = stack.enter_context(open(args.out, "w", encoding="utf-8"))
             except OSError as exc:
                 raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-            progress = stack.enter_context(_Progress("exporting audit records"))
+            progress = stack.enter_context(Progress("exporting audit records"))
         table: list[Any] = []
         token = getattr(args, "next_token", None)
         try:
@@ -499,32 +501,6 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Progress:
-    """A spinner with a count on a terminal (stderr), nothing at all in a pipe."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self._status: Any = None
-
-    def __enter__(self) -> _Progress:
-        if sys.stderr.isatty():
-            try:
-                from rich.console import Console
-            except ImportError:  # rich is optional: no progress, the summary line still comes
-                return self
-            self._status = Console(stderr=True).status(f"{self.what}...")
-            self._status.start()
-        return self
-
-    def update(self, count: int) -> None:
-        if self._status is not None:
-            self._status.update(f"{self.what}: {count}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.stop()
-
-
 def _audit_verify(args: argparse.Namespace) -> int:
     from ..audit.log import PUBLIC_KEY_META
     from ..audit.verify import exported_digests, summary, verify_store
@@ -543,7 +519,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     digest_dir = Path(args.digest_dir) if args.digest_dir else settings.data_dir / "audit-digests"
     store = Store.open(settings.database_url)
     try:
-        with _Progress("verifying the audit log"):
+        with Progress("verifying the audit log"):
             report = verify_store(store, public_key, archive_dir, digest_dir)
         trusted = public_key
         if trusted is None:
