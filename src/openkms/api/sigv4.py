@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 from urllib.parse import parse_qsl, quote
@@ -92,31 +93,8 @@ class SigV4Verifier(Generic[P]):
                now: datetime | None = None, service: str | None = None) -> tuple[P, str]:
         """Check the request's signature. `headers` has lower-case names (repeated ones joined by ',').
         `service` is the signing service the request must be scoped to (default: this verifier's)."""
-        expected_service = service or self.service
-        auth = headers.get("authorization")
-        if not auth:
-            raise MissingAuthenticationTokenException("Missing Authentication Token")
-        if not auth.startswith(ALGORITHM + " "):
-            raise IncompleteSignatureException(
-                f"Authorization header requires the {ALGORITHM} algorithm.")
-        fields: dict[str, str] = {}
-        for part in auth[len(ALGORITHM) + 1:].split(","):
-            name, sep, value = part.strip().partition("=")
-            if sep:
-                fields[name] = value
-        credential, signed, signature = fields.get("Credential"), fields.get("SignedHeaders"), fields.get("Signature")
-        if not credential or not signed or not signature:
-            raise IncompleteSignatureException(
-                "Authorization header requires 'Credential', 'SignedHeaders' and 'Signature' parameters.")
-        scope = credential.split("/")
-        if len(scope) != 5 or scope[4] != "aws4_request":
-            raise IncompleteSignatureException(
-                "Credential must have the form <AccessKeyId>/<date>/<region>/<service>/aws4_request.")
-        access_key_id, date, region, scope_service, _ = scope
-        amz_date = headers.get("x-amz-date", "")
-        signed_at = _parse_amz_date(amz_date)
-
-        found = self._lookup(access_key_id)
+        auth = parse_authorization(headers)
+        found = self._lookup(auth.access_key_id)
         if found is None:
             raise UnrecognizedClientException("The security token included in the request is invalid.")
         if "x-amz-security-token" in headers:
@@ -124,6 +102,7 @@ class SigV4Verifier(Generic[P]):
         secret, principal = found
 
         now = now or datetime.now(UTC)
+        amz_date, signed_at = auth.amz_date, auth.signed_at
         if signed_at < now - MAX_SKEW:
             raise InvalidSignatureException(
                 f"Signature expired: {amz_date} is now earlier than "
@@ -132,15 +111,10 @@ class SigV4Verifier(Generic[P]):
             raise InvalidSignatureException(
                 f"Signature not yet current: {amz_date} is still later than "
                 f"{(now + MAX_SKEW).strftime('%Y%m%dT%H%M%SZ')} ({now.strftime('%Y%m%dT%H%M%SZ')} + 5 min.)")
-        if date != amz_date[:8]:
-            raise InvalidSignatureException(
-                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP.")
-        if scope_service != expected_service:
-            raise InvalidSignatureException(f"Credential should be scoped to correct service: '{expected_service}'.")
-        if region != self.region:
-            raise InvalidSignatureException(
-                f"Credential should be scoped to a valid region. This server serves '{self.region}'.")
+        self.check_scope(auth, service or self.service)
+        date, region, scope_service = auth.date, auth.region, auth.service
 
+        signed = auth.signed_headers
         signed_names: Sequence[str] = signed.split(";")
         if "host" not in signed_names:
             raise InvalidSignatureException("The host header must be signed.")
@@ -156,8 +130,61 @@ class SigV4Verifier(Generic[P]):
                                     hashlib.sha256(canonical.encode()).hexdigest()))
         expected = hmac.new(self._key_for(secret.reveal(), date, scope_service), string_to_sign.encode(),
                             "sha256").hexdigest()
-        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogatepass")):
+        if not hmac.compare_digest(expected.encode(), auth.signature.encode("utf-8", "surrogatepass")):
             raise InvalidSignatureException(
                 "The request signature we calculated does not match the signature you provided. "
                 "Check your AWS Secret Access Key and signing method.")
-        return principal, access_key_id
+        return principal, auth.access_key_id
+
+    def check_scope(self, auth: Authorization, service: str) -> None:
+        """The credential scope names the request's date, this server's region and `service`."""
+        if auth.date != auth.amz_date[:8]:
+            raise InvalidSignatureException(
+                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP.")
+        if auth.service != service:
+            raise InvalidSignatureException(f"Credential should be scoped to correct service: '{service}'.")
+        if auth.region != self.region:
+            raise InvalidSignatureException(
+                f"Credential should be scoped to a valid region. This server serves '{self.region}'.")
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """What a SigV4 Authorization header (and X-Amz-Date) says, read but not yet checked."""
+
+    access_key_id: str
+    date: str  # the credential scope's yyyymmdd
+    region: str
+    service: str
+    signed_headers: str
+    signature: str
+    amz_date: str
+    signed_at: datetime
+
+
+def parse_authorization(headers: dict[str, str]) -> Authorization:
+    """The request's Authorization header, read; MissingAuthenticationTokenException or
+    IncompleteSignatureException if it is absent or cannot be read."""
+    auth = headers.get("authorization")
+    if not auth:
+        raise MissingAuthenticationTokenException("Missing Authentication Token")
+    if not auth.startswith(ALGORITHM + " "):
+        raise IncompleteSignatureException(
+            f"Authorization header requires the {ALGORITHM} algorithm.")
+    fields: dict[str, str] = {}
+    for part in auth[len(ALGORITHM) + 1:].split(","):
+        name, sep, value = part.strip().partition("=")
+        if sep:
+            fields[name] = value
+    credential, signed, signature = fields.get("Credential"), fields.get("SignedHeaders"), fields.get("Signature")
+    if not credential or not signed or not signature:
+        raise IncompleteSignatureException(
+            "Authorization header requires 'Credential', 'SignedHeaders' and 'Signature' parameters.")
+    scope = credential.split("/")
+    if len(scope) != 5 or scope[4] != "aws4_request":
+        raise IncompleteSignatureException(
+            "Credential must have the form <AccessKeyId>/<date>/<region>/<service>/aws4_request.")
+    access_key_id, date, region, scope_service, _ = scope
+    amz_date = headers.get("x-amz-date", "")
+    return Authorization(access_key_id, date, region, scope_service, signed, signature, amz_date,
+                         _parse_amz_date(amz_date))
