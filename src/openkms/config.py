@@ -96,7 +96,7 @@ class Settings:
     def check_exposure(self) -> str | None:
         """ConfigurationError for plain HTTP beyond loopback, unless insecure_http; then the warning
         to give at every start (None: nothing to warn about)."""
-        if self.tls_cert or _is_loopback(self.host):
+        if self.tls_cert or is_loopback(self.host):
             return None
         if not self.insecure_http:
             raise ConfigurationError(
@@ -201,7 +201,7 @@ class Settings:
             raise ConfigurationError("OPENKMS_XKS_CLIENT_CERT and OPENKMS_XKS_CLIENT_KEY go together")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

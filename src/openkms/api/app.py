@@ -280,7 +280,7 @@ class App:
                 answer = await asyncio.get_running_loop().run_in_executor(None, self.readiness)
                 self._ready = ready = (time.monotonic(), answer)
             return ready[1]
-        if self._blocking(headers, body):
+        if self._blocking(headers, body, path):
             response, event, intent = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, method, path, query, headers, body, client)
         else:
@@ -341,7 +341,7 @@ class App:
             body["failed"] = sorted(k for k, v in checks.items() if v != "ok" and not v.startswith("off "))
         return 200 if ready else 503, [("content-type", "application/json")], orjson.dumps(body)
 
-    def _blocking(self, headers: dict[str, str], body: bytes) -> bool:
+    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool:
         """Whether the request runs off the event loop. Deciding may read the store (the caller's
         account, whether a key is in a custom key store); if that fails, the request runs off the
         loop, where `handle` answers whatever goes wrong with an AWS error and an audit record."""
@@ -424,11 +424,15 @@ async def _read_limited_rsgi(proto: Any) -> bytes:
 def create_app(settings: Settings | None = None) -> App:
     """Factory used by the server process (`openkms serve`), by tests and by other ASGI servers."""
     settings = settings or Settings.from_env()
+    configure_logging(settings)
+    return App(serving_node(settings))
+
+
+def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
-    return App(serving_node(settings))
 
 
 class JsonFormatter(logging.Formatter):

@@ -36,17 +36,19 @@ EXIT_USAGE = 2
 EXIT_SERVER_ERROR = 254  # the AWS CLI v2's status for an error answered by the service
 
 
+def _cannot_start(reason: str) -> int:
+    print(f"openkms: cannot start: {reason}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _serve(args: argparse.Namespace) -> int:
-    # Server imports stay here so that `openkms admin` needs only the client's dependencies.
-    from ..api import listener
     from ..config import Settings
-    from ..errors import ConfigurationError, KMSError
-    from ..node import DataDirLock, NodeClaim, claim_node_id, node_id, open_node, write_credentials
+    from ..errors import ConfigurationError
 
-    def cannot_start(reason: str) -> int:
-        print(f"openkms: cannot start: {reason}", file=sys.stderr)
-        return 2
-
+    if args.dev:
+        return _serve_dev(args)
+    if args.dev_account_id:
+        return _cannot_start("--dev-account-id goes with --dev")
     try:
         settings = Settings.from_env(host=args.host, port=args.port,
                                      data_dir=Path(args.data_dir) if args.data_dir else None,
@@ -58,6 +60,79 @@ def _serve(args: argparse.Namespace) -> int:
                                      tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                                      insecure_http=True if args.insecure_http else None,
                                      metrics_listen=args.metrics_listen)
+    except ConfigurationError as exc:
+        return _cannot_start(str(exc))
+    return _run_server(settings)
+
+
+# What `serve --dev` does not take: its store, root key and listener are its own.
+DEV_REFUSED_FLAGS = ("data_dir", "storage_url", "tls_cert", "tls_key", "tls_client_ca", "insecure_http",
+                     "root_pkcs11_module", "root_pkcs11_token_label", "root_pkcs11_key_label")
+# ... and the variables it ignores (cleared for its worker, which reads its settings from OPENKMS_*).
+DEV_IGNORED_VARIABLES = ("OPENKMS_STORAGE_URL", "OPENKMS_ROOT_PASSPHRASE", "OPENKMS_ROOT_PKCS11_MODULE",
+                         "OPENKMS_ROOT_PKCS11_TOKEN_LABEL", "OPENKMS_ROOT_PKCS11_KEY_LABEL", "OPENKMS_ROOT_PKCS11_PIN",
+                         "OPENKMS_TLS_CERT", "OPENKMS_TLS_KEY", "OPENKMS_TLS_CLIENT_CA", "OPENKMS_INSECURE_HTTP",
+                         "OPENKMS_BOOTSTRAP_ACCOUNT_ID", "OPENKMS_BOOTSTRAP_ACCESS_KEY_ID",
+                         "OPENKMS_BOOTSTRAP_SECRET_ACCESS_KEY")
+
+
+def _serve_dev(args: argparse.Namespace) -> int:
+    """`serve --dev`: a server over a temporary data dir, deleted when it stops however it is
+    stopped short of SIGKILL (SIGTERM, SIGINT, a failed start)."""
+    import shutil
+    import signal
+    import tempfile
+
+    from ..api import dev
+    from ..config import Settings, is_loopback
+    from ..errors import ConfigurationError
+
+    given = [f"--{name.replace('_', '-')}" for name in DEV_REFUSED_FLAGS if getattr(args, name)]
+    if given:
+        return _cannot_start(f"--dev keeps a temporary store of its own, on loopback, without TLS: drop "
+                             f"{', '.join(given)}")
+    try:
+        account_id = dev.checked_account_id(args.dev_account_id or os.environ.get("OPENKMS_DEV_ACCOUNT_ID")
+                                            or dev.DEFAULT_ACCOUNT_ID)
+        host = args.host or os.environ.get("OPENKMS_HOST") or "127.0.0.1"
+        if not is_loopback(host):
+            raise ConfigurationError(f"--dev listens only on loopback (127.0.0.1, ::1, localhost), not {host}: "
+                                     "it lets anyone in as an administrator")
+    except ConfigurationError as exc:
+        return _cannot_start(str(exc))
+    for name in DEV_IGNORED_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.setdefault("OPENKMS_QUOTAS", "off")  # test suites make keys faster than AWS's quotas allow
+
+    def stop(signum: int, _frame: object) -> None:  # until granian takes the signals over
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    data_dir = Path(tempfile.mkdtemp(prefix="openkms-dev-"))  # mode 0700
+    try:
+        dev.mark_data_dir(data_dir, account_id)
+        try:
+            settings = Settings.from_env(host=host, port=args.port, data_dir=data_dir, region=args.region,
+                                         reuse_port=True if args.reuse_port else None,
+                                         metrics_listen=args.metrics_listen)
+        except ConfigurationError as exc:
+            return _cannot_start(str(exc))
+        return _run_server(settings, dev_account_id=account_id)
+    finally:
+        for _ in range(50):  # the worker's audit writer may still be closing its last file
+            shutil.rmtree(data_dir, ignore_errors=True)
+            if not data_dir.exists():
+                break
+            time.sleep(0.1)
+
+
+def _run_server(settings: Settings, dev_account_id: str | None = None) -> int:
+    # Server imports stay here so that `openkms admin` needs only the client's dependencies.
+    from ..api import listener
+    from ..errors import ConfigurationError, KMSError
+    from ..node import DataDirLock, NodeClaim, claim_node_id, node_id, open_node, write_credentials
+
+    try:
         # First the port, so that a server that cannot listen writes nothing at all; then what
         # must not be shared: the data dir, and on a shared store the node id.
         sock = listener.bind(settings.host, settings.port, settings.reuse_port)
@@ -73,10 +148,13 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             issued = None
             if node.accounts.is_empty():
-                issued = node.accounts.bootstrap(
-                    os.environ.get("OPENKMS_BOOTSTRAP_ACCOUNT_ID") or None,
-                    os.environ.get("OPENKMS_BOOTSTRAP_ACCESS_KEY_ID") or None,
-                    os.environ.get("OPENKMS_BOOTSTRAP_SECRET_ACCESS_KEY") or None)
+                if dev_account_id is not None:  # its administrator's own key: the banner's `test` is any other
+                    issued = node.accounts.bootstrap(dev_account_id, None, None)
+                else:
+                    issued = node.accounts.bootstrap(
+                        os.environ.get("OPENKMS_BOOTSTRAP_ACCOUNT_ID") or None,
+                        os.environ.get("OPENKMS_BOOTSTRAP_ACCESS_KEY_ID") or None,
+                        os.environ.get("OPENKMS_BOOTSTRAP_SECRET_ACCESS_KEY") or None)
                 write_credentials(settings.data_dir / "credentials", issued, settings.region)
             accounts = node.accounts.list_accounts()
         finally:
@@ -87,29 +165,34 @@ def _serve(args: argparse.Namespace) -> int:
 
             Module.finalize_all()
     except ConfigurationError as exc:
-        return cannot_start(str(exc))
+        return _cannot_start(str(exc))
     except KMSError as exc:
-        return cannot_start(f"{exc.code}: {exc.message}")
+        return _cannot_start(f"{exc.code}: {exc.message}")
     except OSError as exc:
-        return cannot_start(f"{exc.strerror}: {exc.filename}")
+        return _cannot_start(f"{exc.strerror}: {exc.filename}")
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     endpoint = f"{settings.scheme}://{host}:{settings.port}"
-    storage = "sqlite (embedded)" if settings.is_embedded else "postgresql"
-    print(f"openkms serving on {endpoint}" + (", client certificates required" if settings.tls_client_ca else ""),
-          flush=True)
-    if exposed is not None:
-        print(exposed, file=sys.stderr, flush=True)
-    print(f"  region:      {settings.region}")
-    print(f"  storage:     {storage}")
-    if issued is not None:
-        print(f"  account id:  {issued.principal.account_id} (created at first start)")
-    elif accounts:
-        print(f"  account ids: {', '.join(a.account_id for a in accounts[:5])}")
-    creds = settings.data_dir / "credentials"
-    if creds.exists():
-        print(f"  credentials: {creds.resolve()}")
-    sys.stdout.flush()
+    if dev_account_id is not None:
+        from ..api import dev
+
+        print("\n".join(dev.banner(endpoint, settings, dev_account_id, settings.data_dir)), flush=True)
+    else:
+        storage = "sqlite (embedded)" if settings.is_embedded else "postgresql"
+        print(f"openkms serving on {endpoint}" + (", client certificates required" if settings.tls_client_ca else ""),
+              flush=True)
+        if exposed is not None:
+            print(exposed, file=sys.stderr, flush=True)
+        print(f"  region:      {settings.region}")
+        print(f"  storage:     {storage}")
+        if issued is not None:
+            print(f"  account id:  {issued.principal.account_id} (created at first start)")
+        elif accounts:
+            print(f"  account ids: {', '.join(a.account_id for a in accounts[:5])}")
+        creds = settings.data_dir / "credentials"
+        if creds.exists():
+            print(f"  credentials: {creds.resolve()}")
+        sys.stdout.flush()
 
     # The worker process builds its own node from the same settings, passed as OPENKMS_* variables.
     for name, value in (("HOST", settings.host), ("PORT", settings.port),
@@ -126,7 +209,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         listener.serve(
-            "openkms.api.app:create_app", sock,
+            # dev mode's app is its own factory: nothing of it is reachable from a normal server's
+            "openkms.api.dev:create_app" if dev_account_id is not None else "openkms.api.app:create_app", sock,
             interface=Interfaces.RSGI,
             loop=Loops.uvloop,  # ~50% more requests/s than asyncio's loop on this workload
             factory=True,
@@ -692,7 +776,8 @@ def _environment_only(serve: argparse.ArgumentParser) -> str:
 
 def _add_serve(sub: Any) -> None:
     serve = _command_parser(sub, "serve", "run the server (SQLite in ./openkms-data unless told otherwise)",
-                            example="openkms serve --data-dir /var/lib/openkms")
+                            example="openkms serve --data-dir /var/lib/openkms\n"
+                                    "  openkms serve --dev   # for a laptop or a test suite")
     serve.add_argument("--host", help="address to listen on [OPENKMS_HOST, 127.0.0.1]")
     serve.add_argument("--port", help="port to listen on [OPENKMS_PORT, 8080]")
     serve.add_argument("--data-dir", help=f"data directory [OPENKMS_DATA_DIR, {DEFAULT_DATA_DIR}]")
@@ -711,6 +796,13 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--insecure-http", action="store_true",
                        help="allow plain HTTP on an address beyond loopback (warned about at every start) "
                        "[OPENKMS_INSECURE_HTTP]")
+    serve.add_argument("--dev", action="store_true",
+                       help="dev mode, for laptops and test suites: a temporary store deleted at exit, on loopback "
+                       "only, NOT authenticated (any access key id with any secret, e.g. test/test, is the dev "
+                       "account's administrator), request quotas off, POST /_openkms/reset empties the store; "
+                       "prints the lines to export. Takes no --data-dir, --storage-url, --tls-* or --root-pkcs11-*")
+    serve.add_argument("--dev-account-id", metavar="ID",
+                       help="with --dev: the account's id (12 digits) [OPENKMS_DEV_ACCOUNT_ID, 000000000000]")
     serve.epilog = _environment_only(serve) + "\n\n" + (serve.epilog or "")
     serve.set_defaults(func=_serve)
 
