@@ -350,6 +350,46 @@ def test_export_ends_with_a_summary(server: ServerProcess, tmp_path: Path) -> No
     assert proc.returncode == 0 and proc.stderr == f"wrote 0 records to {empty}\n" and empty.read_text() == ""
 
 
+def on_a_terminal(*args: str, timeout: float = 60) -> tuple[int, bytes]:
+    """Run `openkms ARGS` with stdout and stderr on a pseudo-terminal: (exit status, what it showed)."""
+    import os
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    env = dict(clean_env(), TERM="xterm-256color", COLUMNS="100")
+    proc = subprocess.Popen([sys.executable, "-m", "openkms", *args], stdin=subprocess.DEVNULL, stdout=follower,
+                            stderr=follower, env=env)
+    os.close(follower)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], timeout)
+        if not ready:
+            proc.kill()
+            raise AssertionError(f"no output for {timeout} s: {shown[-300:]!r}")
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the command is done
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    return proc.wait(timeout=timeout), shown
+
+
+def test_long_work_shows_progress_on_a_terminal_only(server: ServerProcess, tmp_path: Path) -> None:
+    """On a terminal, export shows what it is doing (rich's spinner on stderr) before its summary;
+    in a pipe (the test above) there is the summary line alone."""
+    out = tmp_path / "all.jsonl"
+    status, shown = on_a_terminal("audit", "export", *flags(server), "--out", str(out))
+    assert status == 0, shown[-500:]
+    assert b"exporting audit records" in shown, shown[-500:]
+    assert f"to {out}".encode() in shown and b"Traceback" not in shown
+    piped = openkms("audit", "export", *flags(server), "--out", str(tmp_path / "piped.jsonl"))
+    assert "exporting audit records" not in piped.stderr + piped.stdout
+
+
 def test_verify_says_which_public_key_it_trusted(server: ServerProcess, tmp_path: Path) -> None:
     pem = openkms("audit", "public-key", *flags(server)).stdout
     key = serialization.load_pem_public_key(pem.encode())
