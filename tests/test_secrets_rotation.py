@@ -43,6 +43,7 @@ from botocore.exceptions import ClientError
 
 from openkms.client.admin import AdminClient, AdminError
 from tests.conftest import ACCOUNT_ID, REGION, bootstrap_env, run_sql
+from tests.hsm_helpers import query
 from tests.server import ServerProcess, free_port
 
 STEPS = ["createSecret", "setSecret", "testSecret", "finishSecret"]
@@ -426,6 +427,28 @@ def test_random_password_rotation(server: ServerProcess) -> None:
     assert {k: v for k, v in new.items() if k != "password"} == {k: v for k, v in old.items() if k != "password"}
     assert value_of(sm, secret["ARN"], PREVIOUS) == old
     assert stage_map(sm, secret["ARN"])[PREVIOUS] == first
+
+    # What the built-in function did through the API is in the audit log as Secrets Manager's own
+    # calls, naming the secret and the rotation's version, never a value.
+    def calls_of_the_function() -> list[dict[str, Any]] | None:
+        found = [e for e in audit_events(admin) if e.get("userIdentity", {}).get("type") == "AWSService"
+                 and e.get("eventType") == "AwsApiCall"
+                 and (e.get("requestParameters") or {}).get("SecretId") == secret["ARN"]]
+        names = {e["eventName"] for e in found}
+        return found if {"PutSecretValue", "UpdateSecretVersionStage"} <= names else None
+    calls = wait_until(calls_of_the_function, what="the built-in function's calls in the audit log")
+    assert all(e["eventSource"] == "secretsmanager.amazonaws.com" for e in calls)
+    # (a GetSecretValue of AWSPENDING answered ResourceNotFoundException: the template's own check)
+    assert not [e for e in calls if e["eventName"] in ("PutSecretValue", "UpdateSecretVersionStage")
+                and e.get("errorCode")], calls
+    put = next(e for e in calls if e["eventName"] == "PutSecretValue")
+    assert put["requestParameters"]["ClientRequestToken"] == token and put["readOnly"] is False
+    assert set(put["requestParameters"]) <= {"SecretId", "ClientRequestToken", "VersionStages"}, put
+    recorded = json.dumps(calls)
+    assert not any(form in recorded for form in forms(new["password"]) | forms(old["password"]))
+    # Each write's intent went with it and went away with its record (none left to replay).
+    wait_until(lambda: query(server.data_dir, server.storage_url, "SELECT count(*) FROM audit_pending")[0][0] == 0,
+               what="no audit intent left")
 
     described = sm.describe_secret(SecretId=secret["ARN"])
     assert described["RotationEnabled"] is True and described["RotationLambdaARN"] == arn

@@ -20,8 +20,8 @@ from .service import run_scheduled_work
 log = logging.getLogger("openkms.scheduler")
 
 
-def _submit(audit: AuditLog, event: dict[str, Any]) -> None:
-    audit.submit(event).add_done_callback(_written)
+def _submit(audit: AuditLog, event: dict[str, Any], intent: bool) -> None:
+    audit.submit(event, intent=intent).add_done_callback(_written)
 
 
 def _written(future: asyncio.Future[None]) -> None:
@@ -38,10 +38,11 @@ class Scheduler:
         rotation, audit = self.node.rotation, self.node.audit
         if rotation is not None and audit is not None:
             # Rotations run on their own threads; their audit records are appended on the loop.
-            def sink(event: dict[str, Any]) -> None:
-                loop.call_soon_threadsafe(_submit, audit, event)
+            def sink(event: dict[str, Any], intent: bool) -> None:
+                loop.call_soon_threadsafe(_submit, audit, event, intent)
 
             rotation.audit_sink = sink
+            rotation.write_intent = audit.write_intent
         if not self._tasks:
             self._tasks = [loop.create_task(self._run_scheduled_work()), loop.create_task(self._run_audit_ticks()),
                            loop.create_task(self._poll_xks_health())]

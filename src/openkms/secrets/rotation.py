@@ -44,6 +44,8 @@ from ..audit.record import build_event, new_id
 from ..errors import InvalidRequestException, KMSError, ResourceNotFoundException
 from ..model import Caller, Principal, Secret, SecretVersion
 from ..service import Context
+from ..storage import Tx
+from ..storage.store import before_commit
 from . import functions, schedule
 from .functions import RotationFunction, RotationFunctions, StepFailed
 
@@ -52,6 +54,9 @@ log = logging.getLogger("openkms.secrets.rotation")
 CURRENT, PREVIOUS, PENDING = "AWSCURRENT", "AWSPREVIOUS", "AWSPENDING"
 STEPS = ("createSecret", "setSecret", "testSecret", "finishSecret")
 EVENT_SOURCE = "secretsmanager.amazonaws.com"
+# What the record of a built-in function's call keeps of its parameters: what it acted on, never a value.
+AUDITED_MEMBERS = frozenset({"SecretId", "VersionId", "VersionStage", "ClientRequestToken", "MoveToVersionId",
+                             "RemoveFromVersionId", "VersionStages", "PasswordLength", "ExcludeCharacters"})
 # What AWS's PostgreSQL templates leave out of passwords: characters that break connection strings.
 PG_EXCLUDE = "/@\"'\\"
 PG_CONNECT_TIMEOUT_S = 5
@@ -79,7 +84,10 @@ class Rotation:
         self.registry = registry
         self.endpoint = endpoint  # for commands: AWS_ENDPOINT_URL
         self.ca_bundle = ca_bundle
-        self.audit_sink: Callable[[dict[str, Any]], None] | None = None  # set by the serving node
+        # Set by the serving node: `audit_sink(event, intent)` appends a record (from any thread),
+        # `write_intent(tx, event)` stores a state-changing call's intent in its transaction.
+        self.audit_sink: Callable[[dict[str, Any], bool], None] | None = None
+        self.write_intent: Callable[[Tx, dict[str, Any]], None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openkms-rotation")
         self._running: set[str] = set()  # secret ids rotating on this node
         self._lock = threading.Lock()
@@ -205,7 +213,7 @@ class Rotation:
         elif fn.kind == "command":
             functions.run_command(fn, payload, self.endpoint, self.ctx.region)
         else:
-            BuiltIn(self.ctx, fn, payload).run()
+            BuiltIn(self.ctx, fn, payload, self).run()
 
     def _event(self, name: str, secret: Secret, token: str, fn: RotationFunction | None, step: str | None = None,
                reason: str | None = None) -> None:
@@ -224,26 +232,63 @@ class Rotation:
             "SecretId": secret.arn, "ClientRequestToken": token or None, "Step": step,
             "RotationLambdaARN": fn.arn(self.ctx.region) if fn is not None else secret.rotation_lambda_arn}.items()
             if v is not None}
+        self.record(event, False)
+
+    def api_event(self, account_id: str, name: str, params: dict[str, Any], read_only: bool) -> dict[str, Any]:
+        """The record of a call a built-in function makes, as Secrets Manager itself (AWSService)."""
+        event = build_event(
+            request_id=new_id(), event_id=new_id(), event_time=time.time(), event_name=name, region=self.ctx.region,
+            source_ip=EVENT_SOURCE, user_agent=EVENT_SOURCE, principal=service_caller(account_id).principal,
+            access_key_id=None, request_parameters={k: v for k, v in params.items() if k in AUDITED_MEMBERS},
+            response_elements=None, error_code=None, error_message=None, resources=[], read_only=read_only,
+            event_source=EVENT_SOURCE)
+        event["userIdentity"] = {"type": "AWSService", "invokedBy": EVENT_SOURCE, "accountId": account_id}
+        return event
+
+    def record(self, event: dict[str, Any], intent: bool) -> None:
+        sink = self.audit_sink
+        if sink is None:
+            return
         try:
-            sink(event)
+            sink(event, intent)
         except Exception:
-            log.warning("could not record %s for secret %s in the audit log", name, secret.arn)
+            log.warning("could not record %s in the audit log", event.get("eventName"))
 
 
 # -- the built-in functions: AWS's templates --------------------------------------------------------------
 class BuiltIn:
     """One step of a built-in function, through this server's own operations (operations.py)."""
 
-    def __init__(self, ctx: Context, fn: RotationFunction, payload: dict[str, Any]) -> None:
-        self.ctx, self.fn = ctx, fn
+    def __init__(self, ctx: Context, fn: RotationFunction, payload: dict[str, Any], rotation: Rotation) -> None:
+        self.ctx, self.fn, self.rotation = ctx, fn, rotation
         self.arn, self.token, self.step = payload["SecretId"], payload["ClientRequestToken"], payload["Step"]
         self.rotation_token = payload.get("RotationToken")
         self.caller = service_caller(fn.account_id)
 
     def _op(self, name: str, **params: Any) -> dict[str, Any]:
+        """One call, recorded in the audit log as any API call is (its intent in the transaction of
+        what it changes), with the members that name what it acted on, never a value."""
         from .operations import OPERATIONS
 
-        return OPERATIONS[name].handler(self.ctx, self.caller.for_operation(name, ()), params)
+        op = OPERATIONS[name]
+        rotation = self.rotation
+        event = rotation.api_event(self.fn.account_id, name, params, op.read_only)
+        intents: list[bool] = []
+
+        def write_intent(tx: Tx) -> None:
+            if rotation.write_intent is not None:
+                rotation.write_intent(tx, event)
+                intents.append(True)
+
+        hook = before_commit.set(write_intent)
+        try:
+            return op.handler(self.ctx, self.caller.for_operation(name, ()), params)
+        except KMSError as exc:
+            event["errorCode"], event["errorMessage"] = exc.code, exc.message
+            raise
+        finally:
+            before_commit.reset(hook)
+            rotation.record(event, bool(intents))
 
     def run(self) -> None:
         # The template's checks: rotation enabled, the token a version of the secret labelled AWSPENDING.
