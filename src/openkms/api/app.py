@@ -280,9 +280,11 @@ class App:
                 answer = await asyncio.get_running_loop().run_in_executor(None, self.readiness)
                 self._ready = ready = (time.monotonic(), answer)
             return ready[1]
-        if self._blocking(headers, body, path):
+        lane = self._blocking(headers, body, path)
+        if lane:
             response, event, intent = await asyncio.get_running_loop().run_in_executor(
-                None, self.handle, method, path, query, headers, body, client)
+                lane if isinstance(lane, concurrent.futures.Executor) else None, self.handle, method, path, query,
+                headers, body, client)
         else:
             response, event, intent = self.handle(method, path, query, headers, body, client)
         if event is None:
@@ -341,8 +343,9 @@ class App:
             body["failed"] = sorted(k for k, v in checks.items() if v != "ok" and not v.startswith("off "))
         return 200 if ready else 503, [("content-type", "application/json")], orjson.dumps(body)
 
-    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool:
-        """Whether the request runs off the event loop. Deciding may read the store (the caller's
+    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | concurrent.futures.Executor:
+        """Whether the request runs off the event loop (True: on the shared pool; an executor: on
+        those threads, an HSM token's). Deciding may read the store (the caller's
         account, whether a key is in a custom key store); if that fails, the request runs off the
         loop, where `handle` answers whatever goes wrong with an AWS error and an audit record."""
         routed = self.dispatch.route(headers.get("x-amz-target", ""))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from datetime import datetime
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class DevApp(App):
             return self._reset_call(method, headers, source_ip)
         return super().handle(method, path, query, headers, body, source_ip)
 
-    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool:
+    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Executor:
         return path == RESET_PATH or super()._blocking(headers, body, path)  # a reset waits on the store
 
     def _caller_account(self, headers: dict[str, str]) -> str | None:

@@ -14,6 +14,7 @@ import base64
 import binascii
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import orjson
@@ -47,8 +48,10 @@ class JsonApi(Protocol):
 
     def known(self, name: str) -> bool: ...
 
-    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool:
-        """Whether the call may wait (on CPU or a remote key store): then it runs off the event loop."""
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Executor:
+        """Whether the call may wait (on CPU or a remote key store): then it runs off the event loop,
+        on the server's shared pool of blocking threads (True) or on the threads given (an HSM
+        token's own: keystore/pkcs11.py)."""
         ...
 
     def tracked(self, name: str) -> bool: ...
@@ -81,7 +84,7 @@ class KmsApi:
     def known(self, name: str) -> bool:
         return name in self._model
 
-    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool:
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Executor:
         op = OPERATIONS.get(name)
         if op is None:
             return False
@@ -96,15 +99,21 @@ class KmsApi:
             return False
         if not isinstance(payload, dict):
             return False
-        if payload.get("CustomKeyStoreId"):
-            return True
+        keystores = self._service.keystores
+        cks_id = payload.get("CustomKeyStoreId")
+        if cks_id:
+            return (isinstance(cks_id, str) and keystores.lane(cks_id)) or True
         refs = [payload.get(m) for m in ("KeyId", "DestinationKeyId", "SourceKeyId")]
         ciphertext = payload.get("CiphertextBlob")
         if isinstance(ciphertext, str):
             refs.append(_blob_key_id(ciphertext))
         lookup = self._service.keys
-        return any(isinstance(ref, str) and (key := lookup.peek(caller_account, ref)) is not None
-                   and key.custom_key_store_id is not None for ref in refs)
+        for ref in refs:
+            if isinstance(ref, str) and (key := lookup.peek(caller_account, ref)) is not None \
+                    and key.custom_key_store_id is not None:
+                # On its token's threads once its store is open here (the first call opens it).
+                return keystores.lane(key.custom_key_store_id) or True
+        return False
 
     def tracked(self, name: str) -> bool:
         op = OPERATIONS.get(name)

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import cast
 
 from ..cache import TTLCache
@@ -182,6 +183,13 @@ class KeyStores:
         with self._lock:
             self._custom[cks_id] = (fingerprint, store)
         return store
+
+    def lane(self, cks_id: str) -> Executor | None:
+        """The threads of the custom key store's token, if this node has opened its PKCS#11 store;
+        None otherwise (the shared pool). Never reads the store: the event loop asks."""
+        with self._lock:
+            opened = self._custom.get(cks_id)
+        return opened[1].lane if opened is not None and isinstance(opened[1], Pkcs11KeyStore) else None
 
     def poll_xks_health(self) -> int:
         """Ask every connected external key store's proxy for its health (the scheduler calls this

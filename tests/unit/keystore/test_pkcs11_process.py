@@ -153,3 +153,23 @@ def test_a_hung_module_makes_its_callers_fail_not_wait_forever(monkeypatch: pyte
     finally:
         release.set()
         thread.join()
+
+
+def test_the_requests_of_a_token_run_on_its_own_lane(softhsm: Any) -> None:
+    """Before its module is loaded a store has no lane (its first call runs on the shared pool and
+    loads it); then every store on one token shares the token's few threads, and the store's calls
+    work from them."""
+    from openkms.model import SecretStr
+
+    label = softhsm.init_token(pin=PIN)
+    first = p11store.TokenSession(softhsm.module, label, SecretStr(PIN))
+    second = p11store.TokenSession(softhsm.module, label, SecretStr(PIN))
+    assert first.lane is None
+    first.run(lambda session: session.generate_random(64))
+    lane = first.lane
+    assert lane is not None
+    second.module  # noqa: B018 -- loads (finds) the module
+    assert second.lane is lane
+    assert len(lane.submit(lambda: bytes(first.run(lambda s: s.generate_random(128)))).result(30)) == 16
+    other = softhsm.init_token(pin=PIN)
+    assert p11store.TokenSession(softhsm.module, other, SecretStr(PIN)).module.lane(other) is not lane
