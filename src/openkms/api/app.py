@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hmac
 import logging
 import re
@@ -38,6 +39,7 @@ from ..errors import (
     ThrottlingException,
     UnknownOperationException,
 )
+from ..lane import Lane
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
 from ..model import Caller
@@ -281,10 +283,12 @@ class App:
                 self._ready = ready = (time.monotonic(), answer)
             return ready[1]
         lane = self._blocking(headers, body, path)
-        if lane:
+        if isinstance(lane, Lane):
+            response, event, intent = await lane.call(
+                functools.partial(self.handle, method, path, query, headers, body, client))
+        elif lane:
             response, event, intent = await asyncio.get_running_loop().run_in_executor(
-                lane if isinstance(lane, concurrent.futures.Executor) else None, self.handle, method, path, query,
-                headers, body, client)
+                None, self.handle, method, path, query, headers, body, client)
         else:
             response, event, intent = self.handle(method, path, query, headers, body, client)
         if event is None:
@@ -343,9 +347,9 @@ class App:
             body["failed"] = sorted(k for k, v in checks.items() if v != "ok" and not v.startswith("off "))
         return 200 if ready else 503, [("content-type", "application/json")], orjson.dumps(body)
 
-    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | concurrent.futures.Executor:
-        """Whether the request runs off the event loop (True: on the shared pool; an executor: on
-        those threads, an HSM token's). Deciding may read the store (the caller's
+    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Lane:
+        """Whether the request runs off the event loop (True: on the shared pool; a lane: on that
+        thread, an HSM token's). Deciding may read the store (the caller's
         account, whether a key is in a custom key store); if that fails, the request runs off the
         loop, where `handle` answers whatever goes wrong with an AWS error and an audit record."""
         routed = self.dispatch.route(headers.get("x-amz-target", ""))

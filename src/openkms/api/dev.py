@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from datetime import datetime
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from ..accounts import Accounts
 from ..audit.record import build_event, new_id
 from ..config import Settings
 from ..errors import ConfigurationError, KMSError, UnknownOperationException, UnrecognizedClientException
+from ..lane import Lane
 from ..model import Principal
 from ..node import Node, serving_node
 from ..storage import Store, Tx
@@ -99,7 +99,7 @@ class DevApp(App):
             return self._reset_call(method, headers, source_ip)
         return super().handle(method, path, query, headers, body, source_ip)
 
-    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Executor:
+    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Lane:
         return path == RESET_PATH or super()._blocking(headers, body, path)  # a reset waits on the store
 
     def _caller_account(self, headers: dict[str, str]) -> str | None:

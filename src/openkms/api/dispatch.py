@@ -14,7 +14,6 @@ import base64
 import binascii
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import orjson
@@ -28,6 +27,7 @@ from ..errors import (
     UnknownOperationException,
     UnsupportedOperationException,
 )
+from ..lane import Lane
 from ..model import Caller
 from ..quotas import CRYPTOGRAPHIC, KMS_SINGLE, PAIR_OPERATIONS, SECRETS_OF, SYMMETRIC, key_quota, pair_quota
 from ..secrets import OPERATIONS as SECRETS_OPERATIONS
@@ -48,10 +48,10 @@ class JsonApi(Protocol):
 
     def known(self, name: str) -> bool: ...
 
-    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Executor:
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Lane:
         """Whether the call may wait (on CPU or a remote key store): then it runs off the event loop,
-        on the server's shared pool of blocking threads (True) or on the threads given (an HSM
-        token's own: keystore/pkcs11.py)."""
+        on the server's shared pool of blocking threads (True) or on the lane given (an HSM
+        token's own thread: keystore/pkcs11.py)."""
         ...
 
     def tracked(self, name: str) -> bool: ...
@@ -84,7 +84,7 @@ class KmsApi:
     def known(self, name: str) -> bool:
         return name in self._model
 
-    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Executor:
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Lane:
         op = OPERATIONS.get(name)
         if op is None:
             return False
@@ -111,7 +111,7 @@ class KmsApi:
         for ref in refs:
             if isinstance(ref, str) and (key := lookup.peek(caller_account, ref)) is not None \
                     and key.custom_key_store_id is not None:
-                # On its token's threads once its store is open here (the first call opens it).
+                # On its token's lane once its store is open here (the first call opens it).
                 return keystores.lane(key.custom_key_store_id) or True
         return False
 

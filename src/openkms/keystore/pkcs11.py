@@ -18,11 +18,12 @@ open one any more is re-initialised, so a token that comes back serves again wit
 a token that stays away is not looked for again for `RETRY_AFTER` seconds, so that its absence
 costs the other tokens of the module nothing.
 
-Requests that use a token run on its own few threads (`Module.lane`), not on the server's shared
-pool of blocking threads: the calls serialise on the module's lock anyway, and dozens of threads
-taking turns at the GIL and that lock cost the node more CPU per request than the token's
-cryptography (measured with bench/hsm.py: 64 threads ~280 us of CPU per Encrypt, 2 threads ~190 us,
-against ~130 us for a key of the default store). A token that hangs holds up only its own lane.
+Requests that use a token run on its own thread (`Module.lane`, openkms/lane.py), not on the
+server's shared pool of blocking threads: the calls serialise on the module's lock anyway, and
+dozens of threads taking turns at the GIL and that lock cost the node more CPU per request than
+the token's cryptography (measured with bench/hsm.py: 64 threads ~280 us of CPU per Encrypt, two
+~190 us, against ~130 us for a key of the default store). A token that hangs holds up only its
+own lane.
 
 A module is loaded at most once per process (by its real path: two paths to one library are one
 module). A process that forks finalises its modules first (`Module.finalize_all`, before the server
@@ -32,7 +33,6 @@ PKCS#11 requires of a child that uses the library.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import hmac
@@ -47,6 +47,7 @@ from ..crypto import blob
 from ..crypto.aead import TAG_BYTES
 from ..crypto.openssl import clear_error_queue
 from ..errors import InvalidCiphertextException, KeyStoreUnavailable
+from ..lane import Lane
 from ..model import Key, KeyFamily, KeySpecInfo, SecretStr
 from ..storage import Store
 from .base import StoredVersion
@@ -55,7 +56,6 @@ log = logging.getLogger("openkms.keystore.pkcs11")
 T = TypeVar("T")
 LOCK_TIMEOUT = 10.0  # seconds a call waits for its module's lock
 RETRY_AFTER = 5.0  # seconds before a token that could not be opened is looked for again
-LANE_THREADS = 2  # threads per token for the requests that use it: one in the token, one in Python
 
 
 class ConnectError(Exception):
@@ -97,8 +97,8 @@ class Module:
         self.away: dict[str, tuple[float, ConnectError]] = {}
         # token label -> digest of the last PIN that logged in to it (kept across re-initialisations)
         self.last_pin: dict[str, bytes] = {}
-        # token label -> the threads that run the requests using the token (made on first use)
-        self.lanes: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        # token label -> the thread that runs the requests using the token (made on first use)
+        self.lanes: dict[str, Lane] = {}
         self._lanes_lock = threading.Lock()  # not the module's: the event loop must never wait for a token
         try:
             self.lib = _p11().lib(path)
@@ -126,7 +126,7 @@ class Module:
             with module.lock:
                 module.sessions.clear()
                 for lane in module.lanes.values():
-                    lane.shutdown(wait=False)
+                    lane.close()
                 module.lanes.clear()
                 with contextlib.suppress(Exception):
                     module.lib.finalize()
@@ -169,15 +169,14 @@ class Module:
             finally:
                 self.generation += 1
 
-    def lane(self, label: str) -> concurrent.futures.Executor:
-        """The threads that run the requests using a token (`LANE_THREADS` of them)."""
+    def lane(self, label: str) -> Lane:
+        """The thread that runs the requests using a token."""
         lane = self.lanes.get(label)
         if lane is None:
             with self._lanes_lock:
                 lane = self.lanes.get(label)
                 if lane is None:
-                    lane = self.lanes[label] = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=LANE_THREADS, thread_name_prefix=f"openkms-hsm-{label}")
+                    lane = self.lanes[label] = Lane(f"openkms-hsm-{label}")
         return lane
 
     def token(self, label: str) -> Any:
@@ -271,8 +270,8 @@ class TokenSession:
         return self._module
 
     @property
-    def lane(self) -> concurrent.futures.Executor | None:
-        """The token's threads, once its module is loaded (None before: the first call loads it)."""
+    def lane(self) -> Lane | None:
+        """The token's lane, once its module is loaded (None before: the first call loads it)."""
         module = self._module
         return module.lane(self.token_label) if module is not None else None
 
@@ -424,8 +423,8 @@ class Pkcs11KeyStore:
         return spec.family is KeyFamily.SYMMETRIC
 
     @property
-    def lane(self) -> concurrent.futures.Executor | None:
-        """Where requests that use this store run (its token's threads), None for the shared pool."""
+    def lane(self) -> Lane | None:
+        """Where requests that use this store run (its token's lane), None for the shared pool."""
         return self._session.lane
 
     def close(self) -> None:

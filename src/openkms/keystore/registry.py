@@ -13,7 +13,6 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import cast
 
 from ..cache import TTLCache
@@ -25,6 +24,7 @@ from ..errors import (
     KMSInternalException,
     UnsupportedOperationException,
 )
+from ..lane import Lane
 from ..model import ConnectionState, CustomKeyStore, Key, KeySpecInfo, Origin, SecretStr, XksProxyConfig
 from ..storage import Changes, Store
 from .base import Asymmetric, Importing, KeyStore
@@ -184,8 +184,8 @@ class KeyStores:
             self._custom[cks_id] = (fingerprint, store)
         return store
 
-    def lane(self, cks_id: str) -> Executor | None:
-        """The threads of the custom key store's token, if this node has opened its PKCS#11 store;
+    def lane(self, cks_id: str) -> Lane | None:
+        """The lane of the custom key store's token, if this node has opened its PKCS#11 store;
         None otherwise (the shared pool). Never reads the store: the event loop asks."""
         with self._lock:
             opened = self._custom.get(cks_id)

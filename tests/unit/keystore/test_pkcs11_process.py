@@ -157,8 +157,10 @@ def test_a_hung_module_makes_its_callers_fail_not_wait_forever(monkeypatch: pyte
 
 def test_the_requests_of_a_token_run_on_its_own_lane(softhsm: Any) -> None:
     """Before its module is loaded a store has no lane (its first call runs on the shared pool and
-    loads it); then every store on one token shares the token's few threads, and the store's calls
-    work from them."""
+    loads it); then every store on one token shares the token's lane, and the store's calls work
+    from its thread."""
+    import asyncio
+
     from openkms.model import SecretStr
 
     label = softhsm.init_token(pin=PIN)
@@ -170,6 +172,6 @@ def test_the_requests_of_a_token_run_on_its_own_lane(softhsm: Any) -> None:
     assert lane is not None
     second.module  # noqa: B018 -- loads (finds) the module
     assert second.lane is lane
-    assert len(lane.submit(lambda: bytes(first.run(lambda s: s.generate_random(128)))).result(30)) == 16
+    assert len(asyncio.run(lane.call(lambda: bytes(first.run(lambda s: s.generate_random(128)))))) == 16
     other = softhsm.init_token(pin=PIN)
     assert p11store.TokenSession(softhsm.module, other, SecretStr(PIN)).module.lane(other) is not lane
