@@ -72,3 +72,34 @@ def test_ready_fails_when_the_root_key_cannot_be_used(app: App, monkeypatch: pyt
     answer = orjson.loads(body)
     assert status == 503 and answer["failed"] == ["root_key"], answer
     assert answer["checks"]["root_key"] == "the root key cannot be used (OSError)"
+
+
+def test_calls_that_use_an_open_hsm_store_run_on_its_tokens_lane(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cryptographic calls with a key of a PKCS#11 store this node has opened run on its token's
+    lane; other calls naming the key, and any call before the store is open, on the shared pool."""
+    from openkms.lane import Lane
+    from openkms.model import Key, KeyState, KeyUsage, Origin
+
+    lane = Lane("test-routing")
+    service = app.node.service
+    key = Key(key_id="11111111-2222-3333-4444-555555555555", account_id="111122223333", region="us-east-1",
+              description="", key_spec="SYMMETRIC_DEFAULT", key_usage=KeyUsage.ENCRYPT_DECRYPT,
+              origin=Origin.AWS_CLOUDHSM, state=KeyState.ENABLED, created=datetime.now(UTC),
+              custom_key_store_id="cks-1234567890abcdef0")
+    opened = {"cks-1234567890abcdef0": lane}
+    monkeypatch.setattr(service.keystores, "any_custom_key_stores", lambda: True)
+    monkeypatch.setattr(service.keystores, "lane", opened.get)
+    monkeypatch.setattr(service.keys, "peek", lambda account, ref: key if ref == key.key_id else None)
+
+    def route(op: str, **payload: str) -> object:
+        return app.kms_api.blocking(op, "111122223333", orjson.dumps(payload))
+
+    try:
+        assert route("Encrypt", KeyId=key.key_id, Plaintext="AA==") is lane
+        assert route("GenerateRandom", CustomKeyStoreId="cks-1234567890abcdef0") is lane
+        assert route("DescribeKey", KeyId=key.key_id) is True
+        assert route("Encrypt", KeyId="22222222-2222-3333-4444-555555555555", Plaintext="AA==") is False
+        opened.clear()  # not opened on this node yet: the first call opens it from the shared pool
+        assert route("Encrypt", KeyId=key.key_id, Plaintext="AA==") is True
+    finally:
+        lane.close()

@@ -39,6 +39,10 @@ from .admin import AdminAPI
 KMS_PREFIX = "TrentService."
 SECRETS_PREFIX = "secretsmanager."
 READ_ONLY_PREFIXES = ("Describe", "List", "Get")  # for operations no table describes
+# The calls that use a custom key store's token run on its lane (keystore/pkcs11.py); any other
+# call that names one of its keys (DescribeKey, tags, deletion: the store's round trips) runs on
+# the shared pool, so that it neither waits behind the token's traffic nor holds it up.
+TOKEN_OPERATIONS = frozenset((*CRYPTOGRAPHIC, "GenerateRandom"))
 
 
 class JsonApi(Protocol):
@@ -100,9 +104,10 @@ class KmsApi:
         if not isinstance(payload, dict):
             return False
         keystores = self._service.keystores
+        on_token = name in TOKEN_OPERATIONS
         cks_id = payload.get("CustomKeyStoreId")
         if cks_id:
-            return (isinstance(cks_id, str) and keystores.lane(cks_id)) or True
+            return (on_token and isinstance(cks_id, str) and keystores.lane(cks_id)) or True
         refs = [payload.get(m) for m in ("KeyId", "DestinationKeyId", "SourceKeyId")]
         ciphertext = payload.get("CiphertextBlob")
         if isinstance(ciphertext, str):
@@ -112,7 +117,7 @@ class KmsApi:
             if isinstance(ref, str) and (key := lookup.peek(caller_account, ref)) is not None \
                     and key.custom_key_store_id is not None:
                 # On its token's lane once its store is open here (the first call opens it).
-                return keystores.lane(key.custom_key_store_id) or True
+                return (on_token and keystores.lane(key.custom_key_store_id)) or True
         return False
 
     def tracked(self, name: str) -> bool:
