@@ -6,12 +6,15 @@ cryptography. The lane's thread takes every call queued since it last looked, ru
 and then hands the loop all their results with one wake-up (like `openkms xks-proxy`'s worker).
 A fast call must not wait for a slow one queued after it: while calls are outstanding the loop
 looks every `POLL_S`, and once the call in progress has run for `SLOW_CALL_S` it takes the results
-finished so far. A token that hangs holds up only its own lane's requests.
+finished so far. A token that hangs holds up only its own lane's requests. A lane serves one
+event loop at a time well (a server worker has one); a caller on another loop still gets its
+answer, through that loop's call_soon_threadsafe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -105,28 +108,44 @@ class Lane:
         if wake and loop is not None:
             try:
                 loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:  # the loop closed meanwhile: nobody is left to answer
+            except RuntimeError:  # that loop has closed: each result goes to its own caller's loop
                 with self._done_lock:
-                    self._done.clear()
+                    done, self._done = self._done, []
                     self._woken = False
+                for future, ok, value in done:
+                    with contextlib.suppress(RuntimeError):  # closed as well: nobody waits
+                        future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
 
     # -- the loop -----------------------------------------------------------------------------
     def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # another loop has called since: its own poll looks
+            return
         self._poll = None
         started = self._started_at
         if started is not None and time.monotonic() - started > SLOW_CALL_S:
             self._deliver()
-        if self._waiting and self._loop is not None:
-            self._poll = self._loop.call_later(POLL_S, self._collect)
+        if self._waiting:
+            self._poll = loop.call_later(POLL_S, self._collect)
 
     def _deliver(self) -> None:
         with self._done_lock:
             done, self._done = self._done, []
             self._woken = False
+        loop = asyncio.get_running_loop()
         for future, ok, value in done:
-            if future.done():  # the request went away
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+            theirs = future.get_loop()
+            if theirs is loop:
+                _settle(future, ok, value)
+            else:  # a caller on another event loop (a server runs one; a test may run more)
+                with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                    theirs.call_soon_threadsafe(_settle, future, ok, value)
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # the request went away
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

@@ -72,3 +72,23 @@ def test_a_closed_lane_takes_no_more_calls() -> None:
     time.sleep(0)
     with pytest.raises(LaneClosed):
         asyncio.run(lane.call(lambda: 1))
+
+
+def test_callers_on_two_event_loops_each_get_their_answers() -> None:
+    lane = Lane("test-lane")
+    answers: dict[str, list[int]] = {}
+
+    def caller(name: str) -> None:
+        async def main() -> list[int]:
+            return list(await asyncio.gather(*(lane.call(lambda i=i: i) for i in range(300))))
+        answers[name] = asyncio.run(main())
+
+    try:
+        threads = [threading.Thread(target=caller, args=(n,)) for n in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert answers == {"a": list(range(300)), "b": list(range(300))}
+    finally:
+        lane.close()
