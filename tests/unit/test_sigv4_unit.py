@@ -284,3 +284,34 @@ def test_any_signature_value_is_a_kms_error(signature: str) -> None:
         return
     with pytest.raises(InvalidSignatureException):
         signed.with_header("authorization", auth).verify()
+
+
+# -- the signer (openkms.sigv4.SigV4Signer) signs as botocore does ------------------------------------
+paths = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.~", min_size=1, max_size=12),
+                 min_size=1, max_size=6).map(lambda parts: "/" + "/".join(parts)).filter(
+    lambda p: "/./" not in p + "/" and "/../" not in p + "/")
+
+
+@settings(max_examples=300)
+@given(path=paths, body=bodies, headers=extra_headers, when=moments)
+def test_the_signer_signs_as_botocore(path: str, body: bytes, headers: dict[str, str], when: datetime) -> None:
+    from openkms.sigv4 import SigV4Signer
+
+    sent = {"Host": "proxy.example:8443", "Content-Type": "application/json", **headers}
+    request = AWSRequest(method="POST", url="https://proxy.example:8443" + path, data=body, headers=dict(sent))
+    with mock.patch("botocore.auth.get_current_datetime", return_value=when.replace(tzinfo=None)):
+        SigV4Auth(Credentials(ACCESS_KEY_ID, SECRET), "kms-xks-proxy", REGION).add_auth(request)
+    ours = SigV4Signer(ACCESS_KEY_ID, SecretStr(SECRET), REGION, "kms-xks-proxy").sign(
+        "POST", path, sent, body, now=when.timestamp())
+    assert ours == {"X-Amz-Date": request.headers["X-Amz-Date"], "Authorization": request.headers["Authorization"]}
+    verifier = SigV4Verifier(REGION, "kms-xks-proxy", lookup)
+    received = {name.lower(): value for name, value in {**sent, **ours}.items()}
+    assert verifier.verify("POST", path, "", received, body, now=when) == (PRINCIPAL, ACCESS_KEY_ID)
+
+
+def test_the_signer_keeps_its_secret_out_of_its_repr() -> None:
+    from openkms.sigv4 import SigV4Signer
+
+    signer = SigV4Signer(ACCESS_KEY_ID, SecretStr(SECRET), REGION, "kms-xks-proxy")
+    signer.sign("POST", "/", {"Host": "h"}, b"")
+    assert SECRET not in repr(signer) and SECRET not in repr(vars(signer))

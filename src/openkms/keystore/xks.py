@@ -2,8 +2,9 @@
 v1.0.3), which encrypts and decrypts with a key the customer's external key manager holds.
 
 `XksClient` speaks the proxy API: JSON over HTTPS (or plain HTTP where the operator allows it),
-requests signed with SigV4 for the service `kms-xks-proxy` (botocore's signer), pooled keep-alive
-connections (urllib3). Each call has a budget (250 ms by default) that covers one retry after a
+requests signed with SigV4 for the service `kms-xks-proxy` (openkms/sigv4.py, botocore's
+algorithm), over pooled keep-alive HTTP/1.1 connections whose answers httptools (llhttp) parses.
+Each call has a budget (250 ms by default) that covers one retry after a
 network failure, and a per-store rate limit (1,800 calls/s by default: AWS's quota per external key
 store) beyond which callers get ThrottlingException. Every answer is checked before it is used
 (lengths, the ciphertext's integrity value); a failure becomes an `XksError` that names its cause.
@@ -19,19 +20,26 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import re
+import select
+import socket
 import ssl
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
+
+import httptools
 
 from ..audit.context import current_request
 from ..crypto import blob
@@ -40,6 +48,7 @@ from ..crypto.openssl import clear_error_queue
 from ..errors import InvalidCiphertextException, KeyStoreUnavailable, ThrottlingException
 from ..model import Key, KeyFamily, KeySpecInfo, SecretStr
 from ..ratelimit import TokenBucket
+from ..sigv4 import SigV4Signer
 from .base import KeyStore, StoredVersion
 
 log = logging.getLogger("openkms.keystore.xks")
@@ -47,6 +56,7 @@ log = logging.getLogger("openkms.keystore.xks")
 SERVICE = "kms-xks-proxy"
 API = "/kms/xks/v1"
 MIN_PLAINTEXT = 4300  # what a proxy must accept (spec); openkms's inner blobs are far smaller
+MAX_ANSWER = 1 << 20  # bytes of a proxy's answer, head and body (a real one is a few KiB)
 DEFAULT_TIMEOUT = 0.25
 DEFAULT_RATE = 1800.0
 
@@ -167,34 +177,31 @@ class XksClient:
     """The XKS proxy API of one external key store."""
 
     def __init__(self, endpoint: XksEndpoint, options: XksOptions) -> None:
-        import urllib3
-
         self.endpoint = endpoint
         self.options = options
         self.limit = TokenBucket(options.rate_limit)
         parts = urlsplit(endpoint.uri_endpoint)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError("not an http(s) endpoint")
-        self._origin = endpoint.uri_endpoint.rstrip("/")
         self._host_header = parts.netloc
-        if parts.scheme == "https":
-            self._pool: Any = urllib3.HTTPSConnectionPool(
-                parts.hostname, parts.port or 443, maxsize=options.pool_size, block=False, retries=False,
-                ssl_context=tls_context(options), server_hostname=parts.hostname)
-        else:
-            self._pool = urllib3.HTTPConnectionPool(parts.hostname, parts.port or 80, maxsize=options.pool_size,
-                                                    block=False, retries=False)
-        from botocore.auth import SigV4Auth
-        from botocore.credentials import Credentials
-
-        self._signer = SigV4Auth(Credentials(endpoint.access_key_id, endpoint.secret.reveal()), SERVICE,
-                                 endpoint.region)
+        self._address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        self._tls = tls_context(options) if parts.scheme == "https" else None
+        # Idle keep-alive connections, the last used first (deque's append and pop are atomic);
+        # a call that finds none opens one, and a connection beyond pool_size is closed after use.
+        self._idle: deque[_Connection] = deque()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._signer = SigV4Signer(endpoint.access_key_id, endpoint.secret, endpoint.region, SERVICE)
+        self.connections_opened = 0  # for tests and benchmarks: keep-alive at work
 
     def __repr__(self) -> str:
         return f"XksClient({self.endpoint!r})"
 
     def close(self) -> None:
-        self._pool.close()
+        with self._lock:
+            self._closed = True
+        while self._idle:
+            self._idle.pop().close()
 
     # -- the four APIs ------------------------------------------------------------------------------
     def health(self, operation: str = "KmsHealthCheck") -> dict[str, Any]:
@@ -276,33 +283,46 @@ class XksClient:
         return self._answer(status, data, xks_key_id)
 
     def _send(self, path: str, body: bytes, deadline: float) -> tuple[int, bytes]:
-        import urllib3
-        from botocore.awsrequest import AWSRequest
-
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        """One exchange on a kept-alive connection (or a new one); XksError on any failure."""
+        if deadline - time.monotonic() <= 0:
             raise XksError("timeout", self._timed_out())
         clear_error_queue()  # what a PKCS#11 module on this thread may have left (crypto/openssl.py)
-        request = AWSRequest(method="POST", url=self._origin + path, data=body,
-                             headers={"Content-Type": "application/json", "Host": self._host_header})
-        self._signer.add_auth(request)
-        headers = {k: str(v) for k, v in request.headers.items()}
+        target = quote(path, safe="/~")
+        headers = {"Host": self._host_header, "Content-Type": "application/json"}
+        headers.update(self._signer.sign("POST", path, headers, body))
+        head = f"POST {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + \
+            f"Content-Length: {len(body)}\r\n\r\n"
+        connection = self._checkout(deadline)
         try:
-            response = self._pool.urlopen("POST", path, body=body, headers=headers, retries=False,
-                                          timeout=urllib3.Timeout(connect=remaining, read=remaining),
-                                          preload_content=True, assert_same_host=False)
-        except urllib3.exceptions.SSLError as exc:
-            raise XksError("tls", f"The TLS connection to the external key store proxy failed: {_short(exc)}.") \
-                from None
-        except urllib3.exceptions.NewConnectionError as exc:  # refused, no route, no such name (before timeouts:
-            # urllib3 makes it a ConnectTimeoutError too)
-            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
-        except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError,
-                urllib3.exceptions.TimeoutError):
-            raise XksError("timeout", self._timed_out()) from None
-        except urllib3.exceptions.HTTPError as exc:
-            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
-        return response.status, response.data
+            status, data, keep = connection.exchange(head.encode() + body, deadline, self._timed_out)
+        except BaseException:
+            connection.close()
+            raise
+        if keep:
+            self._checkin(connection)
+        else:
+            connection.close()
+        return status, data
+
+    def _checkout(self, deadline: float) -> _Connection:
+        while True:
+            try:
+                connection = self._idle.pop()
+            except IndexError:
+                break
+            if connection.usable():
+                return connection
+            connection.close()  # the proxy closed it while it was idle (or sent what it should not)
+        self.connections_opened += 1
+        return _Connection.open(self._address, self._tls, deadline, self._timed_out)
+
+    def _checkin(self, connection: _Connection) -> None:
+        with self._lock:
+            keep = not self._closed and len(self._idle) < self.options.pool_size
+            if keep:
+                self._idle.append(connection)
+        if not keep:
+            connection.close()
 
     def _timed_out(self) -> str:
         return f"The external key store proxy did not answer within {self.options.timeout * 1000:g} ms."
@@ -327,15 +347,132 @@ class XksClient:
 
 
 def _short(exc: BaseException) -> str:
-    """A reason for a message: the innermost error's type and first line, never request data."""
-    inner: BaseException = exc
-    while getattr(inner, "reason", None) is not None and isinstance(inner.reason, BaseException):  # type: ignore[attr-defined]
-        inner = inner.reason  # type: ignore[attr-defined]
-    text = str(inner).splitlines()[0][:240] if str(inner) else ""
-    # urllib3 puts the connection (its repr, or "HTTPSConnection(host=..., port=...)") first: keep
-    # what follows it.
-    text = re.split(r"(?:>|\)): ", text, maxsplit=1)[-1][:160]
-    return text or type(inner).__name__
+    """A reason for a message: what the error says in its first line, never request data."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"[:160]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:160]
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return re.sub(r"^\[[^\]]*\] ", "", text)[:160] or type(exc).__name__
+
+
+class _Answer:
+    """httptools' callbacks for one answer."""
+
+    __slots__ = ("body", "complete", "framed", "headers_done", "keep_alive", "messages", "parser")
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.body: list[bytes] = []
+        self.complete = False
+        self.framed = False  # Content-Length or chunked; otherwise the body runs to the connection's end
+        self.headers_done = False
+        self.keep_alive = False
+        self.messages = 0
+
+    def on_message_begin(self) -> None:
+        self.messages += 1
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()  # what it says only inside this callback
+
+
+class _Connection:
+    """One HTTP/1.1 connection to a proxy (TLS unless the endpoint is http://), one exchange at a
+    time, kept alive between exchanges."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    @classmethod
+    def open(cls, address: tuple[str, int], tls: ssl.SSLContext | None, deadline: float,
+             timed_out: Callable[[], str]) -> _Connection:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise XksError("timeout", timed_out())
+        try:
+            sock = socket.create_connection(address, timeout=remaining)
+        except TimeoutError:
+            raise XksError("timeout", timed_out()) from None
+        except OSError as exc:  # refused, no route, no such name
+            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock = tls.wrap_socket(sock, server_hostname=address[0])
+        except TimeoutError:
+            sock.close()
+            raise XksError("timeout", timed_out()) from None
+        except ssl.SSLError as exc:
+            sock.close()
+            raise XksError("tls", f"The TLS connection to the external key store proxy failed: {_short(exc)}.") \
+                from None
+        except OSError as exc:
+            sock.close()
+            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
+        return cls(sock)
+
+    def usable(self) -> bool:
+        """An idle connection the proxy has neither closed nor written to."""
+        try:
+            if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+                return False
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def exchange(self, request: bytes, deadline: float, timed_out: Callable[[], str]) -> tuple[int, bytes, bool]:
+        """(status, body, whether the connection may be reused)."""
+        answer = _Answer()
+        parser = answer.parser
+        received = 0
+        try:
+            self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            self._sock.sendall(request)
+            while not answer.complete:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self._sock.settimeout(remaining)
+                data = self._sock.recv(65536)
+                if not data:
+                    if answer.headers_done and not answer.framed:
+                        break  # the body ran to the end of the connection
+                    raise ConnectionResetError("the proxy closed the connection before it answered")
+                received += len(data)
+                if received > MAX_ANSWER:
+                    raise XksError("invalid_response", "The external key store proxy's answer is too large.")
+                parser.feed_data(data)
+        except TimeoutError:
+            raise XksError("timeout", timed_out()) from None
+        except httptools.HttpParserError:
+            raise XksError("invalid_response", "The external key store proxy's answer is not HTTP/1.1.") from None
+        except ssl.SSLError as exc:
+            raise XksError("tls", f"The TLS connection to the external key store proxy failed: {_short(exc)}.") \
+                from None
+        except OSError as exc:
+            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
+        keep = answer.complete and answer.keep_alive and answer.messages == 1
+        return parser.get_status_code(), b"".join(answer.body), keep
 
 
 def tls_context(options: XksOptions) -> ssl.SSLContext:

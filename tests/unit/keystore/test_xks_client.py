@@ -2,7 +2,10 @@
 (the real proxy, `openkms xks-proxy`, is tested in tests/test_xks.py and tests/test_xks_proxy.py):
 every answer that is not what the XKS API specifies is refused with its cause, never used; the
 budget holds for a slow proxy; the rate limit throttles; requests are signed and carry the
-requestMetadata of the request being served."""
+requestMetadata of the request being served. The transport against a raw TCP server that writes
+given bytes: calls share kept-alive connections, every framing of an answer (Content-Length,
+chunked, to the end of the connection) is read, a connection the proxy closed is not reused, one
+lost mid-answer is retried once, and any bytes as an answer are an answer or an XksError."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -26,6 +30,7 @@ from openkms.api.sigv4 import SigV4Verifier
 from openkms.audit.context import RequestInfo, current_request
 from openkms.crypto import blob
 from openkms.errors import ThrottlingException
+from openkms.keystore import xks as xks_module
 from openkms.keystore.xks import XksClient, XksEndpoint, XksError, XksOptions
 from openkms.model import Key, KeyState, KeyUsage, Origin, SecretStr
 from openkms.ratelimit import TokenBucket
@@ -252,3 +257,209 @@ def test_blob_v3_round_trip() -> None:
     assert (parsed.key_id, parsed.version, parsed.format) == (KEY.key_id, 7, blob.FORMAT_V3)
     assert blob.unpack_v3(packed) == parts
     assert blob.xks_aad(header, {"a": "b"}) != blob.xks_aad(header, {"a": "c"})
+
+
+# -- the transport: keep-alive, framing, answers that are not HTTP ------------------------------------
+HEALTHY = {"xksProxyFleetSize": 1, "xksProxyVendor": "t", "xksProxyModel": "t", "ekmVendor": "t",
+           "ekmFleetDetails": [{"id": "a", "model": "m", "healthStatus": "ACTIVE"}]}
+
+
+class RawProxy:
+    """A TCP server that reads each request (head and Content-Length body) and writes `answer(n)`,
+    the bytes of its n-th answer (from 0), as they are; it closes the connection after an answer
+    when `close_after` says so. `connections` counts the connections it accepted."""
+
+    def __init__(self, answer: Callable[[int], bytes], close_after: Callable[[int], bool] = lambda n: False) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.connections = 0
+        self.count = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:")))
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                buffer = buffer[length:]
+                n, self.count = self.count, self.count + 1
+                try:
+                    conn.sendall(self.answer(n))
+                except OSError:
+                    return
+                if self.close_after(n):
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def client(self, **options: Any) -> XksClient:
+        endpoint = XksEndpoint(f"http://127.0.0.1:{self.port}", PATH, ACCESS_KEY, SecretStr(SECRET), "us-east-1")
+        return XksClient(endpoint, XksOptions(allow_http=True, **options))
+
+
+def http_answer(body: bytes, status: str = "200 OK", version: str = "HTTP/1.1", framing: str = "length",
+                extra: str = "") -> bytes:
+    head = f"{version} {status}\r\nContent-Type: application/json\r\n{extra}"
+    if framing == "length":
+        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    if framing == "chunked":
+        chunks = b"".join(f"{len(body[i:i + 7]):x}\r\n".encode() + body[i:i + 7] + b"\r\n"
+                          for i in range(0, len(body), 7))
+        return f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunks + b"0\r\n\r\n"
+    return f"{head}\r\n".encode() + body  # the body runs to the end of the connection
+
+
+@pytest.fixture
+def raw_proxies() -> Iterator[Callable[..., RawProxy]]:
+    made: list[RawProxy] = []
+
+    def make(*args: Any, **kwargs: Any) -> RawProxy:
+        made.append(RawProxy(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def test_calls_share_one_kept_alive_connection(proxy: Scripted) -> None:
+    proxy.reply = good_encrypt
+    client = client_for(proxy)
+    for _ in range(20):
+        client.encrypt(KEY, "ext-1", b"p" * 70, AAD)
+    assert client.connections_opened == 1 and len(proxy.requests) == 20
+
+
+def test_concurrent_calls_open_at_most_pool_size_connections_that_stay(proxy: Scripted) -> None:
+    proxy.reply = good_encrypt
+    client = client_for(proxy, pool_size=4)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(10):
+                client.encrypt(KEY, "ext-1", b"p" * 70, AAD)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(proxy.requests) == 80
+    assert len(client._idle) <= 4  # the rest were closed after use
+    opened = client.connections_opened
+    for _ in range(10):  # one at a time now: the kept connections serve them all
+        client.encrypt(KEY, "ext-1", b"p" * 70, AAD)
+    assert client.connections_opened == opened
+
+
+@pytest.mark.parametrize("version, framing, extra", [
+    ("HTTP/1.1", "length", ""), ("HTTP/1.1", "chunked", ""), ("HTTP/1.0", "eof", ""),
+    ("HTTP/1.1", "length", "Connection: close\r\n"), ("HTTP/1.0", "length", ""),
+])
+def test_every_framing_of_an_answer_is_read(raw_proxies: Callable[..., RawProxy], version: str, framing: str,
+                                            extra: str) -> None:
+    data = json.dumps(HEALTHY).encode()
+    keeps = version == "HTTP/1.1" and not extra
+    server = raw_proxies(lambda n: http_answer(data, version=version, framing=framing, extra=extra),
+                         close_after=lambda n: not keeps)
+    client = server.client()
+    for _ in range(3):
+        assert client.health()["xksProxyFleetSize"] == 1
+    # Kept alive only where HTTP/1.1 says so; otherwise a connection per call, none reused after its end.
+    assert client.connections_opened == (1 if keeps else 3) == server.connections
+
+
+def test_a_connection_the_proxy_closed_while_idle_is_not_used(raw_proxies: Callable[..., RawProxy],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The proxy answers keep-alive and then closes anyway (its idle timeout, a restart).
+    server = raw_proxies(lambda n: http_answer(json.dumps(HEALTHY).encode()), close_after=lambda n: True)
+    exchanges = []
+    original = xks_module._Connection.exchange
+
+    def counted(self: Any, *args: Any) -> Any:
+        exchanges.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(xks_module._Connection, "exchange", counted)
+    client = server.client()
+    for _ in range(3):
+        client.health()
+        time.sleep(0.05)  # the close arrives while the connection is idle in the pool
+    # Each call found the closed connection unusable before it sent anything: no failed try, no retry.
+    assert client.connections_opened == 3 and server.count == 3 and len(exchanges) == 3
+
+
+def test_a_connection_lost_mid_answer_is_retried_once(raw_proxies: Callable[..., RawProxy]) -> None:
+    good = http_answer(json.dumps(HEALTHY).encode())
+    server = raw_proxies(lambda n: good if n != 1 else good[:40], close_after=lambda n: n == 1)
+    client = server.client()
+    client.health()
+    client.health()  # its first try is cut off after 40 bytes; the retry on a new connection succeeds
+    assert server.count == 3 and client.connections_opened == 2
+
+
+@pytest.mark.parametrize("answer, cause", [
+    (b"HELLO\r\n\r\n", "invalid_response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", "invalid_response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1_100_000, "invalid_response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}", "unreachable"),  # cut short, again on the retry
+    (b"", "unreachable"),  # closed without a word, twice
+    (http_answer(b"not json"), "invalid_response"),
+    (http_answer(b"[1, 2]"), "invalid_response"),
+])
+def test_an_answer_that_is_not_one_is_named(raw_proxies: Callable[..., RawProxy], answer: bytes,
+                                            cause: str) -> None:
+    server = raw_proxies(lambda n: answer, close_after=lambda n: True)
+    with pytest.raises(XksError) as e:
+        server.client(timeout=2.0).health()
+    assert e.value.cause == cause
+
+
+def test_a_proxy_that_never_answers_times_out_within_the_budget(raw_proxies: Callable[..., RawProxy]) -> None:
+    server = raw_proxies(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{")  # and then nothing
+    started = time.monotonic()
+    with pytest.raises(XksError) as e:
+        server.client(timeout=0.1).health()
+    assert e.value.cause == "timeout" and "100 ms" in e.value.message
+    assert time.monotonic() - started < 1.0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=300) | st.builds(
+    lambda head, body: head + b"\r\n\r\n" + body,
+    st.sampled_from([b"HTTP/1.1 200 OK\r\nContent-Length: 12", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked",
+                     b"HTTP/1.0 200 OK", b"HTTP/1.1 500 Oops\r\nContent-Length: 3"]),
+    st.binary(max_size=60)))
+def test_any_bytes_as_an_answer_are_an_answer_or_an_xks_error(data: bytes) -> None:
+    server = RawProxy(lambda n: data, close_after=lambda n: True)
+    try:
+        server.client(timeout=1.0).health()  # anything but an XksError (a parser's own, a KeyError) fails
+    except XksError as exc:
+        assert exc.message and "Traceback" not in exc.message
+    finally:
+        server.close()
