@@ -23,7 +23,6 @@ import binascii
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import re
 import select
@@ -40,6 +39,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httptools
+import orjson
 
 from ..audit.context import current_request
 from ..crypto import blob
@@ -268,7 +268,7 @@ class XksClient:
             raise ThrottlingException("The external key store's request rate is above its quota "
                                       f"({self.options.rate_limit:g}/s).")
         path = self.endpoint.uri_path + api[len(API):] if api.startswith(API) else api
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        body = orjson.dumps(payload)
         deadline = time.monotonic() + self.options.timeout
         for attempt in (1, 2):
             try:
@@ -329,7 +329,7 @@ class XksClient:
 
     def _answer(self, status: int, data: bytes, xks_key_id: str | None) -> dict[str, Any]:
         try:
-            parsed = json.loads(data) if data else None
+            parsed = orjson.loads(data) if data else None
         except (ValueError, UnicodeDecodeError):
             parsed = None
         if status == 200:
