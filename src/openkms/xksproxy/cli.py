@@ -5,7 +5,7 @@
     openkms xks-proxy keys list --config xks-proxy.toml [--json]
     openkms xks-proxy config-file --config xks-proxy.toml --prefix /example [--endpoint https://host]
 
-Only argparse is imported at parser-building time: the proxy's dependencies (h11, python-pkcs11)
+Only argparse is imported at parser-building time: the proxy's dependencies (httptools, python-pkcs11)
 load when a command runs. Every failure is one line on stderr, exit status 2 for what stops the
 proxy from starting (the file, the PIN, the module, the token, the address) and 1 for a command
 that was refused; no traceback reaches the terminal.

@@ -1,4 +1,5 @@
-"""HTTP/1.1 for the XKS proxy: asyncio, the stdlib `ssl` module and h11.
+"""HTTP/1.1 for the XKS proxy: asyncio, the stdlib `ssl` module and httptools (llhttp, Node.js's
+parser, in C; h11, in pure Python, cost some 100 us of CPU more per request).
 
 Why not the server openkms itself runs on (granian): the proxy must see the client's certificate.
 granian's TLS cannot show the application the peer's certificate, so it cannot check the subject
@@ -23,10 +24,11 @@ warning names the client and the reason. It is also cheaper than asyncio's layer
   read.
 - Keep-alive connections, one request at a time on each (pipelined requests wait their turn); a
   request line and headers of up to 16 KiB, whether they arrive in pieces or in one read (431 past
-  it), bodies up to [limits]' sizes plus room for requestMetadata (413 past it). A request refused
-  that way is answered, then the connection is half-closed and what the client still sends is read
-  and dropped for a second, so that its kernel does not reset the connection before it reads the
-  answer.
+  it), bodies up to [limits]' sizes plus room for requestMetadata (413 past it). What llhttp's
+  strict parse refuses, HTTP/0.9, and an HTTP/1.1 request without Host (or any with two) get 400.
+  A request refused that way is answered, then the connection is half-closed and what the client
+  still sends is read and dropped for a second, so that its kernel does not reset the connection
+  before it reads the answer. `Expect: 100-continue` gets `100 Continue` once the headers are read.
 - A handshake must complete within 2 s; a request must arrive within [server] request_timeout_ms
   of its first byte and be answered within the same time again (503 past it); an idle connection
   is closed after idle_timeout_seconds.
@@ -50,11 +52,12 @@ import logging
 import signal
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-import h11
+import httptools
 
 from .app import JSON, Request, Response, XksApp, compare
 from .config import Config, ConfigError, TlsSettings, load
@@ -68,6 +71,10 @@ HANDSHAKE_GRACE_S = 0.5  # a handshake younger than this is not displaced by a n
 DRAIN_S = 5.0  # at SIGTERM: how long requests in flight may take to finish
 REFUSED_DRAIN_S = 1.0  # after a refused request: how long what the client still sends is read and dropped
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+FEED_BYTES = 16 * 1024  # what is given to the parser at a time (see Connection._parse)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+TOO_LARGE_HEAD = f"The request's line and headers are larger than {MAX_HEADER_BYTES} bytes."
+NOT_HTTP = "The request is not valid HTTP/1.1."
 
 
 def _no_password() -> str:
@@ -113,16 +120,73 @@ def name_in_certificate(cert: dict[str, Any], name: str) -> bool:
     return False
 
 
+class _Stop(Exception):
+    """Raised in a parser callback: the request is refused, nothing more is parsed."""
+
+
+class Refusal(NamedTuple):
+    """A request that cannot be read, answered in its turn (after the requests before it)."""
+    status: int
+    message: str
+    client_close: bool = False  # the client had asked to close (its headers were read)
+
+
+class Complete(NamedTuple):
+    """A request read whole, answered in its turn."""
+    request: Request
+    head: bool  # HEAD: the answer carries no body
+    close: bool  # the client ends keep-alive (Connection: close, HTTP/1.0)
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    """The status line, with the reason phrase HTTPStatus knows (none for a code it does not)."""
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+    return line
+
+
 class Connection(asyncio.Protocol):
-    """One client connection: h11 parses, the app answers, one request at a time."""
+    """One client connection: httptools (llhttp) parses, the app answers, one request at a time.
+
+    llhttp cannot stop in the middle of what it is given: the requests it completes are queued and
+    answered in order. Bytes are given to it FEED_BYTES at a time, and no more while a request
+    waits, so that what a client pipelines waits as bytes (as much as one read), not as parsed
+    requests. The on_* methods are its callbacks, for the request being parsed."""
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()  # made by the server's protocol factory, on the loop
         self.transport: asyncio.Transport | None = None
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        self.request: h11.Request | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: deque[Complete | Refusal] = deque()  # parsed, not yet answered
+        self.buffer = b""  # received, not yet parsed: from self.offset on
+        self.offset = 0
+        self.broken = False  # a Refusal is queued: nothing more is parsed
+        self.eof = False  # the client has sent all it will
+        # The request being parsed.
+        self.in_head = False  # begun, its line and headers not complete
+        self.in_body = False  # its headers complete, its body not
+        self.head_size = 0  # the line and headers as h11 measured them (the optional whitespace left out)
+        self.head_read = 0  # the bytes given to the parser since it began, when known (see _parse)
+        self.completed = False  # a request completed in the bytes given to the parser last
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.hosts = 0
         self.body = bytearray()
+        self.method = b""
+        self.keep_alive = True
+        self.expect_continue = False  # Expect: 100-continue, and no body yet
+        self.upgrade = False
+        self.upgraded: tuple[bytes, bytes, dict[str, str], bool] | None = None  # see _upgraded
+        self.resume: tuple[bytes, bytes, dict[str, str], bool] | None = None
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.peer = ""
@@ -258,19 +322,20 @@ class Connection(asyncio.Protocol):
             self.reading = True
             self.server.idle.pop(self, None)
             self._arm(self.server.config.server.request_timeout_s)
-        try:
-            self.h11.receive_data(data)
-        except h11.RemoteProtocolError:
-            self._close()
+        if self.broken:
             return
+        if self.offset < len(self.buffer):  # only while a request waits: reading is paused then
+            self.buffer = self.buffer[self.offset:] + data
+        else:
+            self.buffer = data
+        self.offset = 0
         self._next()
 
     def eof_received(self) -> bool | None:
         if self.draining:
             self._close()
             return None
-        with contextlib.suppress(h11.RemoteProtocolError):
-            self.h11.receive_data(b"")
+        self.eof = True  # the requests complete already are answered; one begun is dropped
         if self.task is None:
             self._close()
             return None
@@ -294,71 +359,168 @@ class Connection(asyncio.Protocol):
         else:
             self._close()  # idle, or a request that did not arrive in time
 
+    # -- parsing: httptools' callbacks --------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_size = 13  # "  HTTP/1.1\r\n" and the blank line
+        self.head_read = 0
+        self.url = b""
+        self.headers = {}
+        self.hosts = 0
+        self.body = bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url  # in pieces when it arrives in pieces
+        self.head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        value = value.rstrip(b" \t")  # llhttp leaves the trailing whitespace (h11 did not)
+        self.head_size += len(name) + len(value) + 4
+        key = name.lower().decode("latin-1")
+        text = value.decode("latin-1")
+        if key == "host":
+            self.hosts += 1
+        headers = self.headers
+        headers[key] = f"{headers[key]},{text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.in_head, self.in_body = False, True
+        if self.resume is not None:  # _upgraded's stand-in head: the request is the one before it
+            (self.method, self.url, self.headers, self.keep_alive), self.resume = self.resume, None
+            self.expect_continue = self.upgrade = False
+            return
+        self.method = parser.get_method()
+        self.head_size += len(self.method)
+        version = parser.get_http_version()
+        # What h11 refused: HTTP/0.9 (llhttp takes a request line without a version for it), an
+        # HTTP/1.1 request without Host, any with two.
+        if version not in ("1.1", "1.0") or self.hosts > 1 or (self.hosts == 0 and version == "1.1"):
+            self._stop(400, NOT_HTTP)
+        # h11's test and ours: HTTP/1.0 is not kept alive, even when it asks to be.
+        self.keep_alive = parser.should_keep_alive() and version != "1.0"  # only inside a callback
+        if self.head_size > MAX_HEADER_BYTES:
+            self._stop(431, TOO_LARGE_HEAD, not self.keep_alive)
+        limit = self.server.config.limits.max_body_bytes
+        length = self.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self._stop(413, f"The body is larger than {limit} bytes.", not self.keep_alive)
+        self.expect_continue = version == "1.1" and "100-continue" in (
+            part.strip().lower() for part in self.headers.get("expect", "").split(","))
+        self.upgrade = parser.should_upgrade()
+
+    def on_body(self, body: bytes) -> None:
+        self.expect_continue = False
+        self.body += body
+        limit = self.server.config.limits.max_body_bytes
+        if len(self.body) > limit:
+            self._stop(413, f"The body is larger than {limit} bytes.", not self.keep_alive)
+
+    def on_message_complete(self) -> None:
+        self.in_body = False
+        self.expect_continue = False
+        self.completed = True
+        if self.upgrade and ("content-length" in self.headers or "transfer-encoding" in self.headers):
+            # llhttp leaves an Upgrade request's body (and CONNECT's) unread; h11 read it and went
+            # on (the proxy never switches protocols): see _upgraded.
+            self.upgraded = (self.method, self.url, self.headers, self.keep_alive)
+            return
+        path, _, query = self.url.decode("latin-1").partition("?")
+        request = Request(self.method.decode("latin-1"), path, query, self.headers, bytes(self.body), self.peer)
+        self.pending.append(Complete(request, self.method == b"HEAD", not self.keep_alive))
+        self.body = bytearray()
+
+    def _stop(self, status: int, message: str, client_close: bool = False) -> None:
+        self.pending.append(Refusal(status, message, client_close))
+        self.broken = True
+        raise _Stop  # httptools raises it again as HttpParserCallbackError, from feed_data
+
+    def _parse(self) -> None:
+        """Give the parser the next FEED_BYTES of what was received."""
+        end = min(self.offset + FEED_BYTES, len(self.buffer))
+        chunk = memoryview(self.buffer)[self.offset:end]
+        self.completed = False
+        try:
+            self.parser.feed_data(chunk)
+            self.offset = end
+        except httptools.HttpParserUpgrade as exc:  # an Upgrade request (or CONNECT) is complete
+            self.offset += int(exc.args[0])
+            self._upgraded()
+        except httptools.HttpParserError:  # invalid HTTP, or _Stop
+            if not self.broken:
+                self.pending.append(Refusal(400, NOT_HTTP))
+                self.broken = True
+        if self.broken:
+            self.buffer, self.offset = b"", 0
+            return
+        if self.offset >= len(self.buffer):
+            self.buffer, self.offset = b"", 0
+        if self.in_head:
+            # The parser buffers a header until it is complete, so its bytes are counted here:
+            # all the chunk's bytes, unless a request also completed in it (where the next began
+            # is then unknown: its headers are counted as they complete, in head_size).
+            if not self.completed:
+                self.head_read += len(chunk)
+            if max(self.head_read, self.head_size) > MAX_HEADER_BYTES:
+                self.pending.append(Refusal(431, TOO_LARGE_HEAD))
+                self.broken = True
+                self.buffer, self.offset = b"", 0
+
+    def _upgraded(self) -> None:
+        """llhttp stopped after an Upgrade request (the proxy does not upgrade). One with a body:
+        a new parser reads that body as a request with the same framing would have, then what
+        follows; the request is queued from on_message_complete with its own line and headers."""
+        upgraded, self.upgraded = self.upgraded, None
+        if upgraded is None:
+            return  # queued already; the parser goes on with what follows
+        headers = upgraded[2]
+        framing = (b"Transfer-Encoding: chunked" if "transfer-encoding" in headers
+                   else b"Content-Length: " + headers["content-length"].encode("latin-1"))
+        self.resume = upgraded
+        self.parser = httptools.HttpRequestParser(self)
+        try:
+            self.parser.feed_data(b"POST / HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+        except httptools.HttpParserError:
+            if not self.broken:
+                self.pending.append(Refusal(400, NOT_HTTP))
+                self.broken = True
+
     # -- requests -----------------------------------------------------------------------------
     def _next(self) -> None:
-        """Take h11's events until a request is complete (then answer it) or more data is needed."""
-        limits = self.server.config.limits
-        while self.task is None and self.transport is not None:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                self._refuse(status, f"The request's line and headers are larger than {MAX_HEADER_BYTES} bytes."
-                             if status == 431 else "The request is not valid HTTP/1.1.")
+        """Parse what was received until a request is complete (then answer it), a refusal is
+        due, or more data is needed."""
+        if self.task is not None or self.transport is None:
+            return
+        while not self.pending and self.offset < len(self.buffer):
+            self._parse()
+        if self.pending:
+            item = self.pending.popleft()
+            if isinstance(item, Refusal):
+                self.pending.clear()
+                self._refuse(item.status, item.message, item.client_close)
                 return
-            if event is h11.NEED_DATA:
-                if self.h11.they_are_waiting_for_100_continue and self.request is not None:
-                    self._write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
-                return
-            if event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                # h11 holds back only a head that is still incomplete at 16 KiB; one that arrived
-                # whole in one read is measured here (its bytes less the optional whitespace).
-                size, length = len(event.method) + len(event.target) + 13, None
-                for name, value in event.headers:
-                    size += len(name) + len(value) + 4
-                    if name == b"content-length":
-                        length = value
-                if size > MAX_HEADER_BYTES:
-                    self._refuse(431, f"The request's line and headers are larger than {MAX_HEADER_BYTES} bytes.")
-                    return
-                if not self.reading:  # pipelined: it began in the buffer, not with a read
-                    self.reading = True
-                    self.server.idle.pop(self, None)
-                    self._arm(self.server.config.server.request_timeout_s)
-                self.request = event
-                self.body = bytearray()
-                if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-                    self._refuse(413, f"The body is larger than {limits.max_body_bytes} bytes.")
-                    return
-            elif isinstance(event, h11.Data):
-                self.body += event.data
-                if len(self.body) > limits.max_body_bytes:
-                    self._refuse(413, f"The body is larger than {limits.max_body_bytes} bytes.")
-                    return
-            elif isinstance(event, h11.EndOfMessage):
-                assert self.request is not None
-                assert self.transport is not None
-                self.transport.pause_reading()
+            if not self.reading:  # pipelined: it began in the buffer, not with a read
+                self.reading = True
+                self.server.idle.pop(self, None)
+            self.transport.pause_reading()
+            self._arm(self.server.config.server.request_timeout_s)
+            self.task = self.loop.create_task(self._answer(item))
+            return
+        if self.eof:
+            self._close()
+            return
+        if self.in_head or self.in_body:
+            if not self.reading:  # a pipelined request, begun: it must arrive in time too
+                self.reading = True
+                self.server.idle.pop(self, None)
                 self._arm(self.server.config.server.request_timeout_s)
-                self.task = self.loop.create_task(self._answer(self.request, bytes(self.body)))
-                self.request, self.body = None, bytearray()
-            elif isinstance(event, h11.ConnectionClosed):
-                self._close()
-                return
+            if self.expect_continue:
+                self.expect_continue = False
+                self._write(CONTINUE)
 
-    async def _answer(self, event: h11.Request, body: bytes) -> None:
-        target = event.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]},{text}" if key in headers else text
-        request = Request(event.method.decode("latin-1"), path, query, headers, body, self.peer)
+    async def _answer(self, item: Complete) -> None:
         try:
-            response = await self.server.app.handle(request)
+            response = await self.server.app.handle(item.request)
         except asyncio.CancelledError:
             if not self.timed_out or self.transport is None:
                 raise
@@ -366,51 +528,41 @@ class Connection(asyncio.Protocol):
             response = Response.json(error.status, {"errorName": error.name, "errorMessage": error.message})
         self.timed_out = False
         self.task = None
-        self._respond(response, head=event.method == b"HEAD")
+        self._respond(response, head=item.head, client_close=item.close)
         if self.transport is None:
             return
-        if self.h11.our_state is h11.MUST_CLOSE or self.server.stopping:
-            self._close()
-            return
-        try:
-            self.h11.start_next_cycle()
-        except h11.LocalProtocolError:
+        if item.close or self.server.stopping:
             self._close()
             return
         self.reading = False
         self.server.idle[self] = None
         self._arm(self.server.config.server.idle_timeout_s)
         self.transport.resume_reading()
-        self._next()  # a pipelined request may be waiting in h11's buffer already
+        self._next()  # a pipelined request may be waiting already
 
-    def _respond(self, response: Response, head: bool = False, close: bool = False) -> None:
-        headers = [(b"content-type", JSON), (b"content-length", str(len(response.body)).encode())]
+    def _respond(self, response: Response, head: bool = False, close: bool = False,
+                 client_close: bool = False) -> None:
+        """The answer's bytes, as h11 wrote them: the proxy's own `connection: close` as given,
+        h11's `Connection: close` (last) when the client ended keep-alive."""
+        body = response.body
+        data = _status_line(response.status) + b"content-type: " + JSON + b"\r\ncontent-length: " + \
+            str(len(body)).encode() + b"\r\n"
         if response.allow:
-            headers.append((b"allow", response.allow.encode()))
-        if close or self.server.stopping:
-            headers.append((b"connection", b"close"))
-        try:
-            phrase = HTTPStatus(response.status).phrase.encode()
-        except ValueError:
-            phrase = b""
-        try:
-            data = self.h11.send(h11.Response(status_code=response.status, headers=headers, reason=phrase))
-            if not head:
-                data += self.h11.send(h11.Data(data=response.body))
-            data += self.h11.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            self._close()
-            return
-        self._write(data or b"")
+            data += b"allow: " + response.allow.encode() + b"\r\n"
+        if client_close:
+            data += b"Connection: close\r\n"
+        elif close or self.server.stopping:
+            data += b"connection: close\r\n"
+        data += b"\r\n"
+        self._write(data if head else data + body)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, client_close: bool = False) -> None:
         """Answer a request that cannot be read (bad HTTP, too large) and close the connection:
         half-closed at once, closed once the client closes too (or after REFUSED_DRAIN_S). Closing
         a socket with unread data makes the kernel send a reset, which can destroy the answer in
         the client's buffers before it reads it; so what the client still sends is read and dropped."""
         error = {"errorName": "ValidationException", "errorMessage": message}
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            self._respond(Response.json(status, error), close=True)
+        self._respond(Response.json(status, error), close=True, client_close=client_close)
         if self.transport is None:
             return
         self.draining = True
