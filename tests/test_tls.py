@@ -280,7 +280,12 @@ def test_sighup_reloads_the_certificate_under_load_and_loses_no_call(pki: Pki, t
         before = answered[0]
         os.kill(server.proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + 30
-        while peer_serial(server.port, pki.ca) == first:
+        while True:
+            try:
+                if peer_serial(server.port, pki.ca) != first:
+                    break
+            except (ssl.SSLError, ConnectionError):
+                pass  # a handshake the old worker cut as it stopped: a client connects again, as boto3 does
             assert time.monotonic() < deadline, "the new certificate was not served within 30 s"
             time.sleep(0.2)
         time.sleep(0.5)
