@@ -20,7 +20,9 @@ operation a peer does not support instead of failing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import shutil
 import statistics
@@ -30,6 +32,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
@@ -351,9 +354,11 @@ class Alternating(Protocol):
     def request(self) -> SignedRequest: ...
 
 
-def measure_alternating(loads: Sequence[Alternating], options: LoadOptions) -> None:
+def measure_alternating(loads: Sequence[Alternating], options: LoadOptions,
+                        around: Callable[[Alternating], AbstractContextManager[Any]] | None = None) -> None:
     """A warm-up per load, then `options.repeat` rounds of one measured run per load, in turn forward
     and backward (A B, B A, ...), so that slow drift of the box costs every load about the same.
+    `around(load)`, if given, is entered for each measured run (its run is `load.runs[-1]` on exit).
 
     Every signed request is sent once first and must answer 200, and a run with any non-2xx answer
     is rejected: both raise ErrorAnswer (a BenchError).
@@ -368,8 +373,32 @@ def measure_alternating(loads: Sequence[Alternating], options: LoadOptions) -> N
             progress(f"{load.label}: measuring {options.duration} s ({i + 1}/{options.repeat})")
             request = load.request()
             check_replay(request, load.label)
-            load.runs.append(run_wrk(request, duration=options.duration, connections=options.connections,
-                                     threads=options.threads))
+            with around(load) if around is not None else contextlib.nullcontext():
+                load.runs.append(run_wrk(request, duration=options.duration, connections=options.connections,
+                                         threads=options.threads))
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process and every process below it, now (Linux's /proc);
+    a process that is gone counts 0."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+        todo.extend(children.get(current, ()))
+    return total
 
 
 # The quotas every account gets on a benchmark's servers: far above what this machine serves, so

@@ -11,8 +11,10 @@ Encrypt is double encryption: the key's own material, then the external key thro
 one in the default store. The second server has no custom key store: its default-store key is the
 baseline. One signed `TrentService.Encrypt` of 32 random bytes per key is replayed by wrk: a
 warm-up each, then the measured runs, rounds interleaved. Prints req/s, p50 and p99 per key, the
-ratios, and whether the issue's targets are met (>= 1,800 Encrypt/s, AWS's default quota per
-external key store, with p99 < 100 ms; the default store's figure unchanged beside it). The
+ratios, the CPU each request cost openkms (its processes: the worker and the audit writer) and the
+proxy (from /proc, around each measured run; medians), and whether the issue's targets are met
+(>= 1,800 Encrypt/s, AWS's default quota per external key store, with p99 < 100 ms; the default
+store's figure unchanged beside it). The
 server's per-store rate limit is raised for the run, so that it measures the path, not the quota.
 It prints; it asserts nothing about timing. Exit status: 0 measured, 1 a run failed, 2 a tool is
 missing (wrk, softhsm2-util, openssl).
@@ -21,11 +23,14 @@ missing (wrk, softhsm2-util, openssl).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 # The repository root, for `tests.server` and `bench` when run as `python bench/xks.py`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,6 +41,7 @@ from bench._load import (
     lift_quotas,
     measure_alternating,
     parse_load_args,
+    process_cpu_seconds,
     progress,
     run_bench,
 )
@@ -81,7 +87,32 @@ def start_proxy(workdir: Path) -> tuple[ProxyProcess, Pki, Store, dict[str, str]
     return ProxyProcess(config, port, tls=True).start(), pki, store, env
 
 
-def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
+class CpuPerRequest:
+    """`around` for measure_alternating: the CPU microseconds per request of each target's server
+    (its process tree) and of the proxy, per measured run."""
+
+    def __init__(self, proxy_pid: int) -> None:
+        self.proxy_pid = proxy_pid
+        self.runs: dict[str, list[tuple[float, float]]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, target: Any) -> Iterator[None]:
+        assert target.server.proc is not None
+        server_pid = target.server.proc.pid
+        before = (process_cpu_seconds(server_pid), process_cpu_seconds(self.proxy_pid))
+        yield
+        requests = max(target.runs[-1]["requests"], 1)
+        self.runs.setdefault(target.name, []).append(
+            (1e6 * (process_cpu_seconds(server_pid) - before[0]) / requests,
+             1e6 * (process_cpu_seconds(self.proxy_pid) - before[1]) / requests))
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {name: {"openkms_us": round(statistics.median(r[0] for r in runs), 1),
+                       "proxy_us": round(statistics.median(r[1] for r in runs), 1)}
+                for name, runs in self.runs.items()}
+
+
+def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Target], dict[str, dict[str, float]]]:
     options = LoadOptions.from_args(args)
     proxy, pki, store, env = start_proxy(workdir)
     xks_env = {"OPENKMS_XKS_CA_BUNDLE": str(pki.ca), "OPENKMS_XKS_RATE_LIMIT": "1000000"}
@@ -115,8 +146,10 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Target]:
             Target("default", with_xks, kms.create_key()["KeyMetadata"]["KeyId"]),
             Target("xks", with_xks, xks_key["KeyId"]),
         ]
-        measure_alternating(targets, options)
-        return targets
+        assert proxy.proc is not None
+        cpu = CpuPerRequest(proxy.proc.pid)
+        measure_alternating(targets, options, around=cpu)
+        return targets, cpu.medians()
     finally:
         for server in (with_xks, baseline):
             server.stop()
@@ -128,12 +161,24 @@ LEGEND = ("baseline: a default-store key on a server with no custom key store; d
           "-> SoftHSM2, all on this machine)")
 
 
+def measure(args: argparse.Namespace, workdir: Path, load_before: float) -> dict[str, Any]:
+    targets, cpu = run(args, workdir)
+    summary = summarize("xks", "xks", targets, args, load_before, TARGET_RPS, TARGET_P99_MS)
+    summary["cpu_us_per_request"] = cpu
+    return summary
+
+
+def show(summary: dict[str, Any]) -> None:
+    print_table(summary, LEGEND, "external-store")
+    print("CPU per request (medians of the runs, /proc): " + "; ".join(
+        f"{name}: openkms {c['openkms_us']:,.0f} us" + (f", proxy {c['proxy_us']:,.0f} us" if name == "xks" else "")
+        for name, c in summary["cpu_us_per_request"].items()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
-    return run_bench("bench/xks.py", args,
-                     lambda tmp: summarize("xks", "xks", run(args, tmp), args, load_before, TARGET_RPS, TARGET_P99_MS),
-                     lambda summary: print_table(summary, LEGEND, "external-store"), needs_moto=False)
+    return run_bench("bench/xks.py", args, lambda tmp: measure(args, tmp, load_before), show, needs_moto=False)
 
 
 if __name__ == "__main__":
