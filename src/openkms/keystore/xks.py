@@ -431,10 +431,11 @@ class _Connection:
         try:
             if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
                 return False
-            readable, _, _ = select.select([self._sock], [], [], 0)
+            poller = select.poll()  # not select.select: it cannot watch a descriptor above 1023
+            poller.register(self._sock, select.POLLIN)
+            return not poller.poll(0)  # readable while idle: closed by the proxy, or data it should not send
         except (OSError, ValueError):
             return False
-        return not readable
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -463,3 +463,26 @@ def test_any_bytes_as_an_answer_are_an_answer_or_an_xks_error(data: bytes) -> No
         assert exc.message and "Traceback" not in exc.message
     finally:
         server.close()
+
+
+def test_a_connection_above_descriptor_1023_is_kept_alive_too(proxy: Scripted) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"this process may open only {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the next socket gets a high number
+    try:
+        proxy.reply = good_encrypt
+        client = client_for(proxy)
+        for _ in range(5):
+            client.encrypt(KEY, "ext-1", b"p" * 70, AAD)
+        assert client._idle and client._idle[0]._sock.fileno() > 1023
+        assert client.connections_opened == 1  # select.select could not have told it was still open
+        client.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
