@@ -356,6 +356,16 @@ def _short(exc: BaseException) -> str:
     return re.sub(r"^\[[^\]]*\] ", "", text)[:160] or type(exc).__name__
 
 
+def _network_error(exc: OSError, timed_out: Callable[[], str]) -> XksError:
+    """A socket's failure as the cause it names: no answer in time, TLS, or the proxy not reachable
+    (refused, reset, no route, no such name)."""
+    if isinstance(exc, TimeoutError):
+        return XksError("timeout", timed_out())
+    if isinstance(exc, ssl.SSLError):
+        return XksError("tls", f"The TLS connection to the external key store proxy failed: {_short(exc)}.")
+    return XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.")
+
+
 class _Answer:
     """httptools' callbacks for one answer."""
 
@@ -405,25 +415,16 @@ class _Connection:
             raise XksError("timeout", timed_out())
         try:
             sock = socket.create_connection(address, timeout=remaining)
-        except TimeoutError:
-            raise XksError("timeout", timed_out()) from None
-        except OSError as exc:  # refused, no route, no such name
-            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
+        except OSError as exc:  # refused, no route, no such name, no answer in time
+            raise _network_error(exc, timed_out) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 sock = tls.wrap_socket(sock, server_hostname=address[0])
-        except TimeoutError:
-            sock.close()
-            raise XksError("timeout", timed_out()) from None
-        except ssl.SSLError as exc:
-            sock.close()
-            raise XksError("tls", f"The TLS connection to the external key store proxy failed: {_short(exc)}.") \
-                from None
         except OSError as exc:
             sock.close()
-            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
+            raise _network_error(exc, timed_out) from None
         return cls(sock)
 
     def usable(self) -> bool:
@@ -463,15 +464,10 @@ class _Connection:
                 if received > MAX_ANSWER:
                     raise XksError("invalid_response", "The external key store proxy's answer is too large.")
                 parser.feed_data(data)
-        except TimeoutError:
-            raise XksError("timeout", timed_out()) from None
         except httptools.HttpParserError:
             raise XksError("invalid_response", "The external key store proxy's answer is not HTTP/1.1.") from None
-        except ssl.SSLError as exc:
-            raise XksError("tls", f"The TLS connection to the external key store proxy failed: {_short(exc)}.") \
-                from None
         except OSError as exc:
-            raise XksError("unreachable", f"The external key store proxy is not reachable: {_short(exc)}.") from None
+            raise _network_error(exc, timed_out) from None
         keep = answer.complete and answer.keep_alive and answer.messages == 1
         return parser.get_status_code(), b"".join(answer.body), keep
 
