@@ -103,3 +103,43 @@ def test_calls_that_use_an_open_hsm_store_run_on_its_tokens_lane(app: App, monke
         assert route("Encrypt", KeyId=key.key_id, Plaintext="AA==") is True
     finally:
         lane.close()
+
+
+def test_calls_that_use_an_open_external_store_run_on_the_loop(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cryptographic calls whose keys are all in external key stores this node has opened run on
+    the event loop (waiting on the proxy there: onloop.py); a call that also uses an HSM key goes
+    to that token's lane, other calls naming the key and any call before the store is open, to the
+    shared pool."""
+    from openkms.lane import Lane
+    from openkms.model import Key, KeyState, KeyUsage, Origin
+    from openkms.onloop import ON_LOOP
+
+    def key(key_id: str, origin: Origin, cks_id: str) -> Key:
+        return Key(key_id=key_id, account_id="111122223333", region="us-east-1", description="",
+                   key_spec="SYMMETRIC_DEFAULT", key_usage=KeyUsage.ENCRYPT_DECRYPT, origin=origin,
+                   state=KeyState.ENABLED, created=datetime.now(UTC), custom_key_store_id=cks_id)
+
+    xks = key("11111111-2222-3333-4444-555555555555", Origin.EXTERNAL_KEY_STORE, "cks-xxxxxxxxxxxxxxxx1")
+    hsm = key("33333333-2222-3333-4444-555555555555", Origin.AWS_CLOUDHSM, "cks-hhhhhhhhhhhhhhhh1")
+    keys = {k.key_id: k for k in (xks, hsm)}
+    lane = Lane("test-routing-xks")
+    external = {xks.custom_key_store_id}
+    service = app.node.service
+    monkeypatch.setattr(service.keystores, "any_custom_key_stores", lambda: True)
+    monkeypatch.setattr(service.keystores, "external", lambda cks: cks in external)
+    monkeypatch.setattr(service.keystores, "lane", {hsm.custom_key_store_id: lane}.get)
+    monkeypatch.setattr(service.keys, "peek", lambda account, ref: keys.get(ref))
+
+    def route(op: str, **payload: str) -> object:
+        return app.kms_api.blocking(op, "111122223333", orjson.dumps(payload))
+
+    try:
+        assert route("Encrypt", KeyId=xks.key_id, Plaintext="AA==") is ON_LOOP
+        assert route("GenerateDataKey", KeyId=xks.key_id, NumberOfBytes="32") is ON_LOOP
+        assert route("ReEncrypt", DestinationKeyId=xks.key_id, SourceKeyId=xks.key_id) is ON_LOOP
+        assert route("ReEncrypt", DestinationKeyId=hsm.key_id, SourceKeyId=xks.key_id) is lane  # an HSM call too
+        assert route("DescribeKey", KeyId=xks.key_id) is True
+        external.clear()  # not opened on this node yet: the first call opens it from the shared pool
+        assert route("Encrypt", KeyId=xks.key_id, Plaintext="AA==") is True
+    finally:
+        lane.close()

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from .. import onloop
 from ..audit import context as audit_context
 from ..audit.record import build_event, new_id
 from ..config import Settings
@@ -44,6 +45,7 @@ from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
 from ..model import Caller
 from ..node import Node, serving_node
+from ..onloop import ON_LOOP, OnLoop
 from ..scheduler import Scheduler
 from ..storage import Tx, before_commit
 from . import sts
@@ -283,7 +285,10 @@ class App:
                 self._ready = ready = (time.monotonic(), answer)
             return ready[1]
         lane = self._blocking(headers, body, path)
-        if isinstance(lane, Lane):
+        if lane is ON_LOOP:  # it waits on an XKS proxy: on this loop, suspended meanwhile
+            response, event, intent = await onloop.run(
+                functools.partial(self.handle, method, path, query, headers, body, client))
+        elif isinstance(lane, Lane):
             response, event, intent = await lane.call(
                 functools.partial(self.handle, method, path, query, headers, body, client))
         elif lane:
@@ -347,7 +352,7 @@ class App:
             body["failed"] = sorted(k for k, v in checks.items() if v != "ok" and not v.startswith("off "))
         return 200 if ready else 503, [("content-type", "application/json")], orjson.dumps(body)
 
-    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Lane:
+    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Lane | OnLoop:
         """Whether the request runs off the event loop (True: on the shared pool; a lane: on that
         thread, an HSM token's). Deciding may read the store (the caller's
         account, whether a key is in a custom key store); if that fails, the request runs off the

@@ -36,6 +36,7 @@ from ..errors import ConfigurationError, KMSError, UnknownOperationException, Un
 from ..lane import Lane
 from ..model import Principal
 from ..node import Node, serving_node
+from ..onloop import OnLoop
 from ..storage import Store, Tx
 from ..storage import schema as t
 from .app import App, Event, Response, configure_logging
@@ -99,7 +100,7 @@ class DevApp(App):
             return self._reset_call(method, headers, source_ip)
         return super().handle(method, path, query, headers, body, source_ip)
 
-    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Lane:
+    def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Lane | OnLoop:
         return path == RESET_PATH or super()._blocking(headers, body, path)  # a reset waits on the store
 
     def _caller_account(self, headers: dict[str, str]) -> str | None:

@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..lane import Lane
 from ..model import Caller
+from ..onloop import ON_LOOP, OnLoop
 from ..quotas import CRYPTOGRAPHIC, KMS_SINGLE, PAIR_OPERATIONS, SECRETS_OF, SYMMETRIC, key_quota, pair_quota
 from ..secrets import OPERATIONS as SECRETS_OPERATIONS
 from ..service import OPERATIONS, Context, Op
@@ -39,9 +40,10 @@ from .admin import AdminAPI
 KMS_PREFIX = "TrentService."
 SECRETS_PREFIX = "secretsmanager."
 READ_ONLY_PREFIXES = ("Describe", "List", "Get")  # for operations no table describes
-# The calls that use a custom key store's token run on its lane (keystore/pkcs11.py); any other
-# call that names one of its keys (DescribeKey, tags, deletion: the store's round trips) runs on
-# the shared pool, so that it neither waits behind the token's traffic nor holds it up.
+# The calls that use a custom key store's token run on its lane (keystore/pkcs11.py), those that
+# use only external key stores' keys on the event loop, waiting on the proxy there (onloop.py);
+# any other call that names one of their keys (DescribeKey, tags, deletion: the store's round
+# trips) runs on the shared pool, so that it neither waits behind the token's traffic nor holds it up.
 TOKEN_OPERATIONS = frozenset((*CRYPTOGRAPHIC, "GenerateRandom"))
 
 
@@ -52,10 +54,11 @@ class JsonApi(Protocol):
 
     def known(self, name: str) -> bool: ...
 
-    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Lane:
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Lane | OnLoop:
         """Whether the call may wait (on CPU or a remote key store): then it runs off the event loop,
         on the server's shared pool of blocking threads (True) or on the lane given (an HSM
-        token's own thread: keystore/pkcs11.py)."""
+        token's own thread: keystore/pkcs11.py); or ON_LOOP: on the loop, suspended while it
+        waits on an XKS proxy (onloop.py)."""
         ...
 
     def tracked(self, name: str) -> bool: ...
@@ -88,7 +91,7 @@ class KmsApi:
     def known(self, name: str) -> bool:
         return name in self._model
 
-    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Lane:
+    def blocking(self, name: str, caller_account: str | None, body: bytes) -> bool | Lane | OnLoop:
         op = OPERATIONS.get(name)
         if op is None:
             return False
@@ -113,12 +116,21 @@ class KmsApi:
         if isinstance(ciphertext, str):
             refs.append(_blob_key_id(ciphertext))
         lookup = self._service.keys
-        for ref in refs:
-            if isinstance(ref, str) and (key := lookup.peek(caller_account, ref)) is not None \
-                    and key.custom_key_store_id is not None:
-                # On its token's lane once its store is open here (the first call opens it).
-                return (on_token and keystores.lane(key.custom_key_store_id)) or True
-        return False
+        stores = list(dict.fromkeys(
+            key.custom_key_store_id for ref in refs
+            if isinstance(ref, str) and (key := lookup.peek(caller_account, ref)) is not None
+            and key.custom_key_store_id is not None))
+        if not stores:
+            return False
+        if on_token:
+            # Only external key stores', opened here: on the loop, waiting on the proxy there.
+            if all(keystores.external(s) for s in stores):
+                return ON_LOOP
+            # On a token's lane once its store is open here (the first call opens it).
+            for cks in stores:
+                if (lane := keystores.lane(cks)) is not None:
+                    return lane
+        return True
 
     def tracked(self, name: str) -> bool:
         op = OPERATIONS.get(name)

@@ -747,7 +747,8 @@ ENVIRONMENT_SETTINGS: dict[str, str] = {
     "xks_timeout_ms": "time limit of each XKS proxy call, a retry included (10-60000)",
     "xks_rate_limit": "calls per second to each external key store from this node",
     "xks_health_interval": "seconds between health checks of each connected XKS proxy",
-    "blocking_threads": "threads for calls that wait on an XKS proxy or the store (1-1024); HSM crypto has its own",
+    "blocking_threads": "threads for calls that wait on the store or an XKS proxy (1-1024); XKS and HSM crypto "
+                        "do not use them",
     "rotation_ca_bundle": "CA bundle (PEM) to verify webhook rotation functions with [the system's]",
     "rotation_allow_http": "allow http:// webhook URLs",
     "rotation_allowed_networks": "CIDRs, comma-separated, a webhook may be on besides public addresses",

@@ -191,6 +191,13 @@ class KeyStores:
             opened = self._custom.get(cks_id)
         return opened[1].lane if opened is not None and isinstance(opened[1], Pkcs11KeyStore) else None
 
+    def external(self, cks_id: str) -> bool:
+        """Whether this node has opened the custom key store and it is an external key store (its
+        calls wait on the proxy on the event loop: onloop.py). Never reads the store."""
+        with self._lock:
+            opened = self._custom.get(cks_id)
+        return opened is not None and isinstance(opened[1], XksKeyStore)
+
     def poll_xks_health(self) -> int:
         """Ask every connected external key store's proxy for its health (the scheduler calls this
         periodically, off the event loop); returns how many were asked."""

@@ -18,6 +18,7 @@ external key, the proxy or the credential makes the data unreadable at once.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -31,6 +32,7 @@ import ssl
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from urllib.parse import quote, urlsplit
 import httptools
 import orjson
 
+from .. import onloop
 from ..audit.context import current_request
 from ..crypto import blob
 from ..crypto.aead import TAG_BYTES
@@ -71,7 +74,10 @@ class XksOptions:
     allow_http: bool = False  # plain http:// endpoints (a proxy on a trusted network only)
     timeout: float = DEFAULT_TIMEOUT  # seconds per proxy call, a retry included
     rate_limit: float = DEFAULT_RATE  # calls per second per external key store, on this node
-    pool_size: int = 32  # keep-alive connections per external key store
+    # Idle keep-alive connections kept per external key store (per event loop, and for threads).
+    # Above the calls in flight at once (each needs its own), or every call past it would pay a
+    # TLS handshake; the proxy closes the ones it finds idle too long, and they are not used then.
+    pool_size: int = 256
 
 
 @dataclass(frozen=True)
@@ -189,10 +195,13 @@ class XksClient:
         # Idle keep-alive connections, the last used first (deque's append and pop are atomic);
         # a call that finds none opens one, and a connection beyond pool_size is closed after use.
         self._idle: deque[_Connection] = deque()
+        # A request served on the event loop (onloop.py) uses a connection of that loop's own.
+        self._loop_idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, deque[_LoopConnection]] = \
+            weakref.WeakKeyDictionary()
         self._closed = False
         self._lock = threading.Lock()
         self._signer = SigV4Signer(endpoint.access_key_id, endpoint.secret, endpoint.region, SERVICE)
-        self.connections_opened = 0  # for tests and benchmarks: keep-alive at work
+        self.connections_opened = 0  # for tests: keep-alive at work
 
     def __repr__(self) -> str:
         return f"XksClient({self.endpoint!r})"
@@ -200,8 +209,14 @@ class XksClient:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            on_loops = [(loop, list(idle)) for loop, idle in self._loop_idle.items()]
+            self._loop_idle.clear()
         while self._idle:
             self._idle.pop().close()
+        for loop, connections in on_loops:  # closed on their own loop's thread
+            for connection in connections:
+                with contextlib.suppress(RuntimeError):  # that loop is closed: so are its connections
+                    loop.call_soon_threadsafe(connection.close)
 
     # -- the four APIs ------------------------------------------------------------------------------
     def health(self, operation: str = "KmsHealthCheck") -> dict[str, Any]:
@@ -286,15 +301,17 @@ class XksClient:
         """One exchange on a kept-alive connection (or a new one); XksError on any failure."""
         if deadline - time.monotonic() <= 0:
             raise XksError("timeout", self._timed_out())
-        clear_error_queue()  # what a PKCS#11 module on this thread may have left (crypto/openssl.py)
-        target = quote(path, safe="/~")
         headers = {"Host": self._host_header, "Content-Type": "application/json"}
         headers.update(self._signer.sign("POST", path, headers, body))
-        head = f"POST {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + \
-            f"Content-Length: {len(body)}\r\n\r\n"
+        request = (f"POST {quote(path, safe='/~')} HTTP/1.1\r\n" +
+                   "".join(f"{k}: {v}\r\n" for k, v in headers.items()) +
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        if onloop.suspendable():  # a request served on the event loop: wait there, not on this thread
+            return onloop.wait(self._send_on_loop(request, deadline))
+        clear_error_queue()  # what a PKCS#11 module on this thread may have left (crypto/openssl.py)
         connection = self._checkout(deadline)
         try:
-            status, data, keep = connection.exchange(head.encode() + body, deadline, self._timed_out)
+            status, data, keep = connection.exchange(request, deadline, self._timed_out)
         except BaseException:
             connection.close()
             raise
@@ -321,6 +338,49 @@ class XksClient:
             keep = not self._closed and len(self._idle) < self.options.pool_size
             if keep:
                 self._idle.append(connection)
+        if not keep:
+            connection.close()
+
+    async def _send_on_loop(self, request: bytes, deadline: float) -> tuple[int, bytes]:
+        """`_send`'s exchange on the running event loop, on a connection of its own."""
+        loop = asyncio.get_running_loop()
+        connection: _LoopConnection | None = None
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                connection = self._loop_checkout(loop)
+                if connection is None:
+                    self.connections_opened += 1
+                    connection = await _LoopConnection.open(self._address, self._tls)
+                status, data, keep = await connection.exchange(request)
+        except BaseException as exc:
+            if connection is not None:
+                connection.close()
+            if isinstance(exc, OSError):  # TimeoutError (the budget) among them
+                raise _network_error(exc, self._timed_out) from None
+            raise
+        if keep:
+            self._loop_checkin(loop, connection)
+        else:
+            connection.close()
+        return status, data
+
+    def _loop_checkout(self, loop: asyncio.AbstractEventLoop) -> _LoopConnection | None:
+        with self._lock:
+            idle = self._loop_idle.get(loop)
+        while idle:
+            connection = idle.pop()
+            if connection.usable():
+                return connection
+            connection.close()
+        return None
+
+    def _loop_checkin(self, loop: asyncio.AbstractEventLoop, connection: _LoopConnection) -> None:
+        with self._lock:
+            idle = None if self._closed else self._loop_idle.setdefault(loop, deque())
+            keep = idle is not None and len(idle) < self.options.pool_size
+            if keep:
+                assert idle is not None
+                idle.append(connection)
         if not keep:
             connection.close()
 
@@ -470,6 +530,89 @@ class _Connection:
             raise _network_error(exc, timed_out) from None
         keep = answer.complete and answer.keep_alive and answer.messages == 1
         return parser.get_status_code(), b"".join(answer.body), keep
+
+
+class _LoopConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection to a proxy on an event loop (TLS by the loop, unless http://), one
+    exchange at a time, kept alive between exchanges; what arrives is fed to httptools as it comes.
+    Used only on its loop's thread."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._answer: _Answer | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._received = 0
+        self._broken = False  # the proxy closed it, or wrote to it while no answer was due
+
+    @classmethod
+    async def open(cls, address: tuple[str, int], tls: ssl.SSLContext | None) -> _LoopConnection:
+        """Connected (and through the TLS handshake); OSError as the loop raises it."""
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(cls, address[0], address[1], ssl=tls,
+                                                   server_hostname=address[0] if tls is not None else None)
+        return protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # a stream transport: create_connection
+
+    def data_received(self, data: bytes) -> None:
+        answer = self._answer
+        if answer is None or self._waiter is None or self._waiter.done():
+            self._broken = True  # bytes no request asked for: never reused
+            return
+        self._received += len(data)
+        if self._received > MAX_ANSWER:
+            self._settle(XksError("invalid_response", "The external key store proxy's answer is too large."))
+            return
+        try:
+            answer.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._settle(XksError("invalid_response", "The external key store proxy's answer is not HTTP/1.1."))
+            return
+        if answer.complete:
+            self._settle(None)
+
+    def eof_received(self) -> bool:
+        self._ended()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _ended(self) -> None:
+        self._broken = True
+        answer = self._answer
+        if answer is not None and answer.headers_done and not answer.framed:
+            self._settle(None)  # the body ran to the end of the connection
+        else:
+            self._settle(ConnectionResetError("the proxy closed the connection before it answered"))
+
+    def _settle(self, error: BaseException | None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    def usable(self) -> bool:
+        """An idle connection the proxy has neither closed nor written to."""
+        return not self._broken and self._transport is not None and not self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
+        """(status, body, whether the connection may be reused); OSError or XksError."""
+        assert self._transport is not None
+        answer = self._answer = _Answer()
+        self._received = 0
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(request)
+        await self._waiter
+        keep = answer.complete and answer.keep_alive and answer.messages == 1 and not self._broken
+        return answer.parser.get_status_code(), b"".join(answer.body), keep
 
 
 def tls_context(options: XksOptions) -> ssl.SSLContext:

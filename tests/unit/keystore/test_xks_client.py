@@ -5,10 +5,13 @@ budget holds for a slow proxy; the rate limit throttles; requests are signed and
 requestMetadata of the request being served. The transport against a raw TCP server that writes
 given bytes: calls share kept-alive connections, every framing of an answer (Content-Length,
 chunked, to the end of the connection) is read, a connection the proxy closed is not reused, one
-lost mid-answer is retried once, and any bytes as an answer are an answer or an XksError."""
+lost mid-answer is retried once, and any bytes as an answer are an answer or an XksError. The
+transport's checks run twice: called from a thread (the connection blocks it), and under
+onloop.run on an event loop (a request served there: the exchange is awaited on the loop)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -26,6 +29,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from openkms import onloop
 from openkms.api.sigv4 import SigV4Verifier
 from openkms.audit.context import RequestInfo, current_request
 from openkms.crypto import blob
@@ -85,6 +89,20 @@ def proxy() -> Iterator[Scripted]:
     server.close()
 
 
+Call = Callable[[Callable[[], Any]], Any]
+
+
+@pytest.fixture(params=["thread", "loop"])
+def call(request: pytest.FixtureRequest) -> Iterator[Call]:
+    """How a test makes its calls: `call(fn)` is fn() on this thread, or fn() under onloop.run on
+    one event loop that lives as long as the test (so its connections are kept alive between calls)."""
+    if request.param == "thread":
+        yield lambda fn: fn()
+        return
+    with asyncio.Runner() as runner:
+        yield lambda fn: runner.run(onloop.run(fn))
+
+
 def client_for(proxy: Scripted, **options: Any) -> XksClient:
     endpoint = XksEndpoint(f"http://127.0.0.1:{proxy.port}", PATH, ACCESS_KEY, SecretStr(SECRET), "us-east-1")
     return XksClient(endpoint, XksOptions(allow_http=True, **options))
@@ -111,13 +129,18 @@ def good_encrypt(path: str, body: dict[str, Any], iv: bytes = b"i" * 12, metadat
     return 200, answer
 
 
-def test_a_request_is_signed_and_says_who_asks(proxy: Scripted) -> None:
+def test_a_request_is_signed_and_says_who_asks(proxy: Scripted, call: Call) -> None:
     proxy.reply = good_encrypt
-    token = current_request.set(RequestInfo("req-123", "GenerateDataKey", "arn:aws:iam::111122223333:user/app"))
-    try:
-        parts = client_for(proxy).encrypt(KEY, "ext-1", b"p" * 70, AAD)
-    finally:
-        current_request.reset(token)
+
+    def encrypt() -> blob.XksParts:  # as the server does: the request's own context says who asks
+        token = current_request.set(RequestInfo("req-123", "GenerateDataKey",
+                                                "arn:aws:iam::111122223333:user/app"))
+        try:
+            return client_for(proxy).encrypt(KEY, "ext-1", b"p" * 70, AAD)
+        finally:
+            current_request.reset(token)
+
+    parts = call(encrypt)
     assert len(parts.iv) == 12 and len(parts.ciphertext) == 70
     path, headers, body = proxy.requests[0]
     assert path == f"{PATH}/keys/ext-1/encrypt"
@@ -188,7 +211,7 @@ def test_the_proxy_message_is_never_echoed(proxy: Scripted) -> None:
     assert "1234" not in e.value.message and "secret" not in e.value.message
 
 
-def test_a_slow_proxy_fails_within_the_budget(proxy: Scripted) -> None:
+def test_a_slow_proxy_fails_within_the_budget(proxy: Scripted, call: Call) -> None:
     def slow(path: str, body: dict[str, Any]) -> tuple[int, Any]:
         time.sleep(0.6)
         return good_encrypt(path, body)
@@ -197,16 +220,16 @@ def test_a_slow_proxy_fails_within_the_budget(proxy: Scripted) -> None:
     client = client_for(proxy, timeout=0.15)
     started = time.monotonic()
     with pytest.raises(XksError) as e:
-        client.encrypt(KEY, "ext-1", b"p" * 70, AAD)
+        call(lambda: client.encrypt(KEY, "ext-1", b"p" * 70, AAD))
     took = time.monotonic() - started
     assert e.value.cause == "timeout" and "150 ms" in e.value.message
     assert took < 0.45, f"the call took {took:.3f} s"  # the budget, plus scheduling slack; never the 0.6 s
 
 
-def test_an_unreachable_proxy_is_named(proxy: Scripted) -> None:
+def test_an_unreachable_proxy_is_named(proxy: Scripted, call: Call) -> None:
     proxy.close()
     with pytest.raises(XksError) as e:
-        client_for(proxy).health()
+        call(client_for(proxy).health)
     assert e.value.cause in ("unreachable", "timeout")
 
 
@@ -344,11 +367,11 @@ def raw_proxies() -> Iterator[Callable[..., RawProxy]]:
         p.close()
 
 
-def test_calls_share_one_kept_alive_connection(proxy: Scripted) -> None:
+def test_calls_share_one_kept_alive_connection(proxy: Scripted, call: Call) -> None:
     proxy.reply = good_encrypt
     client = client_for(proxy)
     for _ in range(20):
-        client.encrypt(KEY, "ext-1", b"p" * 70, AAD)
+        call(lambda: client.encrypt(KEY, "ext-1", b"p" * 70, AAD))
     assert client.connections_opened == 1 and len(proxy.requests) == 20
 
 
@@ -377,49 +400,84 @@ def test_concurrent_calls_open_at_most_pool_size_connections_that_stay(proxy: Sc
     assert client.connections_opened == opened
 
 
+def test_concurrent_calls_on_one_loop_keep_at_most_pool_size_connections(proxy: Scripted) -> None:
+    proxy.reply = good_encrypt
+    # 8 connects at once overflow the test server's listen backlog (5): a dropped SYN waits 1 s.
+    client = client_for(proxy, pool_size=4, timeout=5.0)
+
+    def ten() -> None:
+        for _ in range(10):
+            client.encrypt(KEY, "ext-1", b"p" * 70, AAD)
+
+    async def main() -> tuple[int, int, int]:
+        await asyncio.gather(*(onloop.run(ten) for _ in range(8)))  # all eight on this one thread
+        loop = asyncio.get_running_loop()
+        kept, opened = len(client._loop_idle[loop]), client.connections_opened
+        for _ in range(10):
+            await onloop.run(lambda: client.encrypt(KEY, "ext-1", b"p" * 70, AAD))
+        return kept, opened, client.connections_opened
+
+    kept, opened, after = asyncio.run(main())
+    assert len(proxy.requests) == 90 and kept <= 4 and opened > 1  # they overlapped: more than one at once
+    assert after == opened  # one at a time: the kept connections serve them all
+    assert not client._idle  # none of the thread's pool
+
+
 @pytest.mark.parametrize("version, framing, extra", [
     ("HTTP/1.1", "length", ""), ("HTTP/1.1", "chunked", ""), ("HTTP/1.0", "eof", ""),
     ("HTTP/1.1", "length", "Connection: close\r\n"), ("HTTP/1.0", "length", ""),
 ])
 def test_every_framing_of_an_answer_is_read(raw_proxies: Callable[..., RawProxy], version: str, framing: str,
-                                            extra: str) -> None:
+                                            extra: str, call: Call) -> None:
     data = json.dumps(HEALTHY).encode()
     keeps = version == "HTTP/1.1" and not extra
     server = raw_proxies(lambda n: http_answer(data, version=version, framing=framing, extra=extra),
                          close_after=lambda n: not keeps)
     client = server.client()
     for _ in range(3):
-        assert client.health()["xksProxyFleetSize"] == 1
+        assert call(client.health)["xksProxyFleetSize"] == 1
     # Kept alive only where HTTP/1.1 says so; otherwise a connection per call, none reused after its end.
     assert client.connections_opened == (1 if keeps else 3) == server.connections
 
 
 def test_a_connection_the_proxy_closed_while_idle_is_not_used(raw_proxies: Callable[..., RawProxy],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch, call: Call) -> None:
     # The proxy answers keep-alive and then closes anyway (its idle timeout, a restart).
     server = raw_proxies(lambda n: http_answer(json.dumps(HEALTHY).encode()), close_after=lambda n: True)
     exchanges = []
-    original = xks_module._Connection.exchange
+    original, original_on_loop = xks_module._Connection.exchange, xks_module._LoopConnection.exchange
 
     def counted(self: Any, *args: Any) -> Any:
         exchanges.append(1)
         return original(self, *args)
 
+    def counted_on_loop(self: Any, *args: Any) -> Any:
+        exchanges.append(1)
+        return original_on_loop(self, *args)
+
     monkeypatch.setattr(xks_module._Connection, "exchange", counted)
+    monkeypatch.setattr(xks_module._LoopConnection, "exchange", counted_on_loop)
     client = server.client()
-    for _ in range(3):
+
+    def health_then_idle() -> None:
         client.health()
-        time.sleep(0.05)  # the close arrives while the connection is idle in the pool
+        if onloop.suspendable():
+            onloop.wait(asyncio.sleep(0.05))  # the loop runs meanwhile: it sees the close arrive
+        else:
+            time.sleep(0.05)  # the close arrives while the connection is idle in the pool
+
+    for _ in range(3):
+        call(health_then_idle)
     # Each call found the closed connection unusable before it sent anything: no failed try, no retry.
     assert client.connections_opened == 3 and server.count == 3 and len(exchanges) == 3
 
 
-def test_a_connection_lost_mid_answer_is_retried_once(raw_proxies: Callable[..., RawProxy]) -> None:
+def test_a_connection_lost_mid_answer_is_retried_once(raw_proxies: Callable[..., RawProxy], call: Call) -> None:
     good = http_answer(json.dumps(HEALTHY).encode())
     server = raw_proxies(lambda n: good if n != 1 else good[:40], close_after=lambda n: n == 1)
     client = server.client()
-    client.health()
-    client.health()  # its first try is cut off after 40 bytes; the retry on a new connection succeeds
+    call(client.health)
+    call(client.health)  # its first try is cut off after 40 bytes; the retry on a new connection succeeds
     assert server.count == 3 and client.connections_opened == 2
 
 
@@ -433,18 +491,19 @@ def test_a_connection_lost_mid_answer_is_retried_once(raw_proxies: Callable[...,
     (http_answer(b"[1, 2]"), "invalid_response"),
 ])
 def test_an_answer_that_is_not_one_is_named(raw_proxies: Callable[..., RawProxy], answer: bytes,
-                                            cause: str) -> None:
+                                            cause: str, call: Call) -> None:
     server = raw_proxies(lambda n: answer, close_after=lambda n: True)
     with pytest.raises(XksError) as e:
-        server.client(timeout=2.0).health()
+        call(server.client(timeout=2.0).health)
     assert e.value.cause == cause
 
 
-def test_a_proxy_that_never_answers_times_out_within_the_budget(raw_proxies: Callable[..., RawProxy]) -> None:
+def test_a_proxy_that_never_answers_times_out_within_the_budget(raw_proxies: Callable[..., RawProxy],
+                                                                call: Call) -> None:
     server = raw_proxies(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{")  # and then nothing
     started = time.monotonic()
     with pytest.raises(XksError) as e:
-        server.client(timeout=0.1).health()
+        call(server.client(timeout=0.1).health)
     assert e.value.cause == "timeout" and "100 ms" in e.value.message
     assert time.monotonic() - started < 1.0
 
@@ -458,9 +517,12 @@ def test_a_proxy_that_never_answers_times_out_within_the_budget(raw_proxies: Cal
 def test_any_bytes_as_an_answer_are_an_answer_or_an_xks_error(data: bytes) -> None:
     server = RawProxy(lambda n: data, close_after=lambda n: True)
     try:
-        server.client(timeout=1.0).health()  # anything but an XksError (a parser's own, a KeyError) fails
-    except XksError as exc:
-        assert exc.message and "Traceback" not in exc.message
+        for on_loop in (False, True):
+            client = server.client(timeout=1.0)
+            try:  # anything but an XksError (a parser's own, a KeyError) fails
+                asyncio.run(onloop.run(client.health)) if on_loop else client.health()
+            except XksError as exc:
+                assert exc.message and "Traceback" not in exc.message
     finally:
         server.close()
 
