@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httptools
@@ -309,45 +309,27 @@ class XksClient:
         if onloop.suspendable():  # a request served on the event loop: wait there, not on this thread
             return onloop.wait(self._send_on_loop(request, deadline))
         clear_error_queue()  # what a PKCS#11 module on this thread may have left (crypto/openssl.py)
-        connection = self._checkout(deadline)
+        connection = _reuse(self._idle)
+        if connection is None:
+            self.connections_opened += 1
+            connection = _Connection.open(self._address, self._tls, deadline, self._timed_out)
         try:
             status, data, keep = connection.exchange(request, deadline, self._timed_out)
         except BaseException:
             connection.close()
             raise
-        if keep:
-            self._checkin(connection)
-        else:
-            connection.close()
+        self._done_with(self._idle, connection, keep)
         return status, data
-
-    def _checkout(self, deadline: float) -> _Connection:
-        while True:
-            try:
-                connection = self._idle.pop()
-            except IndexError:
-                break
-            if connection.usable():
-                return connection
-            connection.close()  # the proxy closed it while it was idle (or sent what it should not)
-        self.connections_opened += 1
-        return _Connection.open(self._address, self._tls, deadline, self._timed_out)
-
-    def _checkin(self, connection: _Connection) -> None:
-        with self._lock:
-            keep = not self._closed and len(self._idle) < self.options.pool_size
-            if keep:
-                self._idle.append(connection)
-        if not keep:
-            connection.close()
 
     async def _send_on_loop(self, request: bytes, deadline: float) -> tuple[int, bytes]:
         """`_send`'s exchange on the running event loop, on a connection of its own."""
         loop = asyncio.get_running_loop()
+        with self._lock:
+            idle = self._loop_idle.setdefault(loop, deque())
         connection: _LoopConnection | None = None
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                connection = self._loop_checkout(loop)
+                connection = _reuse(idle)
                 if connection is None:
                     self.connections_opened += 1
                     connection = await _LoopConnection.open(self._address, self._tls)
@@ -358,28 +340,14 @@ class XksClient:
             if isinstance(exc, OSError):  # TimeoutError (the budget) among them
                 raise _network_error(exc, self._timed_out) from None
             raise
-        if keep:
-            self._loop_checkin(loop, connection)
-        else:
-            connection.close()
+        self._done_with(idle, connection, keep)
         return status, data
 
-    def _loop_checkout(self, loop: asyncio.AbstractEventLoop) -> _LoopConnection | None:
+    def _done_with(self, idle: deque[_C], connection: _C, keep: bool) -> None:
+        """Back to the idle ones if it may be reused and there is room (and the client is open)."""
         with self._lock:
-            idle = self._loop_idle.get(loop)
-        while idle:
-            connection = idle.pop()
-            if connection.usable():
-                return connection
-            connection.close()
-        return None
-
-    def _loop_checkin(self, loop: asyncio.AbstractEventLoop, connection: _LoopConnection) -> None:
-        with self._lock:
-            idle = None if self._closed else self._loop_idle.setdefault(loop, deque())
-            keep = idle is not None and len(idle) < self.options.pool_size
+            keep = keep and not self._closed and len(idle) < self.options.pool_size
             if keep:
-                assert idle is not None
                 idle.append(connection)
         if not keep:
             connection.close()
@@ -404,6 +372,32 @@ class XksClient:
             raise XksError("invalid_response", f"The external key store proxy answered HTTP {status} without an error "
                                                "the XKS API specifies.")
         raise XksError(cause, _MESSAGES[cause].format(key=xks_key_id or "?"))
+
+
+class _Pooled(Protocol):
+    def usable(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Pooled)
+
+
+def _reuse(idle: deque[_C]) -> _C | None:
+    """The idle connection used last that is still usable (closing those that are not: the proxy
+    closed them while idle, or sent what it should not), or None."""
+    while True:
+        try:
+            connection = idle.pop()
+        except IndexError:
+            return None
+        if connection.usable():
+            return connection
+        connection.close()
+
+
+TOO_LARGE = "The external key store proxy's answer is too large."
+NOT_HTTP = "The external key store proxy's answer is not HTTP/1.1."
 
 
 def _short(exc: BaseException) -> str:
@@ -522,10 +516,10 @@ class _Connection:
                     raise ConnectionResetError("the proxy closed the connection before it answered")
                 received += len(data)
                 if received > MAX_ANSWER:
-                    raise XksError("invalid_response", "The external key store proxy's answer is too large.")
+                    raise XksError("invalid_response", TOO_LARGE)
                 parser.feed_data(data)
         except httptools.HttpParserError:
-            raise XksError("invalid_response", "The external key store proxy's answer is not HTTP/1.1.") from None
+            raise XksError("invalid_response", NOT_HTTP) from None
         except OSError as exc:
             raise _network_error(exc, timed_out) from None
         keep = answer.complete and answer.keep_alive and answer.messages == 1
@@ -562,12 +556,12 @@ class _LoopConnection(asyncio.Protocol):
             return
         self._received += len(data)
         if self._received > MAX_ANSWER:
-            self._settle(XksError("invalid_response", "The external key store proxy's answer is too large."))
+            self._settle(XksError("invalid_response", TOO_LARGE))
             return
         try:
             answer.parser.feed_data(data)
         except httptools.HttpParserError:
-            self._settle(XksError("invalid_response", "The external key store proxy's answer is not HTTP/1.1."))
+            self._settle(XksError("invalid_response", NOT_HTTP))
             return
         if answer.complete:
             self._settle(None)
