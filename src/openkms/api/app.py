@@ -354,7 +354,8 @@ class App:
 
     def _blocking(self, headers: dict[str, str], body: bytes, path: str = "/") -> bool | Lane | OnLoop:
         """Whether the request runs off the event loop (True: on the shared pool; a lane: on that
-        thread, an HSM token's). Deciding may read the store (the caller's
+        thread, an HSM token's), or ON_LOOP: on the loop, suspended while it waits on an XKS proxy
+        (onloop.py). Deciding may read the store (the caller's
         account, whether a key is in a custom key store); if that fails, the request runs off the
         loop, where `handle` answers whatever goes wrong with an AWS error and an audit record."""
         routed = self.dispatch.route(headers.get("x-amz-target", ""))
