@@ -108,12 +108,12 @@ def test_calls_fail_at_once_while_the_token_is_stuck_past_the_timeout(worker: To
 
     async def run() -> None:
         blocker = asyncio.ensure_future(worker.call(stuck, timeout=30))
-        await asyncio.sleep(0.3)  # the hung call has run longer than the next calls' timeout
+        await asyncio.sleep(1.2)  # the hung call has run longer than the next calls' timeout
         for _ in range(50):
             started = time.monotonic()
             with pytest.raises(DependencyTimeoutException) as raised:
-                await worker.call(lambda: None, timeout=0.2)
-            assert time.monotonic() - started < 0.1, "a call waited its whole timeout behind a stuck token"
+                await worker.call(lambda: None, timeout=1.0)
+            assert time.monotonic() - started < 0.5, "a call waited its whole timeout behind a stuck token"
         assert "has not answered its current call" in raised.value.message
         release.set()
         await blocker
@@ -134,7 +134,7 @@ def test_the_queue_is_bounded(hang: Any) -> None:
         started = time.monotonic()
         with pytest.raises(DependencyTimeoutException) as raised:
             await worker.call(lambda: None, timeout=30)
-        assert time.monotonic() - started < 0.1 and "calls are waiting for the HSM" in raised.value.message
+        assert time.monotonic() - started < 5 and "calls are waiting for the HSM" in raised.value.message
         release.set()
         await blocker
         assert await asyncio.gather(*queued) == [0, 1, 2]
