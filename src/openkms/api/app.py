@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .. import onloop
+from .. import heap, onloop
 from ..audit import context as audit_context
 from ..audit.record import build_event, new_id
 from ..config import Settings
@@ -248,6 +248,7 @@ class App:
     # -- RSGI (granian) -------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.start_background(loop)
+        heap.freeze_startup()  # what the worker holds from now on is never walked by the GC
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop_background()

@@ -197,6 +197,7 @@ def _serve(path: str) -> int:
     import asyncio
     import logging
 
+    from .. import heap
     from ..api.listener import bind
     from ..errors import ConfigurationError
     from .app import XksApp
@@ -245,6 +246,7 @@ def _serve(path: str) -> int:
     worker = TokenWorker()
     app = XksApp(config, keys, worker)  # logs, too, if a store may use keys meant for another
     server = ProxyServer(config, app, sock, context, lambda: startup.arrived)
+    heap.freeze_startup()  # what the proxy holds from now on is never walked by the GC
     try:
         asyncio.run(server.run())
     finally:
