@@ -268,3 +268,47 @@ def test_what_h11_refused_and_what_it_took() -> None:
     # Repeated headers joined by ","; the optional whitespace around a value left out.
     _, _, _, app, _ = exchange([b"GET /ping?a=b HTTP/1.1\r\nHost: x\r\nX-A:  1 \r\nx-a: 2\r\n\r\n"])
     assert (app.requests[0].query, app.requests[0].headers) == ("a=b", {"host": "x", "x-a": "1,2"})
+
+
+def test_reading_goes_on_behind_an_answer_until_more_than_a_request_waits() -> None:
+    """Requests that arrive while one is answered wait in the connection's buffer (reading is not
+    paused per request); past the largest request's worth, reading pauses until the answer is sent."""
+    release = asyncio.Event()
+
+    class Slow(App):
+        async def handle(self, request: Request) -> Response:
+            await release.wait()
+            return await super().handle(request)
+
+    class Recording(Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def pause_reading(self) -> None:
+            self.calls.append("pause")
+
+        def resume_reading(self) -> None:
+            self.calls.append("resume")
+
+    async def run() -> None:
+        app = Slow()
+        connection, transport = Connection(fake_server(app)), Recording()
+        connection.connection_made(transport)
+        connection.data_received(PING)
+        await asyncio.sleep(0)
+        assert connection.task is not None  # the first is being answered
+        connection.data_received(PING * 3)
+        assert transport.calls == []  # a few small ones wait: reading goes on
+        connection.data_received(PING * ((MAX_BODY + MAX_HEADER_BYTES) // len(PING) + 1))
+        assert transport.calls == ["pause"]  # more than the largest request: the client waits
+        release.set()
+        for _ in range(2000):
+            await asyncio.sleep(0)
+            if len(app.requests) == 4 + (MAX_BODY + MAX_HEADER_BYTES) // len(PING) + 1:
+                break
+        assert transport.calls == ["pause", "resume"]
+        assert len(answers(bytes(transport.written))) == len(app.requests)
+        connection.connection_lost(None)
+
+    asyncio.run(run())

@@ -191,6 +191,7 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.peer = ""
         self.reading = False  # a request has begun to arrive
+        self.paused = False  # reading paused: more than a request's worth waits behind the answer in progress
         self.timed_out = False
         self.tls: ssl.SSLObject | None = None
         self.incoming: ssl.MemoryBIO | None = None
@@ -324,11 +325,20 @@ class Connection(asyncio.Protocol):
             self._arm(self.server.config.server.request_timeout_s)
         if self.broken:
             return
-        if self.offset < len(self.buffer):  # only while a request waits: reading is paused then
+        if self.offset < len(self.buffer):  # what arrived while a request was being answered
             self.buffer = self.buffer[self.offset:] + data
         else:
             self.buffer = data
         self.offset = 0
+        if self.task is not None:
+            # Reading goes on while a request is answered (pausing and resuming it cost two epoll
+            # calls per request), until more than the largest request waits: then the client
+            # waits, not the proxy's memory.
+            if not self.paused and self.transport is not None and \
+                    len(self.buffer) > self.server.config.limits.max_body_bytes + MAX_HEADER_BYTES:
+                self.paused = True
+                self.transport.pause_reading()
+            return
         self._next()
 
     def eof_received(self) -> bool | None:
@@ -502,7 +512,6 @@ class Connection(asyncio.Protocol):
             if not self.reading:  # pipelined: it began in the buffer, not with a read
                 self.reading = True
                 self.server.idle.pop(self, None)
-            self.transport.pause_reading()
             self._arm(self.server.config.server.request_timeout_s)
             self.task = self.loop.create_task(self._answer(item))
             return
@@ -537,7 +546,9 @@ class Connection(asyncio.Protocol):
         self.reading = False
         self.server.idle[self] = None
         self._arm(self.server.config.server.idle_timeout_s)
-        self.transport.resume_reading()
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
         self._next()  # a pipelined request may be waiting already
 
     def _respond(self, response: Response, head: bool = False, close: bool = False,
@@ -570,6 +581,7 @@ class Connection(asyncio.Protocol):
         self._shutdown_tls()
         if self.transport.can_write_eof():
             self.transport.write_eof()  # after what is written: the client reads the answer, then EOF
+        self.paused = False
         self.transport.resume_reading()
         self._arm(REFUSED_DRAIN_S)
 
