@@ -187,6 +187,7 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
         (["audit", "verify", "--data-dir", str(tmp_path / "no-store")], {}, "no store at"),
         (["serve", "--data-dir", str(tmp_path / "d")], {"OPENKMS_PORT": "eighty"}, "bad port 'eighty'"),
         (["serve", "--data-dir", str(tmp_path / "d")], {"OPENKMS_XKS_TIMEOUT_MS": "5"}, "bad xks-timeout-ms"),
+        (["serve", "--data-dir", str(tmp_path / "d")], {"OPENKMS_HSM_RATE_LIMIT": "0"}, "bad hsm-rate-limit"),
     ]
     for argv, env, expected in cases:
         line = one_line_failure(openkms(*argv, env=clean_env(**env), cwd=tmp_path))

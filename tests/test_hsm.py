@@ -704,7 +704,44 @@ def test_pins_stay_out_of_logs_files_and_the_store(world: HsmWorld, tenant: Tena
     assert len(bytes.fromhex(obj.id)) == 16
 
 
-# -- dedicated servers: the deletion scheduler, two nodes -------------------------------------------
+# -- dedicated servers: the request quota, the deletion scheduler, two nodes ------------------------
+
+def test_each_hsm_key_store_has_a_request_quota(softhsm: SoftHsm, tmp_path: Path) -> None:
+    """AWS's custom key store request quota (1,800/s for each CloudHSM key store; here 5/s through
+    OPENKMS_HSM_RATE_LIMIT): the cryptographic calls of a store's keys and GenerateRandom on it count;
+    past it ThrottlingException, and nothing else is held back: another store, a default-store key."""
+    server = ServerProcess(tmp_path / "data", env=dict(bootstrap_env(), OPENKMS_HSM_RATE_LIMIT="5"))
+    with running(server):
+        world = HsmWorld(server, softhsm, tmp_path)
+        kms = server.client(retry=False)  # boto3 retries a throttled call by default: not here
+        store, other = world.key_store(kms), world.key_store(kms)
+        key, other_key = hsm_key(kms, store), hsm_key(kms, other)
+        normal = kms.create_key()["KeyMetadata"]["KeyId"]
+        blob = kms.encrypt(KeyId=key["KeyId"], Plaintext=b"counted", EncryptionContext=CONTEXT)["CiphertextBlob"]
+        time.sleep(1.2)  # the bucket full again: 5 calls
+
+        calls = [lambda: kms.encrypt(KeyId=key["KeyId"], Plaintext=b"x"),
+                 lambda: kms.decrypt(CiphertextBlob=blob, EncryptionContext=CONTEXT),
+                 lambda: kms.generate_data_key(KeyId=key["KeyId"], KeySpec="AES_256"),
+                 lambda: kms.generate_random(NumberOfBytes=16, CustomKeyStoreId=store.cks_id)]
+        started = time.monotonic()
+        outcomes = [error_code(calls[i % 4]) for i in range(16)]
+        took = time.monotonic() - started
+        served = outcomes.count(None)
+        assert set(outcomes) == {None, "ThrottlingException"}, outcomes
+        assert 5 <= served <= 5 + int(took * 5) + 1, (outcomes, took)
+        assert outcomes[:5] == [None] * 5, outcomes
+        message = fails("ThrottlingException", kms.encrypt, KeyId=key["KeyId"], Plaintext=b"x")
+        assert "quota" in message and "5/s" in message, message
+        # Another store's keys and the default store are not held back.
+        assert kms.encrypt(KeyId=other_key["KeyId"], Plaintext=b"x")["KeyId"] == other_key["Arn"]
+        assert kms.encrypt(KeyId=normal, Plaintext=b"x")["KeyId"].endswith(normal)
+        # Management calls on the store's keys do not count.
+        assert kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == "Enabled"
+        time.sleep(0.5)  # refilled: two or more calls a half-second
+        assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=CONTEXT)["Plaintext"] == b"counted"
+
+
 
 def test_scheduled_deletion_destroys_the_token_object(softhsm: SoftHsm, store_url: str | None,
                                                       tmp_path: Path) -> None:

@@ -73,6 +73,9 @@ class Settings:
     xks_timeout_ms: int = 250
     xks_rate_limit: float = 1800.0
     xks_health_interval: float = 60.0  # seconds between health checks of each connected proxy
+    # HSM key stores: each store's cryptographic calls at most hsm_rate_limit a second on this node
+    # (AWS's custom key store request quota, 1,800/s for each CloudHSM key store).
+    hsm_rate_limit: float = 1800.0
     # Threads for calls that wait on an HSM or an XKS proxy (off the event loop).
     blocking_threads: int = 64
     # Secrets Manager's webhook rotation functions: the receiver's certificate is checked against
@@ -177,6 +180,8 @@ class Settings:
             raise ConfigurationError(f"bad blocking-threads {self.blocking_threads}: from 1 to 1024")
         if self.xks_rate_limit <= 0:
             raise ConfigurationError(f"bad xks-rate-limit {self.xks_rate_limit:g}: calls per second, above 0")
+        if self.hsm_rate_limit <= 0:
+            raise ConfigurationError(f"bad hsm-rate-limit {self.hsm_rate_limit:g}: calls per second, above 0")
         for name in ("xks_ca_bundle", "xks_client_cert", "xks_client_key", "rotation_ca_bundle", "tls_cert", "tls_key",
                      "tls_client_ca"):
             path = getattr(self, name)

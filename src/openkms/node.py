@@ -102,7 +102,7 @@ def open_node(settings: Settings, keystore: KeyStore | None = None) -> Node:
     accounts = Accounts(store, root, cache_ttl=settings.cache_ttl)
     access = AccessControl(store, settings.cache_ttl)
     keystores = KeyStores(keystore or SoftwareKeyStore(store, root), store, root, settings.cache_ttl,
-                          xks_options(settings), settings.region)
+                          xks_options(settings), settings.region, hsm_rate_limit=settings.hsm_rate_limit)
     service = Context(store=store, region=settings.region,
                       keys=KeyLookup(store, access, keystores, settings.region, settings.cache_ttl),
                       keystores=keystores, access=access)

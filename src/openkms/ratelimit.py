@@ -1,5 +1,6 @@
-"""A token bucket: the request quotas of accounts (quotas.py) and of an external key store
-(keystore/xks.py), per node, and of an XKS proxy's key stores (xksproxy/app.py, per URI path prefix)."""
+"""A token bucket: the request quotas of accounts (quotas.py) and of a custom key store
+(keystore/xks.py, keystore/pkcs11.py), per node, and of an XKS proxy's key stores (xksproxy/app.py,
+per URI path prefix)."""
 
 from __future__ import annotations
 

@@ -746,6 +746,7 @@ ENVIRONMENT_SETTINGS: dict[str, str] = {
     "xks_allow_http": "allow http:// XKS proxy endpoints",
     "xks_timeout_ms": "time limit of each XKS proxy call, a retry included (10-60000)",
     "xks_rate_limit": "calls per second to each external key store from this node",
+    "hsm_rate_limit": "cryptographic calls per second to each HSM key store on this node",
     "xks_health_interval": "seconds between health checks of each connected XKS proxy",
     "blocking_threads": "threads for calls that wait on the store or an XKS proxy (1-1024); XKS and HSM crypto "
                         "do not use them",

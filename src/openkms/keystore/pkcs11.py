@@ -46,9 +46,10 @@ from typing import Any, ClassVar, TypeVar
 from ..crypto import blob
 from ..crypto.aead import TAG_BYTES
 from ..crypto.openssl import clear_error_queue
-from ..errors import InvalidCiphertextException, KeyStoreUnavailable
+from ..errors import InvalidCiphertextException, KeyStoreUnavailable, ThrottlingException
 from ..lane import Lane
 from ..model import Key, KeyFamily, KeySpecInfo, SecretStr
+from ..ratelimit import TokenBucket
 from ..storage import Store
 from .base import StoredVersion
 
@@ -56,6 +57,7 @@ log = logging.getLogger("openkms.keystore.pkcs11")
 T = TypeVar("T")
 LOCK_TIMEOUT = 10.0  # seconds a call waits for its module's lock
 RETRY_AFTER = 5.0  # seconds before a token that could not be opened is looked for again
+DEFAULT_HSM_RATE = 1800.0  # AWS's custom key store request quota, per HSM key store
 
 
 class ConnectError(Exception):
@@ -407,10 +409,14 @@ class Pkcs11KeyStore:
     name = "pkcs11"
     blocking = True
 
-    def __init__(self, store: Store, session: TokenSession, cluster_id: str) -> None:
+    def __init__(self, store: Store, session: TokenSession, cluster_id: str,
+                 rate_limit: float = DEFAULT_HSM_RATE) -> None:
         self._store = store
         self._session = session
         self._cluster_id = cluster_id
+        # AWS's custom key store request quota: the cryptographic calls of the store's keys (and
+        # GenerateRandom on it), on this node.
+        self._limit = TokenBucket(rate_limit)
         # (key id, version) -> (the session it was found in, the token's key object): an object
         # handle is only good in the session (and module generation) that found it.
         self._handles: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -499,7 +505,12 @@ class Pkcs11KeyStore:
             self._handles.pop(k, None)
 
     # -- cryptography -------------------------------------------------------------------------
+    def _take(self) -> None:
+        if not self._limit.take():
+            raise ThrottlingException(f"The HSM key store's request rate is above its quota ({self._limit.rate:g}/s).")
+
     def encrypt(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
+        self._take()
         p11 = _p11()
         iv = os.urandom(blob.IV_BYTES)  # unique per message; it need not be secret
         header = blob.header_v2(key.key_id, key.current_version, iv)
@@ -519,6 +530,7 @@ class Pkcs11KeyStore:
         header = blob.parse_header(ciphertext)
         if header.format != blob.FORMAT_V2 or header.key_id != key.key_id or header.version != version:
             raise InvalidCiphertextException()
+        self._take()
         p11 = _p11()
         params = p11.mechanisms.GCMParams(header.salt, blob.aad(header.raw, context), TAG_BYTES * 8)
         failed_tag = gcm_failed_tag()
@@ -536,6 +548,7 @@ class Pkcs11KeyStore:
 
     def random(self, nbytes: int) -> bytes:
         """Random bytes from the token's generator (GenerateRandom with a CustomKeyStoreId)."""
+        self._take()
         return bytes(self._call(lambda session: session.generate_random(nbytes * 8)))
 
     def probe(self) -> None:

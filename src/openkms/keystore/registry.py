@@ -29,7 +29,7 @@ from ..model import ConnectionState, CustomKeyStore, Key, KeySpecInfo, Origin, S
 from ..storage import Changes, Store
 from .base import Asymmetric, Importing, KeyStore
 from .memory import MemoryKeyStore
-from .pkcs11 import ConnectError, Pkcs11KeyStore, TokenSession
+from .pkcs11 import DEFAULT_HSM_RATE, ConnectError, Pkcs11KeyStore, TokenSession
 from .software import SoftwareKeyStore
 from .xks import XksClient, XksEndpoint, XksHealth, XksKeyStore, XksOptions
 
@@ -55,9 +55,11 @@ class KeyStores:
     """
 
     def __init__(self, default: KeyStore, store: Store | None = None, root: RootKey | None = None,
-                 cache_ttl: float = 5.0, xks: XksOptions | None = None, region: str = "us-east-1") -> None:
+                 cache_ttl: float = 5.0, xks: XksOptions | None = None, region: str = "us-east-1",
+                 hsm_rate_limit: float = DEFAULT_HSM_RATE) -> None:
         self.default = default
         self.xks_options = xks or XksOptions()
+        self.hsm_rate_limit = hsm_rate_limit
         self.region = region
         self._store = store
         self._root = root
@@ -179,7 +181,8 @@ class KeyStores:
         if entry[0].store_type == EXTERNAL:
             store = XksKeyStore(self.default, self.xks_client(cks_id), cks_id)
         else:
-            store = Pkcs11KeyStore(self._need_store(), self.token_session(cks_id, fingerprint=fingerprint), cks_id)
+            store = Pkcs11KeyStore(self._need_store(), self.token_session(cks_id, fingerprint=fingerprint), cks_id,
+                                   self.hsm_rate_limit)
         with self._lock:
             self._custom[cks_id] = (fingerprint, store)
         return store
