@@ -741,6 +741,14 @@ def test_each_hsm_key_store_has_a_request_quota(softhsm: SoftHsm, tmp_path: Path
         time.sleep(0.5)  # refilled: two or more calls a half-second
         assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=CONTEXT)["Plaintext"] == b"counted"
 
+        # A secret sealed under the store's key: Secrets Manager's ThrottlingException (which the
+        # SDKs retry), not a DecryptionFailure.
+        sm = server.client(service="secretsmanager", retry=False)
+        time.sleep(1.2)
+        sm.create_secret(Name="throttled", SecretString="s", KmsKeyId=key["Arn"])
+        reads = [error_code(sm.get_secret_value, SecretId="throttled") for _ in range(12)]
+        assert set(reads) == {None, "ThrottlingException"}, reads
+
 
 
 def test_scheduled_deletion_destroys_the_token_object(softhsm: SoftHsm, store_url: str | None,

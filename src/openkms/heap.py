@@ -7,8 +7,9 @@ each time, and it ran every second or so under load: a pause of the whole event 
 request in flight waited out, the top of the latency tail. `freeze_startup()`, called once the
 process is ready to serve, collects once and moves every object alive then to the permanent
 generation (gc.freeze), which no collection walks; a full collection then walks only what was
-made since. Nothing is freed less: cycles among the frozen objects could only be freed by the
-process ending anyway.
+made since. The cost is bounded and paid once: a frozen object is still freed when its last
+reference goes, but one that later becomes garbage inside a reference cycle is not reclaimed
+until the process ends (startup objects are almost all alive until then anyway).
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def test_the_worker_freezes_what_it_starts_with(app: App) -> None:
             fresh = [app]  # made after the start: walked as usual
             assert any(o is fresh for o in gc.get_objects())
         finally:
-            app.stop_background()
             gc.unfreeze()
+            app.stop_background()
 
     asyncio.run(start())

@@ -312,3 +312,85 @@ def test_reading_goes_on_behind_an_answer_until_more_than_a_request_waits() -> N
         connection.connection_lost(None)
 
     asyncio.run(run())
+
+
+def test_a_client_that_pipelines_without_end_holds_a_bounded_buffer() -> None:
+    """A client that sends whenever the proxy reads: what waits stays within the largest request's
+    worth plus one read, however many answers go out (reading resumes only once what waits has
+    been parsed down below that, not after every answer)."""
+
+    class Flow(Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.paused = False
+            self.resumes = 0
+
+        def pause_reading(self) -> None:
+            self.paused = True
+
+        def resume_reading(self) -> None:
+            self.paused, self.resumes = False, self.resumes + 1
+
+    class Yielding(App):
+        async def handle(self, request: Request) -> Response:
+            await asyncio.sleep(0)  # answered a turn of the loop later: reads come in meanwhile
+            return await super().handle(request)
+
+    read = PING * 128  # one read of about 4 KiB
+    limit = MAX_BODY + MAX_HEADER_BYTES
+
+    async def run() -> None:
+        app = Yielding()
+        connection, transport = Connection(fake_server(app)), Flow()
+        connection.connection_made(transport)
+        most = 0
+        for _ in range(3000):
+            if not transport.paused:
+                connection.data_received(read)
+            most = max(most, len(connection.buffer) - connection.offset)
+            await asyncio.sleep(0)
+        assert transport.resumes > 0 and len(app.requests) > 500  # it paused, resumed, and served
+        assert most <= limit + len(read), f"{most} bytes waited"
+        assert len(answers(bytes(transport.written))) == len(app.requests)
+        connection.connection_lost(None)
+
+    asyncio.run(run())
+
+
+def test_a_client_that_does_not_read_its_answers_gets_no_more() -> None:
+    """While the transport's send buffer is full (pause_writing), no more answers are started and
+    reading pauses; once it drains (resume_writing), the waiting requests are answered in order."""
+
+    class Recording(Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def pause_reading(self) -> None:
+            self.calls.append("pause")
+
+        def resume_reading(self) -> None:
+            self.calls.append("resume")
+
+    async def run() -> None:
+        app = App()
+        connection, transport = Connection(fake_server(app)), Recording()
+        connection.connection_made(transport)
+        connection.data_received(PING)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(app.requests) == 1
+        connection.pause_writing()
+        assert transport.calls == ["pause"]
+        connection.data_received(PING * 3)  # in flight when reading paused
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(app.requests) == 1 and len(answers(bytes(transport.written))) == 1
+        connection.resume_writing()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(app.requests) == 4 and len(answers(bytes(transport.written))) == 4
+        assert transport.calls == ["pause", "resume"]
+        connection.connection_lost(None)
+
+    asyncio.run(run())

@@ -108,7 +108,7 @@ def test_calls_fail_at_once_while_the_token_is_stuck_past_the_timeout(worker: To
 
     async def run() -> None:
         blocker = asyncio.ensure_future(worker.call(stuck, timeout=30))
-        await asyncio.sleep(1.2)  # the hung call has run longer than the next calls' timeout
+        await asyncio.sleep(2.0)  # the hung call has run longer than the next calls' timeout
         for _ in range(50):
             started = time.monotonic()
             with pytest.raises(DependencyTimeoutException) as raised:

@@ -19,7 +19,14 @@ import dataclasses
 import json
 
 from ..crypto import aead
-from ..errors import AccessDeniedException, DecryptionFailure, EncryptionFailure, KMSError, KMSInternalException
+from ..errors import (
+    AccessDeniedException,
+    DecryptionFailure,
+    EncryptionFailure,
+    KMSError,
+    KMSInternalException,
+    ThrottlingException,
+)
 from ..model import Caller, Secret, SecretVersion, alias_arn, key_arn
 from ..service import Context
 from ..service import encryption as kms
@@ -84,6 +91,8 @@ def key_ref(ctx: Context, secret: Secret) -> str:
 def _kms_refusal(exc: KMSError, failure: type[KMSError], doing: str) -> KMSError:
     if isinstance(exc, AccessDeniedException):
         return AccessDeniedException("Access to KMS is not allowed")
+    if isinstance(exc, ThrottlingException):  # a key store's quota: the SDKs retry this one, with backoff
+        return ThrottlingException("Rate exceeded")
     return failure(f"Secrets Manager can't {doing} the protected secret text using the provided KMS key: "
                    f"{exc.code}: {exc.message}")
 

@@ -158,8 +158,11 @@ class Connection(asyncio.Protocol):
 
     llhttp cannot stop in the middle of what it is given: the requests it completes are queued and
     answered in order. Bytes are given to it FEED_BYTES at a time, and no more while a request
-    waits, so that what a client pipelines waits as bytes (as much as one read), not as parsed
-    requests. The on_* methods are its callbacks, for the request being parsed."""
+    waits, so that what a client pipelines waits as bytes, not as parsed requests. Reading goes on
+    while a request is answered until more than the largest request's worth waits (`_waiting_max`);
+    then it pauses, and resumes only once what waits has been parsed down below that, so a client
+    that pipelines without end holds at most that plus one read here. The on_* methods are llhttp's
+    callbacks, for the request being parsed."""
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -192,6 +195,7 @@ class Connection(asyncio.Protocol):
         self.peer = ""
         self.reading = False  # a request has begun to arrive
         self.paused = False  # reading paused: more than a request's worth waits behind the answer in progress
+        self.write_paused = False  # the transport's send buffer is full (a client that does not read)
         self.timed_out = False
         self.tls: ssl.SSLObject | None = None
         self.incoming: ssl.MemoryBIO | None = None
@@ -334,12 +338,39 @@ class Connection(asyncio.Protocol):
             # Reading goes on while a request is answered (pausing and resuming it cost two epoll
             # calls per request), until more than the largest request waits: then the client
             # waits, not the proxy's memory.
-            if not self.paused and self.transport is not None and \
-                    len(self.buffer) > self.server.config.limits.max_body_bytes + MAX_HEADER_BYTES:
+            if not self.paused and self.transport is not None and len(self.buffer) > self._waiting_max():
                 self.paused = True
                 self.transport.pause_reading()
             return
         self._next()
+
+    # -- a client that does not read its answers ---------------------------------------------------
+    def pause_writing(self) -> None:
+        """The transport's send buffer is past its high-water mark: no more answers are started
+        and no more is read until it drains (a client that pipelines and never reads would
+        otherwise grow it without end). The idle timer still closes a client that never reads."""
+        self.write_paused = True
+        if not self.paused and self.transport is not None and not self.draining:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._next()
+        self._resume_if_room()
+
+    def _resume_if_room(self) -> None:
+        """Resume reading once what waits is below the limit again (or all parsed, with no request
+        in progress), unless the send buffer is full: resuming after every answer would let in a
+        read per answer, without end."""
+        if self.paused and self.transport is not None and not self.draining and not self.write_paused and \
+                (self.task is None or len(self.buffer) - self.offset <= self._waiting_max()):
+            self.paused = False
+            self.transport.resume_reading()
+
+    def _waiting_max(self) -> int:
+        """How many received bytes may wait behind the answer in progress before reading pauses."""
+        return self.server.config.limits.max_body_bytes + MAX_HEADER_BYTES
 
     def eof_received(self) -> bool | None:
         if self.draining:
@@ -366,6 +397,8 @@ class Connection(asyncio.Protocol):
         if self.task is not None and not self.task.done():
             self.timed_out = True  # the answer in progress becomes DependencyTimeoutException
             self.task.cancel()
+        elif self.write_paused:
+            self._abort()  # a client that has not read its answers for the idle timeout: closing would wait on it
         else:
             self._close()  # idle, or a request that did not arrive in time
 
@@ -499,7 +532,7 @@ class Connection(asyncio.Protocol):
     def _next(self) -> None:
         """Parse what was received until a request is complete (then answer it), a refusal is
         due, or more data is needed."""
-        if self.task is not None or self.transport is None:
+        if self.task is not None or self.transport is None or self.write_paused:
             return
         while not self.pending and self.offset < len(self.buffer):
             self._parse()
@@ -546,10 +579,8 @@ class Connection(asyncio.Protocol):
         self.reading = False
         self.server.idle[self] = None
         self._arm(self.server.config.server.idle_timeout_s)
-        if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
         self._next()  # a pipelined request may be waiting already
+        self._resume_if_room()
 
     def _respond(self, response: Response, head: bool = False, close: bool = False,
                  client_close: bool = False) -> None:
