@@ -677,6 +677,50 @@ def test_command_rotation(world: World, tmp_path: Path) -> None:
     assert_no_leaks(world.server, world.operator, [old["password"], new["password"], secret_key, marker])
 
 
+def test_one_accounts_hung_rotations_hold_up_only_its_own(tmp_path: Path) -> None:
+    """A node's rotation threads (4) are shared by its accounts; one account's rotations take at most
+    half of them at once, the rest waiting their turn. An account whose function hangs until its
+    timeout holds up its own rotations, not another account's; and what waited runs in the end."""
+    server = ServerProcess(tmp_path / "data", env=bootstrap_env())
+    server.start()
+    try:
+        op = operator(server)
+        sm = server.client(service="secretsmanager", retry=False)
+        false = shutil.which("false") or "/bin/false"
+        # What waits does run: five rotations at once, each failing at once at createSecret.
+        quick = op.call("CreateRotationFunction", AccountId=ACCOUNT_ID, FunctionName=unique("false"),
+                        Kind="command", Command=[false])["RotationFunction"]["FunctionArn"]
+        five = [sm.create_secret(Name=unique("rot/q"), SecretString="v")["ARN"] for _ in range(5)]
+        for arn in five:
+            sm.rotate_secret(SecretId=arn, RotationLambdaARN=quick)
+        for arn in five:
+            assert wait_events(op, "RotationFailed", arn)[0]["serviceEventDetails"]["Step"] == "createSecret"
+
+        # The account's function hangs: four rotations of it, as many as the node has threads.
+        hung = op.call("CreateRotationFunction", AccountId=ACCOUNT_ID, FunctionName=unique("hang"),
+                       Kind="command", Command=[shutil.which("sleep") or "/bin/sleep", "8"],
+                       TimeoutSeconds=20)["RotationFunction"]["FunctionArn"]
+        for _ in range(4):
+            sm.rotate_secret(SecretId=sm.create_secret(Name=unique("rot/h"), SecretString="v")["ARN"],
+                             RotationLambdaARN=hung)
+        other = str(secrets.randbelow(9 * 10**11) + 10**11)
+        op.call("CreateAccount", Name=unique("other"), AccountId=other)
+        theirs = server.client(*new_user(op, other, "admin", is_admin=True), service="secretsmanager", retry=False)
+        fails = op.call("CreateRotationFunction", AccountId=other, FunctionName=unique("false"), Kind="command",
+                        Command=[false])["RotationFunction"]["FunctionArn"]
+        started = time.monotonic()
+        secret = theirs.create_secret(Name=unique("rot/other"), SecretString="v")["ARN"]
+        theirs.rotate_secret(SecretId=secret, RotationLambdaARN=fails)
+        # Its rotation runs (and fails at createSecret) while the first account's still hang: not
+        # after them (the hung ones sleep 8 s; one thread each of the four would make it wait).
+        found = wait_until(lambda: rotation_events(op, "RotationFailed", secret), timeout=6.0,
+                           what="the other account's rotation")
+        assert found[0]["serviceEventDetails"]["Step"] == "createSecret"
+        assert time.monotonic() - started < 6.0
+    finally:
+        server.stop()
+
+
 # -- 4. PostgreSQL rotators against a PostgreSQL that checks passwords ------------------------------
 @dataclass
 class PrivatePg:

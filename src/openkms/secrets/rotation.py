@@ -15,8 +15,11 @@ A rotation of a secret, under a ClientRequestToken `token`:
    AWSPENDING from the version (UpdateSecretVersionStage) abandons it.
 
 Steps run on this module's threads, never on the event loop; RotateSecret answers once the
-rotation has started. Each rotation is in the audit log as AWS records it (RotationStarted,
-RotationSucceeded, RotationFailed with the step and the reason; eventType AwsServiceEvent).
+rotation has started. One account's rotations take at most half of a node's rotation threads at
+once (the rest wait their turn, in order), so that an account whose function hangs until its
+timeout holds up its own rotations, not other accounts'. Each rotation is in the audit log as AWS
+records it (RotationStarted, RotationSucceeded, RotationFailed with the step and the reason;
+eventType AwsServiceEvent).
 
 Scheduled rotation: the scheduler calls `run_due` on every node; each due secret is claimed by
 moving its next rotation on in one conditional UPDATE, which succeeds on exactly one node.
@@ -27,6 +30,8 @@ server's own operations as the secret's account, through Secrets Manager (kms:Vi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -35,6 +40,7 @@ import secrets as random
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -91,6 +97,9 @@ class Rotation:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openkms-rotation")
         self._running: set[str] = set()  # secret ids rotating on this node
         self._lock = threading.Lock()
+        self._per_account = max(1, workers // 2)  # the threads one account's rotations may take at once
+        self._active: dict[str, int] = {}  # account id -> its rotations given to the pool
+        self._waiting: dict[str, deque[Callable[[], None]]] = {}  # account id -> its rotations waiting
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -124,13 +133,43 @@ class Rotation:
                 if stages.get(PENDING) != token and stages.get(CURRENT) != token:
                     tx.secrets.set_stage(secret.secret_id, PENDING, token)
             self._event("RotationStarted", secret, token, fn)
-            self._pool.submit(self._run, secret, token, fn, rotation_token)
+            self._submit(secret.account_id, functools.partial(self._run, secret, token, fn, rotation_token))
             started = True
         finally:
             if not started:
                 with self._lock:
                     self._running.discard(secret.secret_id)
         return True
+
+    def _submit(self, account_id: str, job: Callable[[], None]) -> None:
+        """Run `job` on the pool, or, while the account has `_per_account` rotations there, after
+        one of them (in the order they were started)."""
+        with self._lock:
+            active = self._active.get(account_id, 0)
+            if active >= self._per_account:
+                self._waiting.setdefault(account_id, deque()).append(job)
+                return
+            self._active[account_id] = active + 1
+        self._pool.submit(self._slot, account_id, job)
+
+    def _slot(self, account_id: str, job: Callable[[], None]) -> None:
+        try:
+            job()
+        finally:
+            with self._lock:
+                waiting = self._waiting.get(account_id)
+                following = waiting.popleft() if waiting else None
+                if waiting is not None and not waiting:
+                    del self._waiting[account_id]
+                if following is None:
+                    left = self._active[account_id] - 1
+                    if left:
+                        self._active[account_id] = left
+                    else:
+                        del self._active[account_id]
+            if following is not None:  # the account's next, behind what other accounts gave the pool meanwhile
+                with contextlib.suppress(RuntimeError):  # the pool has shut down: the node is closing
+                    self._pool.submit(self._slot, account_id, following)
 
     def run_due(self) -> list[str]:
         """The scheduler's work: start every rotation that is due and that this node claims."""
