@@ -58,6 +58,20 @@ class Transport(asyncio.Transport):
         return self.closed
 
 
+class Recording(Transport):
+    """A transport that records the proxy's pausing and resuming of reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
 class App:
     def __init__(self) -> None:
         self.requests: list[Request] = []
@@ -280,17 +294,6 @@ def test_reading_goes_on_behind_an_answer_until_more_than_a_request_waits() -> N
             await release.wait()
             return await super().handle(request)
 
-    class Recording(Transport):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[str] = []
-
-        def pause_reading(self) -> None:
-            self.calls.append("pause")
-
-        def resume_reading(self) -> None:
-            self.calls.append("resume")
-
     async def run() -> None:
         app = Slow()
         connection, transport = Connection(fake_server(app)), Recording()
@@ -360,17 +363,6 @@ def test_a_client_that_pipelines_without_end_holds_a_bounded_buffer() -> None:
 def test_a_client_that_does_not_read_its_answers_gets_no_more() -> None:
     """While the transport's send buffer is full (pause_writing), no more answers are started and
     reading pauses; once it drains (resume_writing), the waiting requests are answered in order."""
-
-    class Recording(Transport):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[str] = []
-
-        def pause_reading(self) -> None:
-            self.calls.append("pause")
-
-        def resume_reading(self) -> None:
-            self.calls.append("resume")
 
     async def run() -> None:
         app = App()
